@@ -1,0 +1,175 @@
+"""Stage 2 (and every SER retraining): train a pairwise reward model.
+
+The RM is a `num_labels=1` sequence-classification head on the SFT backbone (Loop 0), or a previous
+RM that training continues from (Loop t+1). Several data sources train together: the SER union of
+all loops' self-labelled pairs, plus the human seed. The loss is Bradley-Terry,
+-log sigmoid(r_j - r_k), or the paper's hinge, max(0, margin - (r_j - r_k)).
+
+Evaluation scores the held-out human pairs and reports strict accuracy (a tie is not a win), the
+tie rate and the mean margin; the final figures go to OUTPUT_DIR/eval_results.json.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import AutoConfig, AutoModelForSequenceClassification, TrainerCallback, set_seed
+from trl import RewardConfig, RewardTrainer
+
+from ser.cli import parse, resume_from, setup_wandb
+from ser.data import DataError, encode, load_records, write_json
+from ser.modeling import DTYPES, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics, score_pairs
+
+
+@dataclass
+class ScriptArguments:
+    model_name: str = field(metadata={"help": "SFT model (a new score head is added) or a previous RM to continue"})
+    dataset_name: list[str] = field(metadata={"help": "data folders (with --train_subset), JSON/JSONL files, or hub ids"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder; defaults to --model_name"})
+    train_subset: list[str] = field(default_factory=lambda: ["data/reward"],
+                                    metadata={"help": "folders of training pairs inside each --dataset_name folder"})
+    train_subset_size: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
+    eval_subset: str = field(default="data/evaluation",
+                             metadata={"help": "held-out pairs: a folder inside the first --dataset_name, or a file"})
+    eval_subset_size: int | None = field(default=None, metadata={"help": "use at most this many held-out pairs"})
+    load_from_json: bool = field(default=False, metadata={"help": "every --dataset_name is a JSON/JSONL file"})
+    eval_first_step: bool = field(default=False, metadata={"help": "also evaluate after the first optimiser step"})
+    loss: str = field(default="bt", metadata={"help": "bt (Bradley-Terry, released code) or hinge (the paper)",
+                                               "choices": ["bt", "hinge"]})
+    hinge_margin: float = field(default=1.0, metadata={"help": "margin of the hinge loss"})
+    dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
+    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters plus the score head"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (the paper: 8; 2 for 70B)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+
+
+class PairwiseRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer with the hinge loss as an option and pairwise evaluation on held-out pairs."""
+
+    def __init__(self, *args, loss_type="bt", hinge_margin=1.0, eval_records=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_type, self.hinge_margin, self.eval_records = loss_type, hinge_margin, list(eval_records)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.loss_type == "hinge":
+            r_j, r_k = outputs.logits.squeeze(-1).chunk(2)
+            loss = F.relu(self.hinge_margin - (r_j - r_k)).mean()
+            if self.args.center_rewards_coefficient is not None:
+                loss = loss + self.args.center_rewards_coefficient * ((r_j + r_k) ** 2).mean()
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        start = time.perf_counter()
+        r_j, r_k, stats = score_pairs(self.model, self.processing_class, self.eval_records, self.args.max_length,
+                                      self.args.per_device_eval_batch_size)
+        diff = torch.tensor(r_j) - torch.tensor(r_k)
+        metrics = {**pair_metrics(r_j, r_k), "loss": F.softplus(-diff).mean().item(),
+                   "padding_share": stats["padding_share"], "sequences_per_second": stats["sequences_per_second"],
+                   "runtime": time.perf_counter() - start}
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+class EvalAfterFirstStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            control.should_evaluate = True
+
+
+def tokenize_pairs(records, tokenizer, max_length):
+    """chosen_ids/rejected_ids with questions cut from the left; the count of cut sequences."""
+    rows, truncated = [], 0
+    for r in records:
+        j = encode(tokenizer, r["question"], r["response_j"], max_length)
+        k = encode(tokenizer, r["question"], r["response_k"], max_length)
+        rows.append({"chosen_ids": j["input_ids"], "rejected_ids": k["input_ids"]})
+        truncated += j["truncated"] + k["truncated"]
+    return Dataset.from_list(rows), truncated
+
+
+def eval_source(script_args):
+    if Path(script_args.eval_subset).is_file():
+        return str(script_args.eval_subset), None
+    folders = [d for d in script_args.dataset_name if not Path(d).is_file()]
+    if not folders:
+        raise DataError(f"--eval_subset {script_args.eval_subset}: not a file, and no --dataset_name folder to find it in")
+    return folders[0], script_args.eval_subset
+
+
+def load_model(script_args, tokenizer):
+    """A previous RM (full or LoRA) continues training; an SFT model gets a fresh score head."""
+    path = script_args.model_name
+    if is_lora_dir(path):
+        print(f"rm_training: continuing the LoRA reward model in {path}")
+        return load_reward_model(path, tokenizer, script_args.dtype, trainable=True), None
+    is_rm = any(a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(path).architectures or [])
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[script_args.dtype])
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    print(f"rm_training: {'continuing the reward model' if is_rm else 'new score head on'} {path}")
+    peft_config = None
+    if script_args.use_lora:
+        from peft import LoraConfig
+
+        # modules_to_save: without it the freshly initialised score head is not saved with the adapter
+        peft_config = LoraConfig(task_type="SEQ_CLS", r=script_args.lora_r, lora_alpha=script_args.lora_alpha,
+                                 lora_dropout=script_args.lora_dropout, modules_to_save=["score"])
+    return model, peft_config
+
+
+def main(script_args: ScriptArguments, config: RewardConfig):
+    setup_wandb(config.report_to)
+    if Path(script_args.model_name).is_dir():  # a LoRA adapter records its base by this path
+        script_args.model_name = str(Path(script_args.model_name).resolve())
+
+    # 1. data: the union of every source's training pairs, and the held-out human pairs
+    tokenizer = load_tokenizer(script_args.tokenizer_name or script_args.model_name)
+    train_records = []
+    for name in script_args.dataset_name:
+        subsets = [None] if Path(name).is_file() else script_args.train_subset
+        for subset in subsets:
+            train_records += load_records(name, subset, script_args.load_from_json)
+    if script_args.train_subset_size:
+        train_records = train_records[:script_args.train_subset_size]
+    eval_records = load_records(*eval_source(script_args))
+    if script_args.eval_subset_size:
+        eval_records = eval_records[:script_args.eval_subset_size]
+    train_dataset, truncated = tokenize_pairs(train_records, tokenizer, config.max_length)
+    eval_dataset, eval_truncated = tokenize_pairs(eval_records, tokenizer, config.max_length)
+    print(f"rm_training: {len(train_records)} training pairs ({truncated} sequences cut from the left), "
+          f"{len(eval_records)} held-out pairs ({eval_truncated} cut)")
+
+    # 2. model and trainer
+    set_seed(config.seed)  # the score head is initialised at load time
+    model, peft_config = load_model(script_args, tokenizer)
+    trainer = PairwiseRewardTrainer(
+        model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, peft_config=peft_config, loss_type=script_args.loss,
+        hinge_margin=script_args.hinge_margin, eval_records=eval_records,
+        callbacks=[EvalAfterFirstStep()] if script_args.eval_first_step else None,
+    )
+
+    # 3. train, evaluate, save
+    trainer.train(resume_from_checkpoint=resume_from(config.resume_from_checkpoint))
+    metrics = trainer.evaluate()
+    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(config.output_dir)
+        results = {k.removeprefix("eval_"): v for k, v in metrics.items()}
+        results.update(train_pairs=len(train_records), train_truncated=truncated, eval_truncated=eval_truncated,
+                       loss_type=script_args.loss, model_name=script_args.model_name)
+        write_json(Path(config.output_dir) / "eval_results.json", results)
+        print("rm_training: held-out " + json.dumps({k: results[k] for k in ("accuracy", "tie_rate", "margin", "pairs")}))
+
+
+if __name__ == "__main__":
+    main(*parse([ScriptArguments, RewardConfig], counted=("--train_subset", "--eval_subset")))

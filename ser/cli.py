@@ -1,0 +1,118 @@
+"""Command-line conventions shared by the stage scripts.
+
+The original release's commands are kept as written. Their flags date from older transformers/TRL
+versions; `legacy_argv` maps them onto today's names before `HfArgumentParser` sees them, and every
+flag that cannot be honoured is an error, never silently ignored.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+# old flag -> new flag (same value)
+RENAMED = {
+    "--evaluation_strategy": "--eval_strategy",
+    "--no_cuda": "--use_cpu",
+}
+# flag -> {old value -> new value}
+VALUE_MAP = {
+    # transformers' own AdamW ("adamw_hf") was removed; torch's AdamW is the same update.
+    "--optim": {"adamw_hf": "adamw_torch"},
+}
+# Flags whose values mean "the default" in old commands and are dropped.
+DROP_IF = {
+    "--label_names": {"[]", ""},  # a reward model has no label column; Trainer's default is right
+    "--resume_from_checkpoint": {"False", "false", "None", "none", ""},
+}
+# Flags removed from transformers with no replacement.
+REMOVED = {
+    "--overwrite_output_dir": "outputs are written to --output_dir; checkpoints are resumed with --resume_from_checkpoint",
+    "--logging_dir": "set the tensorboard/wandb directory through their environment variables",
+    "--save_safetensors": "transformers always saves safetensors now",
+}
+
+
+def _split(argv):
+    """Yield (flag, value or None) with `--flag=value` and `--flag value` both understood."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" in arg:
+            flag, value = arg.split("=", 1)
+            yield flag, [value]
+            i += 1
+            continue
+        values = []
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            values.append(argv[j])
+            j += 1
+        yield arg, values
+        i = j
+
+
+def legacy_argv(argv: list[str], counted: tuple[str, ...] = ()) -> list[str]:
+    """Rewrite legacy flags into today's.
+
+    `counted` names flags that the seed repeats with a path and then a count
+    (`--train_subset "data/reward" ... --train_subset 100000`): an integer value becomes
+    `--<flag>_size N`, the other values are the subset folders.
+    """
+    out, gathered = [], {flag: [] for flag in counted}
+    for flag, values in _split(argv):
+        if flag in REMOVED:
+            raise SystemExit(f"error: {flag} no longer exists in transformers: {REMOVED[flag]}")
+        flag = RENAMED.get(flag, flag)
+        if flag in DROP_IF and len(values) <= 1 and (values[0] if values else "") in DROP_IF[flag]:
+            continue
+        if flag in VALUE_MAP and len(values) == 1:
+            values = [VALUE_MAP[flag].get(values[0], values[0])]
+        if flag in gathered:
+            for v in values:
+                if v.isdigit():
+                    out += [f"{flag}_size", v]
+                else:
+                    gathered[flag].append(v)
+            continue
+        out += [flag, *values]
+    for flag, values in gathered.items():
+        if values:
+            out += [flag, *values]
+    return out
+
+
+def parse(dataclass_types, argv=None, counted=()):
+    """Parse the command line into dataclasses; unknown flags are an error that names them."""
+    argv = legacy_argv(list(sys.argv[1:] if argv is None else argv), counted)
+    parser = HfArgumentParser(dataclass_types)
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (see --help for the flags this script takes)")
+    return parsed
+
+
+def setup_wandb(report_to) -> None:
+    """wandb runs offline unless a key is configured; the key is read from the environment only."""
+    targets = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "wandb" not in targets and "all" not in targets:
+        return
+    os.environ.setdefault("WANDB_PROJECT", "ser")
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _netrc()
+    if "WANDB_MODE" not in os.environ and not has_key:
+        os.environ["WANDB_MODE"] = "offline"
+        print("wandb: no API key configured, logging offline (sync later with `wandb sync`)", file=sys.stderr)
+
+
+def _netrc() -> str:
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def resume_from(value):
+    """`--resume_from_checkpoint True` resumes from the newest checkpoint in --output_dir; a path, from it."""
+    return True if str(value).lower() == "true" else value

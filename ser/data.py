@@ -1,0 +1,204 @@
+"""Pair schema, loading, atomic writing, the text template and tokenisation with left truncation.
+
+A preference pair is one JSON record::
+
+    {"question": str, "response_j": str, "response_k": str,   # response_j is preferred
+     "id": optional, "score_j": optional float, "score_k": optional float,
+     "gold": optional, read only by statistics (see rm_loop_filter_by_self.py)}
+
+Files are JSON (a list of records) or JSONL (one record per line), optionally gzipped.
+"""
+
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+
+PAIR_FIELDS = ("question", "response_j", "response_k")
+DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+# The paper's template (and its released code's): the reward is read at the end of the answer.
+TEMPLATE = "Question: {question}\n\nAnswer: {response}"
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the line and the field."""
+
+
+def format_text(question: str, response: str) -> str:
+    return TEMPLATE.format(question=question, response=response)
+
+
+def prompt_text(question: str) -> str:
+    """The template up to where the response starts (what a policy is conditioned on)."""
+    return TEMPLATE.format(question=question, response="")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_records(path) -> list[dict]:
+    """Read a JSON list or a JSONL file. Each record gets `_line` (1-based line, or list index + 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    with _open_text(path) as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        records = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: record {i + 1} is {type(row).__name__}, expected an object")
+            records.append({**row, "_line": i + 1})
+        return records
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: record is {type(row).__name__}, expected an object")
+        records.append({**row, "_line": lineno})
+    return records
+
+
+def check_fields(records: list[dict], path, fields=PAIR_FIELDS) -> None:
+    """Every record must hold each field as a non-empty string."""
+    for r in records:
+        for field in fields:
+            if field not in r:
+                raise DataError(f"{path}:{r.get('_line', '?')}: missing field '{field}'")
+            value = r[field]
+            if not isinstance(value, str):
+                raise DataError(f"{path}:{r.get('_line', '?')}: field '{field}' is {type(value).__name__}, expected a string")
+            if not value.strip():
+                raise DataError(f"{path}:{r.get('_line', '?')}: field '{field}' is empty")
+
+
+def data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+
+
+def resolve_sources(dataset_name: str, subset: str | None, load_from_json: bool = False) -> list[Path] | str:
+    """Where pairs come from, the three ways the seed commands use.
+
+    * a file (JSON/JSONL): that file (`--load_from_json True` requires this);
+    * a folder: the data files in `folder/subset` (laid out like lvwerra/stack-exchange-paired),
+      or in the folder itself when `subset` is empty;
+    * anything else: a hub dataset id, returned as is.
+    """
+    path = Path(dataset_name)
+    if path.is_file():
+        return [path]
+    if load_from_json:
+        raise DataError(f"--load_from_json True: '{dataset_name}' is not a JSON/JSONL file")
+    if path.is_dir():
+        folder = path / subset if subset else path
+        if not folder.is_dir():
+            raise DataError(f"{folder}: no such folder (--dataset_name {dataset_name} --subset {subset})")
+        files = data_files(folder)
+        if not files:
+            raise DataError(f"{folder}: no {'/'.join(DATA_SUFFIXES)} files in this folder")
+        return files
+    looks_local = dataset_name.endswith(DATA_SUFFIXES) or dataset_name.startswith(("/", ".", "~")) \
+        or dataset_name.count("/") > 1
+    if looks_local:
+        raise DataError(f"{dataset_name}: no such file or folder")
+    return dataset_name
+
+
+def load_records(dataset_name: str, subset: str | None = None, load_from_json: bool = False,
+                 fields=PAIR_FIELDS, split: str = "train") -> list[dict]:
+    """Load and check pair records from a file, a folder, or (online only) the hub."""
+    source = resolve_sources(dataset_name, subset, load_from_json)
+    if isinstance(source, str):
+        from datasets import load_dataset  # a hub id: only when a hub is reachable
+
+        try:
+            ds = load_dataset(source, data_dir=subset or None, split=split)
+        except Exception as e:
+            raise DataError(f"'{source}' is neither a local file/folder nor a loadable hub dataset: {e}") from e
+        records = [{**row, "_line": i + 1} for i, row in enumerate(ds)]
+        check_fields(records, source, fields)
+        return records
+    records = []
+    for path in source:
+        rows = read_records(path)
+        check_fields(rows, path, fields)
+        for r in rows:
+            r["_source"] = str(path)
+        records.extend(rows)
+    return records
+
+
+def strip_meta(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_records(path, records) -> None:
+    """Write JSONL atomically: a reader sees the old file or the whole new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(strip_meta(r), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def encode(tokenizer, question: str, response: str, max_length: int, add_eos: bool = True) -> dict:
+    """Tokenise `TEMPLATE(question, response)` as `[bos] text [eos]` within `max_length` tokens.
+
+    The reward is read at the last token, so the end of the response must survive: when the text is
+    too long, tokens are cut from the left (the start of the question first) and `truncated` says so.
+    `prompt_length` is the number of kept tokens that belong to the prompt (for completion-only loss).
+    """
+    prompt_ids = tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(format_text(question, response), add_special_tokens=False)["input_ids"]
+    # A tokenizer may merge across the prompt/response boundary; count the shared prefix as prompt.
+    n_prompt = 0
+    for a, b in zip(prompt_ids, full_ids):
+        if a != b:
+            break
+        n_prompt += 1
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    tail = [tokenizer.eos_token_id] if add_eos else []
+    budget = max_length - len(head) - len(tail)
+    if budget <= 0:
+        raise ValueError(f"max_length={max_length} leaves no room for text")
+    cut = max(0, len(full_ids) - budget)
+    ids = head + full_ids[cut:] + tail
+    prompt_length = len(head) + max(0, n_prompt - cut)
+    return {"input_ids": ids, "prompt_length": prompt_length, "truncated": cut > 0,
+            "response_truncated": cut > n_prompt}

@@ -1,0 +1,145 @@
+"""Tokenizer and model loading, batched reward scoring, and pairwise metrics."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from ser.data import encode
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name: str):
+    """Load a tokenizer and make sure pad != eos.
+
+    A sequence-classification head reads the last token that is not `pad_token_id`; with pad == eos
+    the appended eos would be taken for padding and the reward read one token early.
+    """
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer '{name}' has no eos token; the reward is read at the eos token")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.padding_side = "right"
+    return tok
+
+
+def _fit_embeddings(model, tokenizer):
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_causal_lm(name: str, tokenizer, dtype: str = "auto"):
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    return _fit_embeddings(model, tokenizer)
+
+
+def is_lora_dir(path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool = False):
+    """Load a reward model saved by rm_training.py: a full model, or a LoRA adapter with its score head.
+
+    This one call is how every stage (filter, PPO, evaluation) reloads an RM.
+    """
+    if is_lora_dir(path):
+        from peft import PeftModel
+
+        base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[dtype])
+        model = _fit_embeddings(model, tokenizer)
+        model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+        model = _fit_embeddings(model, tokenizer)
+    if not trainable:
+        model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def score(model, tokenizer, questions, responses, max_length: int, batch_size: int = 32,
+          state: PartialState | None = None) -> tuple[list[float], dict]:
+    """Reward of each (question, response), in input order, on every process.
+
+    Sequences are sorted by length before batching (file order wastes about half of the compute on
+    padding on real data). With several processes, rank r scores every world_size-th sequence of that
+    order, so each sequence is scored exactly once and ranks get similar lengths; every rank runs the
+    same number of forward passes (a rank short of a batch runs a one-token dummy), which ZeRO-3 needs.
+    """
+    state = state or PartialState()
+    encoded = [encode(tokenizer, q, r, max_length) for q, r in zip(questions, responses)]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    mine = order[state.process_index::state.num_processes]
+    n_batches = math.ceil(math.ceil(len(order) / state.num_processes) / batch_size)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rewards, real_tokens, padded_tokens = {}, 0, 0
+    start = time.perf_counter()
+    for b in range(n_batches):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        seqs = [encoded[i]["input_ids"] for i in idx] or [[tokenizer.eos_token_id]]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, s in enumerate(seqs):
+            input_ids[row, :len(s)] = torch.tensor(s)
+            attention_mask[row, :len(s)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        for i, value in zip(idx, logits[:, 0].float().cpu().tolist()):
+            rewards[i] = value
+        real_tokens += sum(len(encoded[i]["input_ids"]) for i in idx)
+        padded_tokens += input_ids.numel() if idx else 0
+    seconds = time.perf_counter() - start
+    if was_training:
+        model.train()
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        merged = {}
+        for part in gather_object([rewards]):
+            merged.update(part)
+        rewards = merged
+    stats = {
+        "sequences": len(encoded),
+        "truncated": sum(e["truncated"] for e in encoded),
+        "padding_share": 1 - real_tokens / padded_tokens if padded_tokens else 0.0,
+        "sequences_per_second": len(mine) / seconds if seconds > 0 else float("nan"),
+        "tokens_per_second": real_tokens / seconds if seconds > 0 else float("nan"),
+    }
+    return [rewards[i] for i in range(len(encoded))], stats
+
+
+def score_pairs(model, tokenizer, records, max_length: int, batch_size: int = 32, state=None):
+    """(r_j, r_k, stats) for pair records: both sides scored in one length-sorted pass."""
+    n = len(records)
+    questions = [r["question"] for r in records] * 2
+    responses = [r["response_j"] for r in records] + [r["response_k"] for r in records]
+    rewards, stats = score(model, tokenizer, questions, responses, max_length, batch_size, state)
+    return rewards[:n], rewards[n:], stats
+
+
+def pair_metrics(r_j, r_k) -> dict:
+    """Strict pairwise accuracy (a tie is not a win), tie rate and mean reward margin."""
+    n = len(r_j)
+    if n == 0:
+        return {"pairs": 0, "accuracy": float("nan"), "tie_rate": float("nan"), "ties": 0, "margin": float("nan")}
+    diffs = [a - b for a, b in zip(r_j, r_k)]
+    ties = sum(d == 0 for d in diffs)
+    return {"pairs": n, "accuracy": sum(d > 0 for d in diffs) / n, "ties": ties, "tie_rate": ties / n,
+            "margin": sum(diffs) / n}

@@ -1,0 +1,82 @@
+"""Stage 1: supervised fine-tuning of the base model on demonstrations (question -> preferred answer).
+
+The reward model of SER starts from this model. The loss is on the answer tokens only; the question
+is conditioning. Runs as `python sft.py ...`, `accelerate launch sft.py ...` or `deepspeed sft.py ...`.
+"""
+
+from dataclasses import dataclass, field
+
+from datasets import Dataset
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from ser.cli import parse, resume_from, setup_wandb
+from ser.data import encode, load_records
+from ser.modeling import load_causal_lm, load_tokenizer
+
+
+@dataclass
+class ScriptArguments:
+    model_name: str = field(metadata={"help": "base model folder or hub id"})
+    dataset_name: str = field(metadata={"help": "data folder (with --subset), a JSON/JSONL file, or a hub id"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder; defaults to --model_name"})
+    subset: str = field(default="data/finetune", metadata={"help": "folder of demonstrations inside --dataset_name"})
+    load_from_json: bool = field(default=False, metadata={"help": "--dataset_name is a JSON/JSONL file"})
+    seq_length: int = field(default=512, metadata={"help": "tokens per example; longer questions are cut from the left"})
+    train_subset_size: int | None = field(default=None, metadata={"help": "use at most this many demonstrations"})
+    dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
+    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+
+
+def build_dataset(records, tokenizer, max_length):
+    """input_ids = [bos] question+answer [eos]; completion_mask marks the answer (and eos) tokens."""
+    rows, truncated = [], 0
+    for r in records:
+        enc = encode(tokenizer, r["question"], r["response_j"], max_length)
+        n = len(enc["input_ids"])
+        rows.append({"input_ids": enc["input_ids"],
+                     "completion_mask": [0] * enc["prompt_length"] + [1] * (n - enc["prompt_length"])})
+        truncated += enc["truncated"]
+    return Dataset.from_list(rows), truncated
+
+
+def main(script_args: ScriptArguments, config: SFTConfig):
+    setup_wandb(config.report_to)
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(script_args.tokenizer_name or script_args.model_name)
+
+    # 1. demonstrations: the preferred answer of each pair
+    records = load_records(script_args.dataset_name, script_args.subset, script_args.load_from_json,
+                           fields=("question", "response_j"))
+    if script_args.train_subset_size:
+        records = records[:script_args.train_subset_size]
+    train_dataset, truncated = build_dataset(records, tokenizer, script_args.seq_length)
+    print(f"sft: {len(records)} demonstrations, {truncated} cut from the left to {script_args.seq_length} tokens")
+
+    # 2. model, trainer (loss on the answer only), train
+    config.max_length = script_args.seq_length
+    config.completion_only_loss = True
+    model = load_causal_lm(script_args.model_name, tokenizer, script_args.dtype)
+    peft_config = None
+    if script_args.use_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=script_args.lora_r, lora_alpha=script_args.lora_alpha,
+                                 lora_dropout=script_args.lora_dropout)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    trainer.train(resume_from_checkpoint=resume_from(config.resume_from_checkpoint))
+
+    # 3. save a model the next stages load with --model_name (LoRA merged into the weights)
+    if script_args.use_lora:
+        trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(config.output_dir)
+
+
+if __name__ == "__main__":
+    main(*parse([ScriptArguments, SFTConfig]))
