@@ -9,12 +9,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from transformers import HfArgumentParser
 
 # old flag -> new flag (same value)
 RENAMED = {
     "--evaluation_strategy": "--eval_strategy",
     "--no_cuda": "--use_cpu",
+    "--gradient_checkpointing": "--activation_checkpointing",  # deprecated alias in transformers 5
 }
 # flag -> {old value -> new value}
 VALUE_MAP = {
@@ -87,9 +89,22 @@ def parse(dataclass_types, argv=None, counted=()):
     """Parse the command line into dataclasses; unknown flags are an error that names them."""
     argv = legacy_argv(list(sys.argv[1:] if argv is None else argv), counted)
     parser = HfArgumentParser(dataclass_types)
+    if not torch.accelerator.is_available() and "--use_cpu" in parser._option_string_actions \
+            and not any(a.startswith("--use_cpu") for a in argv):
+        # No accelerator: run the same command on the CPU (where bf16 runs under CPU autocast) instead of
+        # refusing it. On a machine with an accelerator this changes nothing.
+        argv += ["--use_cpu", "True"]
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (see --help for the flags this script takes)")
+    for config in parsed:
+        if getattr(config, "deepspeed", None) and getattr(config, "use_cpu", False):
+            # DeepSpeed on the CPU: its communication layer must wrap the (gloo) process group that
+            # accelerate set up, or ZeRO-3 sees a world of one while partitioning the model.
+            import deepspeed
+
+            _ = config.device  # initialises torch.distributed
+            deepspeed.init_distributed(dist_backend="gloo")
     return parsed
 
 

@@ -1,0 +1,64 @@
+"""The seed's legacy flags map onto today's libraries; unknown or removed flags are errors."""
+
+import pytest
+
+import rm_training
+import sft
+from ser.cli import legacy_argv, parse
+
+SEED_RM_FLAGS = [
+    "--model_name", "M", "--tokenizer_name", "T", "--resume_from_checkpoint", "False", "--dataset_name", "D",
+    "--load_from_json", "False", "--train_subset", "data/reward", "--eval_subset", "data/evaluation",
+    "--train_subset", "100000", "--eval_subset", "1500", "--output_dir", "out", "--eval_first_step", "False",
+    "--per_device_train_batch_size", "5", "--per_device_eval_batch_size", "1", "--gradient_accumulation_steps", "1",
+    "--learning_rate", "2e-5", "--weight_decay", "0.0", "--bf16", "True", "--num_train_epochs", "2",
+    "--gradient_checkpointing", "False", "--optim", "adamw_hf", "--lr_scheduler_type", "linear",
+    "--max_length", "512", "--evaluation_strategy", "steps", "--eval_steps", "2500", "--save_strategy", "steps",
+    "--save_steps", "2500", "--remove_unused_columns", "False", "--label_names", "[]",
+    "--logging_strategy", "steps", "--logging_steps", "10", "--report_to", "wandb",
+]
+
+
+def test_legacy_argv_rewrites():
+    argv = legacy_argv(["--evaluation_strategy", "steps", "--optim", "adamw_hf", "--label_names", "[]",
+                        "--resume_from_checkpoint", "False", "--train_subset", "data/reward",
+                        "--train_subset", "100000"], counted=("--train_subset",))
+    assert argv == ["--eval_strategy", "steps", "--optim", "adamw_torch", "--train_subset_size", "100000",
+                    "--train_subset", "data/reward"]
+    assert legacy_argv(["--optim=adamw_hf"]) == ["--optim", "adamw_torch"]
+    assert legacy_argv(["--resume_from_checkpoint", "ckpt/x"]) == ["--resume_from_checkpoint", "ckpt/x"]
+
+
+def test_seed_rm_command_parses_to_todays_arguments():
+    script, config = parse([rm_training.ScriptArguments, rm_training.RewardConfig], SEED_RM_FLAGS,
+                           counted=("--train_subset", "--eval_subset"))
+    assert script.train_subset == ["data/reward"] and script.train_subset_size == 100000
+    assert script.eval_subset == "data/evaluation" and script.eval_subset_size == 1500
+    assert script.dataset_name == ["D"] and script.load_from_json is False
+    assert config.eval_strategy == "steps" and config.eval_steps == 2500
+    assert config.optim == "adamw_torch"
+    assert config.max_length == 512 and config.bf16 is True
+    assert config.resume_from_checkpoint is None
+    assert config.label_names is None
+
+
+def test_seed_sft_flags_parse():
+    script, config = parse([sft.ScriptArguments, sft.SFTConfig], [
+        "--model_name", "M", "--tokenizer_name", "T", "--dataset_name", "D", "--load_from_json", "False",
+        "--subset", "data/finetune", "--output_dir", "o", "--seq_length", "512", "--evaluation_strategy", "no",
+        "--save_total_limit", "4", "--warmup_steps", "2", "--lr_scheduler_type", "cosine"])
+    assert script.seq_length == 512 and script.subset == "data/finetune"
+    assert config.eval_strategy == "no" and config.save_total_limit == 4
+
+
+def test_unknown_flag_is_an_error_that_names_it(capsys):
+    with pytest.raises(SystemExit):
+        parse([sft.ScriptArguments, sft.SFTConfig], ["--model_name", "M", "--dataset_name", "D",
+                                                     "--output_dir", "o", "--no_such_flag", "1"])
+    assert "--no_such_flag" in capsys.readouterr().err
+
+
+def test_removed_flag_is_an_error_that_says_why():
+    with pytest.raises(SystemExit, match="--overwrite_output_dir no longer exists"):
+        parse([sft.ScriptArguments, sft.SFTConfig], ["--model_name", "M", "--dataset_name", "D",
+                                                     "--output_dir", "o", "--overwrite_output_dir", "True"])

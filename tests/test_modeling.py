@@ -1,0 +1,87 @@
+"""Where the reward is read, strict accuracy, and the LoRA RM save/reload round trip."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+import rm_training
+from conftest import CPU, shared_path
+from ser.cli import parse
+from ser.data import encode, load_records
+from ser.modeling import load_reward_model, load_tokenizer, pair_metrics, score, score_pairs
+
+
+def test_pair_metrics_counts_ties_apart():
+    m = pair_metrics([1.0, 2.0, 0.5, 3.0], [0.0, 2.0, 0.5, 4.0])
+    assert m["accuracy"] == 0.25  # a tie is not a win
+    assert m["ties"] == 2 and m["tie_rate"] == 0.5
+    assert m["margin"] == pytest.approx((1 + 0 + 0 - 1) / 4)
+
+
+def test_real_llama_tokenizer_gets_pad_distinct_from_eos():
+    path = shared_path("data", "models", "tinyllama-1.1b-chat-v1.0-tokenizer")
+    tok = load_tokenizer(str(path))
+    assert tok.pad_token_id != tok.eos_token_id
+    assert tok.pad_token == "<unk>" and len(tok) == 32000  # no new token, no embedding resize
+
+
+@pytest.fixture(scope="module")
+def rm(tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=1).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def reward_at_last_token(model, tok, question, response):
+    ids = torch.tensor([encode(tok, question, response, 512)["input_ids"]])
+    return model(input_ids=ids).logits[0, 0].item()
+
+
+def test_reward_is_read_at_eos_under_padding_and_with_eos_in_the_prompt(rm):
+    model, tok = rm
+    questions = ["What should I bring to the beach?", f"Odd prompt {tok.eos_token} with an eos inside?"]
+    responses = ["Bring kite.", "Bring hammer, rope, lamp, tent, cup, hat, map, coat."]
+    batched, _ = score(model, tok, questions * 2, responses + responses[::-1], max_length=512, batch_size=4)
+    alone = [reward_at_last_token(model, tok, q, r) for q, r in zip(questions * 2, responses + responses[::-1])]
+    assert batched == pytest.approx(alone, abs=1e-5)
+    # The trap this guards against: with pad == eos the head takes the appended eos for padding.
+    model.config.pad_token_id = tok.eos_token_id
+    try:
+        wrong, _ = score(model, tok, questions, responses, max_length=512, batch_size=2)
+    finally:
+        model.config.pad_token_id = tok.pad_token_id
+    assert wrong != pytest.approx(alone[:2], abs=1e-5)
+
+
+def test_left_padded_batch_reads_the_same_token(rm):
+    model, tok = rm
+    seqs = [encode(tok, "What should I bring to the office?", r, 512)["input_ids"] for r in ("Bring cup.", "Bring a very long list: hat, map, coat.")]
+    width = max(map(len, seqs))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])
+    left = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, 0]
+    alone = [model(input_ids=torch.tensor([s])).logits[0, 0] for s in seqs]
+    assert left.tolist() == pytest.approx([a.item() for a in alone], abs=1e-4)
+
+
+def test_lora_rm_saves_its_score_head_and_reloads_to_identical_scores(sft_model, synthetic, tmp_path):
+    out = tmp_path / "rm_lora"
+    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RewardConfig], [
+        "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
+        "--use_lora", "True", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
+        "--learning_rate", "3e-3", *CPU]))
+    assert (out / "adapter_config.json").is_file()
+    saved = json.loads((out / "eval_results.json").read_text())
+    tok = load_tokenizer(str(out))
+    model = load_reward_model(str(out), tok)
+    records = load_records(str(synthetic), "data/evaluation")
+    r_j, r_k, _ = score_pairs(model, tok, records, max_length=1024)
+    again = pair_metrics(r_j, r_k)
+    assert again["accuracy"] == saved["accuracy"] and again["margin"] == pytest.approx(saved["margin"], abs=1e-6)
+    # a fresh (unsaved) head would score differently: the reload really restored the trained head
+    fresh = AutoModelForSequenceClassification.from_pretrained(str(sft_model), num_labels=1)
+    fresh.config.pad_token_id = tok.pad_token_id
+    assert not torch.allclose(fresh.score.weight, model.base_model.model.score.modules_to_save["default"].weight)
