@@ -96,12 +96,14 @@ def tokenize_pairs(records, tokenizer, max_length):
 
 
 def eval_source(script_args):
-    if Path(script_args.eval_subset).is_file():
-        return str(script_args.eval_subset), None
-    folders = [d for d in script_args.dataset_name if not Path(d).is_file()]
-    if not folders:
-        raise DataError(f"--eval_subset {script_args.eval_subset}: not a file, and no --dataset_name folder to find it in")
-    return folders[0], script_args.eval_subset
+    """--eval_subset: a folder inside the first --dataset_name folder, else a file or folder path."""
+    for name in script_args.dataset_name:
+        if Path(name).is_dir() and (Path(name) / script_args.eval_subset).exists():
+            return name, script_args.eval_subset
+    if Path(script_args.eval_subset).exists():
+        return script_args.eval_subset, None
+    raise DataError(f"--eval_subset {script_args.eval_subset}: not found in any --dataset_name folder, "
+                    "nor as a file or folder")
 
 
 def load_model(script_args, tokenizer):

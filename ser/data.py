@@ -152,14 +152,19 @@ def strip_meta(record: dict) -> dict:
 
 
 def write_records(path, records) -> None:
-    """Write JSONL atomically: a reader sees the old file or the whole new one, never half of it."""
+    """Write records atomically (a reader sees the old file or the whole new one, never half of it):
+    a JSON list when the name ends in .json, JSONL otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(strip_meta(r), ensure_ascii=False) + "\n")
+            if path.suffix == ".json":
+                json.dump([strip_meta(r) for r in records], f, ensure_ascii=False, indent=1)
+                f.write("\n")
+            else:
+                for r in records:
+                    f.write(json.dumps(strip_meta(r), ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,182 @@
+"""One SER loop's data step: self-label the pool, decide the learning status, select.
+
+1. Self-label. With --reward_model_name, the RM scores both responses of every pool pair (in
+   length-sorted batches, split across processes under `accelerate launch`) and the scored pool is
+   written. Without it, the pool must already carry `score_j`/`score_k` (the released workflow).
+2. Learning status (paper, section 3). With p the RM's predicted probability of each response:
+   Status 1 ("tell good from bad"): one p > tau_high and the other p < tau_low, on enough pairs;
+   else Status 2 ("amplify differences"): |p_j - p_k| >= tau_delta, on enough pairs; else Stop.
+3. Select. The eligible pairs of the status are kept, oriented so that response_j is the response the
+   RM prefers; every other pair stays in the pool for the next loop. Selected + remaining = pool.
+
+The human label of a pool pair (`gold_preferred`, "j" or "k") is never read by steps 1-3; only the
+statistics read it, to report the precision of the self-labels.
+"""
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ser.cli import parse
+from ser.data import load_records, write_json, write_records
+
+GOLD = "gold_preferred"
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str = field(metadata={"help": "the pool: a JSON/JSONL file, or a data folder with --subset"})
+    rm_next_loop_save_path: str = field(metadata={"help": "where the selected (self-labelled) pairs go"})
+    remaining_data_save_path: str = field(metadata={"help": "where the rest of the pool goes, for the next loop"})
+    subset: str = field(default="data/unlabeled", metadata={"help": "pool folder inside a --dataset_name folder"})
+    left_threshold: float = field(default=0.45, metadata={"help": "tau_low: a 'bad' response has p below this"})
+    right_threshold: float = field(default=0.55, metadata={"help": "tau_high: a 'good' response has p above this"})
+    delta_threshold: float = field(default=0.3, metadata={"help": "tau_delta: Status-2 gap |p_j - p_k|"})
+    status1_min_pairs: int = field(default=600, metadata={"help": "Status-1 eligible pairs needed for Status 1"})
+    status2_min_pairs: int = field(default=600, metadata={"help": "Status-2 eligible pairs needed for Status 2"})
+    selection: str = field(default="paper", metadata={
+        "help": "paper: one status per loop, or Stop; released: Status-1 OR a gap > tau_delta, no status",
+        "choices": ["paper", "released"]})
+    probability: str = field(default="sigmoid", metadata={
+        "help": "sigmoid: p = sigmoid(r) per response (paper); pairwise: p_j = sigmoid(r_j - r_k)",
+        "choices": ["sigmoid", "pairwise"]})
+    reward_model_name: str | None = field(default=None, metadata={"help": "RM that self-labels the pool"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer; defaults to the RM's folder"})
+    scored_save_path: str | None = field(default=None, metadata={"help": "scored pool; default: scored.jsonl beside the selection"})
+    stats_save_path: str | None = field(default=None, metadata={"help": "statistics; default: stats.json beside the selection"})
+    max_length: int = field(default=512, metadata={"help": "tokens per scored sequence (questions cut from the left)"})
+    batch_size: int = field(default=32, metadata={"help": "sequences per scoring batch and process"})
+    dtype: str = field(default="auto", metadata={"help": "RM weights dtype: auto, float32, bfloat16, float16"})
+    device: str | None = field(default=None, metadata={"help": "scoring device; default: the process's accelerator or cpu"})
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+# ----------------------------------------------------------------------------- 1. self-label
+
+
+def self_label(pool, args):
+    """Add reward_j/reward_k (raw RM scores) and score_j/score_k (probabilities) to every pair."""
+    from accelerate import PartialState
+
+    from ser.modeling import load_reward_model, load_tokenizer, score_pairs
+
+    state = PartialState()
+    tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
+    model = load_reward_model(args.reward_model_name, tokenizer, args.dtype).to(args.device or state.device)
+    r_j, r_k, stats = score_pairs(model, tokenizer, pool, args.max_length, args.batch_size, state)
+    for pair, a, b in zip(pool, r_j, r_k):
+        pair["reward_j"], pair["reward_k"] = a, b
+        if args.probability == "pairwise":
+            pair["score_j"], pair["score_k"] = sigmoid(a - b), sigmoid(b - a)
+        else:
+            pair["score_j"], pair["score_k"] = sigmoid(a), sigmoid(b)
+    return state, stats
+
+
+# ----------------------------------------------------------------------------- 2. status
+
+
+def eligibility(p_j: float, p_k: float, args) -> tuple[bool, bool]:
+    """(Status-1 eligible, Status-2 eligible) for one pair."""
+    lo, hi = args.left_threshold, args.right_threshold
+    status1 = (p_j > hi and p_k < lo) or (p_k > hi and p_j < lo)
+    status2 = abs(p_j - p_k) >= args.delta_threshold
+    return status1, status2
+
+
+def decide_status(pool, args):
+    """The loop's status and the mask of pairs it selects."""
+    flags = [eligibility(p["score_j"], p["score_k"], args) for p in pool]
+    n1, n2 = sum(f[0] for f in flags), sum(f[1] for f in flags)
+    if args.selection == "released":
+        # The released script: Status-1 OR a strict gap, in one pass, with no count check and no Stop.
+        gap = args.delta_threshold
+        mask = [f[0] or abs(p["score_j"] - p["score_k"]) > gap for f, p in zip(flags, pool)]
+        return "released", mask, n1, n2
+    if n1 >= args.status1_min_pairs:
+        return "status1", [f[0] for f in flags], n1, n2
+    if n2 >= args.status2_min_pairs:
+        return "status2", [f[1] for f in flags], n1, n2
+    return "stop", [False] * len(pool), n1, n2
+
+
+# ----------------------------------------------------------------------------- 3. select
+
+
+def orient(pair):
+    """response_j becomes the response the RM prefers (the higher p); the human label follows it."""
+    if pair["score_j"] >= pair["score_k"]:
+        return dict(pair)
+    swapped = dict(pair)
+    for a, b in (("response_j", "response_k"), ("score_j", "score_k"), ("reward_j", "reward_k")):
+        if a in pair:
+            swapped[a], swapped[b] = pair[b], pair[a]
+    if GOLD in pair:
+        swapped[GOLD] = {"j": "k", "k": "j"}[pair[GOLD]]
+    return swapped
+
+
+def select(pool, args):
+    status, mask, n1, n2 = decide_status(pool, args)
+    selected = [orient(p) for p, keep in zip(pool, mask) if keep]
+    remaining = [p for p, keep in zip(pool, mask) if not keep]
+    return status, selected, remaining, {"status1_eligible": n1, "status2_eligible": n2}
+
+
+def histogram(values, lo=0.0, hi=1.0, bins=10):
+    counts = Counter(min(bins - 1, max(0, int((v - lo) / (hi - lo) * bins))) for v in values)
+    return {"edges": [lo + (hi - lo) * i / bins for i in range(bins + 1)], "counts": [counts[i] for i in range(bins)]}
+
+
+def statistics(pool, status, selected, remaining, counts, args, scoring=None):
+    gold = [p for p in selected if GOLD in p]
+    stats = {
+        "status": status, "selection": args.selection, "probability": args.probability,
+        "pool": len(pool), "selected": len(selected), "remaining": len(remaining), **counts,
+        "thresholds": {"tau_low": args.left_threshold, "tau_high": args.right_threshold,
+                       "tau_delta": args.delta_threshold, "status1_min_pairs": args.status1_min_pairs,
+                       "status2_min_pairs": args.status2_min_pairs},
+        "pseudo_label_precision": sum(p[GOLD] == "j" for p in gold) / len(gold) if gold else None,
+        "pseudo_label_pairs_with_gold": len(gold),
+        "score_histogram": histogram([p[k] for p in pool for k in ("score_j", "score_k")]),
+    }
+    if pool and "reward_j" in pool[0]:
+        rewards = [p[k] for p in pool for k in ("reward_j", "reward_k")]
+        stats["reward_histogram"] = histogram(rewards, min(rewards), max(rewards) + 1e-9)
+    if scoring:
+        stats["scoring"] = scoring
+    return stats
+
+
+def main(args: ScriptArguments):
+    pool = load_records(args.dataset_name, args.subset)
+    out_dir = Path(args.rm_next_loop_save_path).parent
+    scoring = None
+    if args.reward_model_name:
+        state, scoring = self_label(pool, args)
+        if not state.is_main_process:
+            return
+        write_records(args.scored_save_path or out_dir / "scored.jsonl", pool)
+    else:
+        for pair in pool:
+            for key in ("score_j", "score_k"):
+                if not isinstance(pair.get(key), (int, float)):
+                    raise ValueError(f"{pair.get('_source', args.dataset_name)}:{pair['_line']}: field '{key}' "
+                                     "missing or not a number; pass --reward_model_name to self-label the pool")
+    status, selected, remaining, counts = select(pool, args)
+    write_records(args.rm_next_loop_save_path, selected)
+    write_records(args.remaining_data_save_path, remaining)
+    stats = statistics(pool, status, selected, remaining, counts, args, scoring)
+    write_json(args.stats_save_path or out_dir / "stats.json", stats)  # written last: marks the step done
+    precision = stats["pseudo_label_precision"]
+    print(f"filter: {status}; {len(selected)} of {len(pool)} pairs selected "
+          f"(status-1 eligible {counts['status1_eligible']}, status-2 eligible {counts['status2_eligible']})"
+          + (f", pseudo-label precision {precision:.3f}" if precision is not None else ""))
+
+
+if __name__ == "__main__":
+    main(*parse([ScriptArguments]))

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The SER loop: Loop 0 trains RM_0 on the human-labelled seed; every further loop self-labels the pool
+# with the current RM, decides the learning status, selects, and retrains, until Stop or MAX_LOOPS.
+#
+#   DATA=data/generated/synthetic SFT=runs/demo/sft RUN=runs/demo/ser bash scripts/ser_loop.sh
+#
+# Each loop writes RUN/loop_<t>/ (rm/, scored.jsonl, selected.jsonl, remaining.jsonl, stats.json).
+# Re-running the same command skips what finished and redoes what a crash interrupted.
+# Settings are environment variables; edit or override them:
+set -euo pipefail
+
+: "${DATA:?DATA: a prepared data folder holding data/reward, data/unlabeled and data/evaluation}"
+: "${SFT:?SFT: the SFT model folder (RM_0 starts from it)}"
+: "${RUN:?RUN: the folder for this run}"
+MAX_LOOPS=${MAX_LOOPS:-3}     # self-evolution loops after Loop 0 (the paper runs 3)
+KEEP_SEED=${KEEP_SEED:-1}     # 1: the human seed stays in every retraining mix; 0: self-labels only
+CONTINUE=${CONTINUE:-1}       # 1: RM_t+1 continues from RM_t (the paper's curves); 0: restarts from SFT
+LAUNCH=${LAUNCH:-python}      # e.g. "accelerate launch --multi_gpu --num_processes 8"
+PY=${PY:-python}              # for the report
+RM_ARGS=${RM_ARGS:-}          # extra rm_training.py flags: epochs, learning rate, --use_lora True, ...
+FILTER_ARGS=${FILTER_ARGS:-}  # extra rm_loop_filter_by_self.py flags: thresholds, counts, modes
+
+cd "$(dirname "$0")/.."
+mkdir -p "$RUN"
+
+# stage NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exists (each stage writes it last)
+stage() {
+  local name=$1 done_file=$2; shift 2
+  if [[ -f $done_file ]]; then echo "ser: $name already done"; return; fi
+  echo "ser: $name"
+  local start; start=$(date +%s%N)
+  $LAUNCH "$@"
+  echo "{\"stage\": \"$name\", \"ms\": $((($(date +%s%N) - start) / 1000000))}" > "$RUN/.wall.$name.json"
+}
+
+stage loop_0.train "$RUN/loop_0/rm/eval_results.json" \
+  rm_training.py --model_name "$SFT" --dataset_name "$DATA" --train_subset data/reward \
+  --eval_subset data/evaluation --output_dir "$RUN/loop_0/rm" $RM_ARGS
+
+selected=()
+for ((t = 1; t <= MAX_LOOPS; t++)); do
+  prev="$RUN/loop_$((t - 1))"
+  loop="$RUN/loop_$t"
+  if ((t == 1)); then pool=(--dataset_name "$DATA" --subset data/unlabeled); else pool=(--dataset_name "$prev/remaining.jsonl"); fi
+
+  stage "loop_$t.filter" "$loop/stats.json" \
+    rm_loop_filter_by_self.py "${pool[@]}" --reward_model_name "$prev/rm" \
+    --rm_next_loop_save_path "$loop/selected.jsonl" --remaining_data_save_path "$loop/remaining.jsonl" $FILTER_ARGS
+
+  status=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['status'])" "$loop/stats.json")
+  if [[ $status == stop ]]; then echo "ser: loop $t: Stop (the RM has converged)"; break; fi
+
+  selected+=("$loop/selected.jsonl")
+  sources=("${selected[@]}")
+  if [[ $KEEP_SEED == 1 ]]; then sources=("$DATA" "${sources[@]}"); fi
+  if [[ $CONTINUE == 1 ]]; then init="$prev/rm"; else init="$SFT"; fi
+  stage "loop_$t.train" "$loop/rm/eval_results.json" \
+    rm_training.py --model_name "$init" --tokenizer_name "$SFT" --dataset_name "${sources[@]}" \
+    --train_subset data/reward --eval_subset "$DATA/data/evaluation" --output_dir "$loop/rm" $RM_ARGS
+done
+
+$PY scripts/ser_report.py --run "$RUN"
