@@ -1,0 +1,93 @@
+"""Self-labelling across processes, and the loop driver's skip-and-resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import rm_loop_filter_by_self as F
+import rm_training
+from conftest import CPU, ROOT
+from ser.cli import parse
+from ser.data import read_records
+
+RM_ARGS = "--num_train_epochs 4 --per_device_train_batch_size 16 --per_device_eval_batch_size 64 " \
+          "--learning_rate 2e-3 " + " ".join(CPU)
+ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "WANDB_MODE": "disabled",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def rm0(sft_model, synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm0")
+    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RewardConfig], [
+        "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
+        *RM_ARGS.split()]))
+    return out
+
+
+def filter_flags(synthetic, rm0, out):
+    return ["--dataset_name", str(synthetic), "--reward_model_name", str(rm0), "--batch_size", "8",
+            "--rm_next_loop_save_path", str(out / "selected.jsonl"),
+            "--remaining_data_save_path", str(out / "remaining.jsonl"),
+            "--status1_min_pairs", "20", "--status2_min_pairs", "20"]
+
+
+def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    F.main(*parse([F.ScriptArguments], filter_flags(synthetic, rm0, one)))
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "rm_loop_filter_by_self.py",
+           *filter_flags(synthetic, rm0, two)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = read_records(one / "scored.jsonl"), read_records(two / "scored.jsonl")
+    assert len(a) == len(b) == 510
+    for x, y in zip(a, b):
+        assert x["id"] == y["id"]
+        assert x["reward_j"] == pytest.approx(y["reward_j"], abs=1e-5)
+        assert x["reward_k"] == pytest.approx(y["reward_k"], abs=1e-5)
+    assert [r["id"] for r in read_records(one / "selected.jsonl")] == \
+        [r["id"] for r in read_records(two / "selected.jsonl")]
+    stats = json.loads((two / "stats.json").read_text())
+    assert stats["scoring"]["sequences"] == 1020 and stats["status"] != "stop"
+
+
+def driver(run, synthetic, sft_model):
+    env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "2",
+           "RM_ARGS": RM_ARGS, "FILTER_ARGS": "--status1_min_pairs 20 --status2_min_pairs 20", "PY": sys.executable}
+    return subprocess.Popen(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def figures(run):
+    summary = json.loads((run / "loops.json").read_text())
+    return [{k: v for k, v in lp.items() if k not in ("wall_time_s", "rm")} for lp in summary["loops"]]
+
+
+def test_killed_driver_resumes_to_the_same_figures(synthetic, sft_model, tmp_path):
+    straight = driver(tmp_path / "straight", synthetic, sft_model)
+    out, _ = straight.communicate(timeout=900)
+    assert straight.returncode == 0, out[-4000:]
+
+    run = tmp_path / "killed"
+    victim = driver(run, synthetic, sft_model)
+    deadline = time.time() + 600
+    while not (run / "loop_1" / "stats.json").exists():  # kill while loop 1 retrains
+        assert victim.poll() is None and time.time() < deadline, "driver ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (run / "loops.json").exists()
+
+    resumed = driver(run, synthetic, sft_model)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-4000:]
+    assert "ser: loop_0.train already done" in out and "ser: loop_1.filter already done" in out
+    assert figures(run) == figures(tmp_path / "straight")
+    loop1 = figures(run)[1]
+    assert loop1["status"] == "status1" and loop1["selected"] > 0 and loop1["accuracy"] is not None
