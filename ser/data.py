@@ -42,8 +42,12 @@ def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
 
 
-def read_records(path) -> list[dict]:
-    """Read a JSON list or a JSONL file. Each record gets `_line` (1-based line, or list index + 1)."""
+def read_records(path, skipped: list | None = None) -> list[dict]:
+    """Read a JSON list or a JSONL file. Each record gets `_line` (1-based line, or list index + 1).
+
+    A malformed line is an error naming the file and line; with a `skipped` list it is appended there
+    as a message and the line is skipped instead.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
@@ -67,10 +71,14 @@ def read_records(path) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg}") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: record is {type(row).__name__}, expected an object")
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: record is {type(row).__name__}, expected an object")
+        except (json.JSONDecodeError, DataError) as e:
+            message = e.args[0] if isinstance(e, DataError) else f"{path}:{lineno}: malformed JSON line: {e.msg}"
+            if skipped is None:
+                raise DataError(message) from None
+            skipped.append(message)
+            continue
         records.append({**row, "_line": lineno})
     return records
 
