@@ -60,11 +60,9 @@ def sigmoid(x: float) -> float:
 
 def self_label(pool, args):
     """Add reward_j/reward_k (raw RM scores) and score_j/score_k (probabilities) to every pair."""
-    from accelerate import PartialState
+    from ser.modeling import load_reward_model, load_tokenizer, process_state, score_pairs
 
-    from ser.modeling import load_reward_model, load_tokenizer, score_pairs
-
-    state = PartialState()
+    state = process_state()
     tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
     model = load_reward_model(args.reward_model_name, tokenizer, args.dtype).to(args.device or state.device)
     r_j, r_k, stats = score_pairs(model, tokenizer, pool, args.max_length, args.batch_size, state)
@@ -148,7 +146,7 @@ def statistics(pool, status, selected, remaining, counts, args, scoring=None):
         rewards = [p[k] for p in pool for k in ("reward_j", "reward_k")]
         stats["reward_histogram"] = histogram(rewards, min(rewards), max(rewards) + 1e-9)
     if scoring:
-        stats["scoring"] = scoring
+        stats["scoring"] = scoring  # includes the number of processes that shared the scoring
     return stats
 
 

@@ -30,7 +30,7 @@ class Args:
     n_eval: int = field(default=600, metadata={"help": "held-out human-labelled pairs"})
     n_sft: int = field(default=2000, metadata={"help": "SFT demonstrations"})
     n_rl: int = field(default=256, metadata={"help": "PPO prompts"})
-    beta: float = field(default=4.0, metadata={"help": "labeller sharpness: P(a > b) = sigmoid(beta * gold gap)"})
+    beta: float = field(default=1.0, metadata={"help": "labeller sharpness: P(a > b) = sigmoid(beta * gold gap)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
 

@@ -32,6 +32,12 @@ def load_tokenizer(name: str):
     return tok
 
 
+def process_state() -> PartialState:
+    """This process's place among the launched ones. Without an accelerator the processes form a CPU
+    (gloo) group, as the Trainer does with --use_cpu; on GPUs nothing changes."""
+    return PartialState(cpu=not torch.accelerator.is_available())
+
+
 def _fit_embeddings(model, tokenizer):
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -81,7 +87,7 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
     order, so each sequence is scored exactly once and ranks get similar lengths; every rank runs the
     same number of forward passes (a rank short of a batch runs a one-token dummy), which ZeRO-3 needs.
     """
-    state = state or PartialState()
+    state = state or process_state()
     encoded = [encode(tokenizer, q, r, max_length) for q, r in zip(questions, responses)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
     mine = order[state.process_index::state.num_processes]
@@ -116,7 +122,7 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
             merged.update(part)
         rewards = merged
     stats = {
-        "sequences": len(encoded),
+        "sequences": len(encoded), "processes": state.num_processes, "scored_here": len(mine),
         "truncated": sum(e["truncated"] for e in encoded),
         "padding_share": 1 - real_tokens / padded_tokens if padded_tokens else 0.0,
         "sequences_per_second": len(mine) / seconds if seconds > 0 else float("nan"),

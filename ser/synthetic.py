@@ -1,8 +1,9 @@
 """A synthetic preference task with a known gold reward, small enough for CPU minutes.
 
 A question names a place; a response is a short list of items to bring. Each (place, item) has a
-hidden gold weight, and the gold reward of a response is the mean weight of its items, so length
-cannot be gamed. Labels are sampled Bradley-Terry style from the gold reward, so they are noisy the
+hidden gold weight, centred so that the average item of a place is worth zero, and the gold reward
+of a response is the total weight of its items: good items add, bad items subtract, and a longer
+list is better only if what it adds is good. Labels are sampled Bradley-Terry style from the gold reward, so they are noisy the
 way human labels are. The gold reward also scores policy samples (ppo/evaluate.py).
 """
 
@@ -27,7 +28,8 @@ PLACE_SHARE = 1.0
 _rng = random.Random(GOLD_SEED)
 # Hidden gold weights, fixed by GOLD_SEED: an item's general worth plus a smaller place-specific part.
 _GENERAL = {it: _rng.gauss(0.0, 1.0) for it in ITEMS}
-WEIGHTS = {p: {it: _GENERAL[it] + PLACE_SHARE * _rng.gauss(0.0, 1.0) for it in ITEMS} for p in PLACES}
+_RAW = {p: {it: _GENERAL[it] + PLACE_SHARE * _rng.gauss(0.0, 1.0) for it in ITEMS} for p in PLACES}
+WEIGHTS = {p: {it: w - sum(ws.values()) / len(ws) for it, w in ws.items()} for p, ws in _RAW.items()}
 _PLACE_RE = re.compile(r"\b(" + "|".join(PLACES) + r")\b")
 _ITEM_RE = re.compile(r"\b(" + "|".join(ITEMS) + r")\b")
 
@@ -43,15 +45,12 @@ def make_response(rng: random.Random, min_items: int = 2, max_items: int = 6) ->
 
 
 def gold_reward(question: str, response: str) -> float:
-    """Mean gold weight of the items named in the response; -1 when it names none."""
+    """Total gold weight of the items named in the response (0 when it names none)."""
     place = _PLACE_RE.search(question)
     if place is None:
         raise ValueError(f"question names no place of the synthetic task: {question!r}")
-    items = _ITEM_RE.findall(response)
-    if not items:
-        return -1.0
     weights = WEIGHTS[place.group(1)]
-    return sum(weights[it] for it in items) / len(items)
+    return sum(weights[it] for it in _ITEM_RE.findall(response))
 
 
 def sample_preference(rng: random.Random, question: str, a: str, b: str, beta: float) -> bool:

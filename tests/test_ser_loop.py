@@ -15,7 +15,7 @@ from conftest import CPU, ROOT
 from ser.cli import parse
 from ser.data import read_records
 
-RM_ARGS = "--num_train_epochs 4 --per_device_train_batch_size 16 --per_device_eval_batch_size 64 " \
+RM_ARGS = "--num_train_epochs 8 --per_device_train_batch_size 16 --per_device_eval_batch_size 64 " \
           "--learning_rate 2e-3 " + " ".join(CPU)
 ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "WANDB_MODE": "disabled",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -34,7 +34,7 @@ def filter_flags(synthetic, rm0, out):
     return ["--dataset_name", str(synthetic), "--reward_model_name", str(rm0), "--batch_size", "8",
             "--rm_next_loop_save_path", str(out / "selected.jsonl"),
             "--remaining_data_save_path", str(out / "remaining.jsonl"),
-            "--status1_min_pairs", "20", "--status2_min_pairs", "20"]
+            "--status1_min_pairs", "20", "--status2_min_pairs", "20", "--probability", "pairwise"]
 
 
 def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
@@ -54,12 +54,13 @@ def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
     assert [r["id"] for r in read_records(one / "selected.jsonl")] == \
         [r["id"] for r in read_records(two / "selected.jsonl")]
     stats = json.loads((two / "stats.json").read_text())
-    assert stats["scoring"]["sequences"] == 1020 and stats["status"] != "stop"
+    assert stats["scoring"]["sequences"] == 1020 and stats["scoring"]["processes"] == 2
+    assert stats["scoring"]["scored_here"] == 510 and stats["status"] != "stop", stats
 
 
 def driver(run, synthetic, sft_model):
     env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "2",
-           "RM_ARGS": RM_ARGS, "FILTER_ARGS": "--status1_min_pairs 20 --status2_min_pairs 20", "PY": sys.executable}
+           "RM_ARGS": RM_ARGS, "FILTER_ARGS": "--status1_min_pairs 20 --status2_min_pairs 20 --probability pairwise", "PY": sys.executable}
     return subprocess.Popen(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

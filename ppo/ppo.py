@@ -1,0 +1,519 @@
+"""Stage 3: PPO of the SFT policy against the (SER) reward model.
+
+A compact PPO for language models on accelerate, in the spirit of "The N implementation details of
+RLHF with PPO" (Huang et al., 2024). Each step:
+
+  rollout   sample `batch_size` prompts per process, generate, truncate each response after its EOS;
+  score     the RM reads the decoded (question, response) at its final eos; minus --reward_baseline,
+            optional running normalisation, optional penalty when the response has no EOS;
+  reward    per token: -kl_coef * (log pi - log pi_ref), plus the score on the last response token;
+  advantage GAE (gamma, lam) on the critic's values, whitened;
+  update    `ppo_epochs` passes of clipped policy and value losses over minibatches of
+            `mini_batch_size`, `gradient_accumulation_steps` minibatches per optimiser step;
+  control   adaptive KL coefficient (Ziegler et al. 2019), early stop of the epochs on KL.
+
+Memory-light default: LoRA on the policy, a value head on the same backbone, and the reference
+policy = the policy with its adapter disabled: one copy of the base weights serves all three.
+`--critic separate` trains a separate critic initialised from the RM instead.
+
+A checkpoint (every --save_freq steps) holds the weights, optimiser, scheduler, every process's
+RNG states, the KL controller and the data position; --resume_from_checkpoint continues exactly.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather, set_seed
+from transformers import get_scheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ser.cli import parse, setup_wandb  # noqa: E402
+from ser.data import load_records, prompt_text  # noqa: E402
+from ser.modeling import DTYPES, load_causal_lm, load_reward_model, load_tokenizer, score  # noqa: E402
+
+
+@dataclass
+class ScriptArguments:
+    model_name: str = field(metadata={"help": "the SFT model: the initial policy and the reference"})
+    reward_model_name: str = field(metadata={"help": "the reward model (rm_training.py output)"})
+    dataset_name: str = field(metadata={"help": "prompts: a data folder (with --subset), a JSON/JSONL file, a hub id"})
+    output_dir: str = field(default="runs/ppo", metadata={"help": "checkpoints and the final policy"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer; defaults to --model_name"})
+    subset: str = field(default="data/rl", metadata={"help": "prompt folder inside a --dataset_name folder"})
+    load_from_json: bool = field(default=False, metadata={"help": "--dataset_name is a JSON/JSONL file"})
+    log_with: str | None = field(default=None, metadata={"help": "wandb, or none"})
+    # optimisation
+    learning_rate: float = field(default=1.4e-5, metadata={"help": "learning rate"})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "constant or linear decay to 0"})
+    adafactor: bool = field(default=False, metadata={"help": "Adafactor instead of AdamW"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
+    steps: int = field(default=20000, metadata={"help": "PPO steps (rollout + update of batch_size prompts per process)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per PPO step and process"})
+    mini_batch_size: int = field(default=1, metadata={"help": "samples per forward/backward pass in the update"})
+    gradient_accumulation_steps: int = field(default=8, metadata={"help": "minibatches per optimiser step"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each batch"})
+    forward_batch_size: int = field(default=16, metadata={"help": "samples per no-grad forward in the rollout"})
+    # generation
+    output_max_length: int = field(default=128, metadata={"help": "max new tokens per response"})
+    max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (cut from the left)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also applied to logprobs)"})
+    batched_gen: bool = field(default=True, metadata={"help": "generate the batch at once (else one prompt at a time)"})
+    # reward
+    reward_transform: str = field(default="raw", metadata={"help": "raw RM score, or sigmoid (the original script)",
+                                                            "choices": ["raw", "sigmoid"]})
+    reward_baseline: float = field(default=0.0, metadata={"help": "subtracted from every score"})
+    reward_norm: bool = field(default=False, metadata={"help": "normalise scores by running mean and std"})
+    missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted when a response has no EOS"})
+    reward_max_length: int = field(default=512, metadata={"help": "tokens per RM input (question cut from the left)"})
+    # PPO
+    init_kl_coef: float = field(default=0.2, metadata={"help": "initial KL penalty coefficient"})
+    adap_kl_ctrl: bool = field(default=True, metadata={"help": "adapt the KL coefficient toward --kl_target"})
+    kl_target: float = field(default=6.0, metadata={"help": "target KL (nats per sequence) of the adaptive controller"})
+    kl_horizon: int = field(default=10000, metadata={"help": "horizon of the adaptive KL controller, in samples"})
+    target_kl: float = field(default=0.1, metadata={"help": "with --early_stopping: stop the epochs when KL > 1.5x this"})
+    early_stopping: bool = field(default=False, metadata={"help": "stop a step's PPO epochs early on KL"})
+    gamma: float = field(default=1.0, metadata={"help": "discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip"})
+    vf_coef: float = field(default=0.1, metadata={"help": "value loss weight"})
+    # models
+    critic: str = field(default="shared", metadata={"help": "shared: value head on the policy backbone; separate: "
+                                                             "a critic model copied from the RM",
+                                                     "choices": ["shared", "separate"]})
+    value_init: str = field(default="rm", metadata={"help": "value head init: rm (the RM's score head) or zero",
+                                                     "choices": ["rm", "zero"]})
+    use_peft: bool = field(default=True, metadata={"help": "LoRA policy; the reference is the adapter switched off"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
+    rm_dtype: str = field(default="auto", metadata={"help": "RM weights dtype"})
+    # bookkeeping
+    save_freq: int = field(default=200, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder to continue from"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config; prefer `accelerate launch --use_deepspeed`"})
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class PolicyAndValue(nn.Module):
+    """The policy (a causal LM, LoRA by default) and its critic, as one module for accelerate."""
+
+    def __init__(self, policy, value_head=None, critic=None):
+        super().__init__()
+        self.policy, self.value_head, self.critic = policy, value_head, critic
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=self.critic is None, use_cache=False)
+        if self.critic is None:  # value head on the policy's last hidden state
+            values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+        else:  # the critic's score head applied at every position
+            hidden = self.critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 output_hidden_states=True).hidden_states[-1]
+            values = self.critic.score(hidden).squeeze(-1)
+        return out.logits, values
+
+
+def build_models(args, tokenizer):
+    policy = load_causal_lm(args.model_name, tokenizer)
+    reference = None
+    if args.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                   lora_dropout=args.lora_dropout))
+    else:  # a frozen copy of the SFT model is the reference
+        reference = load_causal_lm(args.model_name, tokenizer).eval().requires_grad_(False)
+    rm = load_reward_model(args.reward_model_name, tokenizer, args.rm_dtype)
+    if hasattr(rm, "merge_and_unload"):
+        rm = rm.merge_and_unload()
+    rm.eval().requires_grad_(False)
+    if args.critic == "separate":
+        # Value-model initialised from the RM (its backbone and score head), trained alongside the policy.
+        critic = load_reward_model(args.reward_model_name, tokenizer)
+        if hasattr(critic, "merge_and_unload"):
+            critic = critic.merge_and_unload()
+        critic.requires_grad_(True).train()
+        return PolicyAndValue(policy, critic=critic), reference, rm
+    hidden = policy.config.get_text_config().hidden_size
+    value_head = nn.Linear(hidden, 1, bias=False)
+    with torch.no_grad():
+        if args.value_init == "rm" and rm.score.weight.shape == value_head.weight.shape:
+            # The RM's head on the SFT backbone is a fair first guess of the return (the detail "initialise
+            # the value head from the RM"); a zero head predicts nothing.
+            value_head.weight.copy_(rm.score.weight.float())
+        else:
+            value_head.weight.zero_()
+    return PolicyAndValue(policy, value_head=value_head), reference, rm
+
+
+# ----------------------------------------------------------------------------- PPO pieces
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon."""
+
+    def __init__(self, init, target, horizon, adaptive):
+        self.value, self.target, self.horizon, self.adaptive = init, target, horizon, adaptive
+
+    def update(self, current_kl, n_samples):
+        if self.adaptive:
+            error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_samples / self.horizon
+
+
+class RunningMoments:
+    """Running mean/std of scores across steps and processes (Chan et al. parallel update)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-24
+
+    def update(self, xs):
+        n, mean, var = xs.numel(), xs.mean().item(), xs.var(unbiased=False).item()
+        delta, total = mean - self.mean, self.count + n
+        self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+
+    @property
+    def std(self):
+        return math.sqrt(self.var * self.count / max(self.count - 1, 1))
+
+
+@dataclass
+class TrainState:
+    """Everything beyond model/optimiser/scheduler/RNG that a resume needs."""
+
+    step: int = 0
+    data_epoch: int = 0
+    data_position: int = 0
+    kl_coef: float = 0.0
+    reward_mean: float = 0.0
+    reward_var: float = 1.0
+    reward_count: float = 1e-24
+
+    def state_dict(self):
+        return asdict(self)
+
+    def load_state_dict(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation over response tokens; padding after EOS contributes nothing."""
+    T = rewards.shape[1]
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    values, rewards = values * mask, rewards * mask
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < T else 0)
+        advantages[:, t] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def logprobs_of(logits, tokens, temperature):
+    # Detail: sample and score with the same temperature, or the ratio is off from step one.
+    return torch.gather(F.log_softmax(logits / temperature, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def truncate_after_eos(responses, eos_id, pad_id):
+    """Keep each response up to and including its first EOS; mask 1 on kept tokens."""
+    is_eos = responses == eos_id
+    after = torch.cumsum(is_eos.int(), dim=1) - is_eos.int() > 0  # strictly after the first eos
+    mask = (~after).long()
+    return responses.masked_fill(after, pad_id), mask, is_eos.any(dim=1)
+
+
+def sample(policy, tokenizer, questions, max_prompt_length, max_new_tokens, temperature, batched, device):
+    """Left-padded prompts and sampled responses, each truncated after its first EOS."""
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    enc = [head + tokenizer(prompt_text(q).rstrip(" "), add_special_tokens=False)["input_ids"]
+           [-(max_prompt_length - len(head)):] for q in questions]
+    width = max(map(len, enc))
+    query = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)  # detail: pad on the left
+    query_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
+    # Plain sampling: no top-k/top-p, so the logprobs scored later are those of the sampling distribution.
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
+               pad_token_id=pad, eos_token_id=eos)
+    if batched:
+        out = policy.generate(input_ids=query, attention_mask=query_mask, **gen)[:, width:]
+    else:
+        rows = [policy.generate(input_ids=query[i:i + 1, width - len(e):], **gen)[0, len(e):] for i, e in enumerate(enc)]
+        out = torch.full((len(rows), max(len(r) for r in rows)), pad, device=device)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+    responses, response_mask, has_eos = truncate_after_eos(out, eos, pad)
+    return query, query_mask, responses, response_mask, has_eos
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def prompt_batches(n, args, state, world, rank):
+    """This process's prompt indices for the current step; a seeded permutation per data epoch."""
+    per_step = args.batch_size * world
+    while True:
+        g = torch.Generator().manual_seed(args.seed * 100003 + state.data_epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        if state.data_position + per_step <= n:
+            chunk = order[state.data_position:state.data_position + per_step]
+            state.data_position += per_step
+            return chunk[rank::world]
+        state.data_epoch, state.data_position = state.data_epoch + 1, 0
+        if per_step > n:
+            raise ValueError(f"batch_size x processes = {per_step} exceeds the {n} prompts")
+
+
+def forward(model, query_responses, attention_mask, context_length, temperature):
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # detail: positions under left padding
+    logits, values = model(query_responses, attention_mask, position_ids)
+    logits = logits[:, context_length - 1:-1]
+    values = values[:, context_length - 1:-1]
+    return logits, values
+
+
+def main(args: ScriptArguments):
+    if args.log_with in ("none", ""):
+        args.log_with = None
+    if args.log_with:
+        setup_wandb(args.log_with)
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision="bf16" if args.bf16 else "no", log_with=args.log_with,
+                              cpu=not torch.accelerator.is_available())  # no accelerator: a gloo group of CPU processes
+    set_seed(args.seed, device_specific=True)
+    if args.batch_size % args.mini_batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --mini_batch_size {args.mini_batch_size}")
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name)
+    prompts = [r["question"] for r in load_records(args.dataset_name, args.subset, args.load_from_json,
+                                                   fields=("question",))]
+
+    # 1. models, optimiser, scheduler
+    model, reference, rm = build_models(args, tokenizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.adafactor:
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(params, lr=args.learning_rate, scale_parameter=False, relative_step=False)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5)
+    updates_per_step = args.ppo_epochs * math.ceil(args.batch_size / (args.mini_batch_size * args.gradient_accumulation_steps))
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0,
+                              num_training_steps=args.steps * updates_per_step * accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    device = accelerator.device
+    rm.to(device)
+    if reference is not None:
+        reference.to(device)
+    unwrapped = accelerator.unwrap_model(model)
+    kl_ctl = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon, args.adap_kl_ctrl)
+    moments = RunningMoments()
+    state = TrainState(kl_coef=kl_ctl.value)
+    accelerator.register_for_checkpointing(state)
+    if args.resume_from_checkpoint:
+        accelerator.load_state(args.resume_from_checkpoint)  # weights, optimiser, scheduler, RNG, TrainState
+        kl_ctl.value = state.kl_coef
+        moments.mean, moments.var, moments.count = state.reward_mean, state.reward_var, state.reward_count
+        accelerator.print(f"ppo: resumed at step {state.step} from {args.resume_from_checkpoint}")
+    if args.log_with:
+        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config=asdict(args))
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    local = SimpleNamespace(process_index=0, num_processes=1)  # each process scores its own samples
+
+    while state.step < args.steps:
+        t0 = time.perf_counter()
+        # 2. rollout: left-padded prompts, sampled responses truncated after EOS
+        questions = [prompts[i] for i in prompt_batches(len(prompts), args, state, accelerator.num_processes,
+                                                        accelerator.process_index)]
+        policy = unwrapped.policy
+        policy.eval()
+        with torch.no_grad(), accelerator.autocast():
+            query, query_mask, responses, response_mask, has_eos = sample(
+                policy, tokenizer, questions, args.max_prompt_length, args.output_max_length, args.temperature,
+                args.batched_gen, device)
+        query_responses = torch.cat([query, responses], 1)
+        attention_mask = torch.cat([query_mask, response_mask], 1)
+
+        # 3. score: the RM reads the decoded response at its final eos
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        with torch.no_grad():
+            raw, _ = score(rm, tokenizer, questions, texts, args.reward_max_length, len(texts), local)
+        scores = torch.tensor(raw, device=device)
+        if not torch.isfinite(scores).all():
+            raise FloatingPointError(f"step {state.step}: the reward model returned non-finite scores {raw}")
+        if args.reward_transform == "sigmoid":
+            scores = torch.sigmoid(scores)
+        scores = scores - args.reward_baseline
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~has_eos).float()  # detail: penalise a missing EOS
+        if args.reward_norm:
+            moments.update(gather(scores))
+            scores = (scores - moments.mean) / (moments.std + 1e-8)
+
+        # 4. logprobs of policy and reference, values, per-token rewards, advantages
+        context = query.shape[1]
+        model.eval()
+        old_logprobs, ref_logprobs, old_values = [], [], []
+        with torch.no_grad(), accelerator.autocast():
+            for i in range(0, len(questions), args.forward_batch_size):
+                sl = slice(i, i + args.forward_batch_size)
+                logits, values = forward(model, query_responses[sl], attention_mask[sl], context, args.temperature)
+                old_logprobs.append(logprobs_of(logits.float(), responses[sl], args.temperature))
+                old_values.append(values.float())
+                position_ids = (attention_mask[sl].cumsum(1) - 1).clamp(min=0)
+                if reference is None:
+                    with unwrapped.policy.disable_adapter():  # the reference = the adapter switched off
+                        ref_logits = unwrapped.policy(input_ids=query_responses[sl], attention_mask=attention_mask[sl],
+                                                      position_ids=position_ids).logits
+                else:
+                    ref_logits = reference(input_ids=query_responses[sl], attention_mask=attention_mask[sl],
+                                           position_ids=position_ids).logits
+                ref_logprobs.append(logprobs_of(ref_logits[:, context - 1:-1].float(), responses[sl], args.temperature))
+        old_logprobs, ref_logprobs, old_values = map(torch.cat, (old_logprobs, ref_logprobs, old_values))
+        mask = response_mask.float()
+        kl = (old_logprobs - ref_logprobs) * mask  # per-token KL estimate (k1)
+        rewards = -kl_ctl.value * kl
+        last = (response_mask.sum(1) - 1).clamp(min=0)
+        rewards[torch.arange(len(last), device=device), last] += scores  # detail: the score on the last token
+        advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+        advantages = masked_whiten(advantages, mask)  # detail: advantage whitening
+
+        # 5. PPO epochs over minibatches
+        model.train()
+        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "vf_clipfrac": [], "approxkl": [], "entropy": []}
+        stop = False
+        for _ in range(args.ppo_epochs):
+            order = torch.randperm(len(questions)).tolist()
+            for start in range(0, len(order), args.mini_batch_size):
+                idx = torch.tensor(order[start:start + args.mini_batch_size], device=device)
+                with accelerator.accumulate(model), accelerator.autocast():
+                    logits, values = forward(model, query_responses[idx], attention_mask[idx], context, args.temperature)
+                    logits, values = logits.float(), values.float()
+                    m = mask[idx]
+                    new_logprobs = logprobs_of(logits, responses[idx], args.temperature)
+                    ratio = torch.exp(new_logprobs - old_logprobs[idx])
+                    pg_losses = torch.max(-advantages[idx] * ratio,
+                                          -advantages[idx] * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
+                    pg_loss = masked_mean(pg_losses, m)
+                    v_clipped = old_values[idx] + (values - old_values[idx]).clamp(-args.cliprange_value,
+                                                                                   args.cliprange_value)
+                    vf_unclipped, vf_clipped = (values - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2
+                    vf_losses = torch.max(vf_unclipped, vf_clipped)
+                    vf_loss = 0.5 * masked_mean(vf_losses, m)
+                    loss = pg_loss + args.vf_coef * vf_loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"step {state.step}: non-finite PPO loss (policy {pg_loss.item()}, "
+                                                 f"value {vf_loss.item()})")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                with torch.no_grad():
+                    probs = F.softmax(logits / args.temperature, dim=-1)
+                    entropy = torch.logsumexp(logits / args.temperature, -1) - (probs * logits / args.temperature).sum(-1)
+                    stats["pg_loss"].append(pg_loss.item())
+                    stats["vf_loss"].append(vf_loss.item())
+                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > args.cliprange).float(), m).item())
+                    stats["vf_clipfrac"].append(masked_mean((vf_clipped > vf_unclipped).float(), m).item())
+                    stats["approxkl"].append(0.5 * masked_mean((new_logprobs - old_logprobs[idx]) ** 2, m).item())
+                    stats["entropy"].append(masked_mean(entropy, m).item())
+                if args.early_stopping and accelerator.sync_gradients:
+                    approxkl = gather(torch.tensor(stats["approxkl"][-1], device=device)).mean().item()
+                    if approxkl > 1.5 * args.target_kl:
+                        stop = True
+                        break
+            if stop:
+                break
+
+        # 6. KL control, logging, checkpoint
+        seq_kl = gather(kl.sum(1)).mean().item()
+        kl_ctl.update(seq_kl, args.batch_size * accelerator.num_processes)
+        all_scores = gather(scores)
+        state.step += 1
+        state.kl_coef = kl_ctl.value
+        state.reward_mean, state.reward_var, state.reward_count = moments.mean, moments.var, moments.count
+        seconds = time.perf_counter() - t0
+        n_tokens = gather(attention_mask.sum()).sum().item()
+        log = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.value,
+               "env/reward_mean": all_scores.mean().item(), "env/reward_std": all_scores.std().item(),
+               **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v},
+               "ppo/early_stopped": float(stop), "ppo/learning_rate": scheduler.get_last_lr()[0],
+               "env/response_length": gather(response_mask.sum(1).float()).mean().item(),
+               "env/eos_rate": gather(has_eos.float()).mean().item(),
+               "perf/tokens_per_second": n_tokens / seconds, "perf/step_seconds": seconds}
+        for key in ("ppo/pg_loss", "ppo/vf_loss", "objective/kl"):
+            if key in log and not math.isfinite(log[key]):
+                raise FloatingPointError(f"step {state.step}: {key} is {log[key]}")
+        accelerator.log(log, step=state.step)
+        accelerator.print(f"ppo step {state.step}: reward {log['env/reward_mean']:+.3f} kl {seq_kl:.3f} "
+                          f"kl_coef {kl_ctl.value:.4f} len {log['env/response_length']:.1f} "
+                          f"eos {log['env/eos_rate']:.2f} {log['perf/tokens_per_second']:.0f} tok/s")
+        if args.save_freq and state.step % args.save_freq == 0:
+            save_checkpoint(accelerator, args, state)
+
+    if not (args.save_freq and state.step % args.save_freq == 0):
+        save_checkpoint(accelerator, args, state)
+    save_policy(accelerator, model, tokenizer, args)
+    accelerator.end_training()
+
+
+def save_checkpoint(accelerator, args, state):
+    """Written to a temporary folder and renamed: a checkpoint is whole or absent."""
+    final = Path(args.output_dir) / f"checkpoint-{state.step}"
+    tmp = Path(args.output_dir) / f".checkpoint-{state.step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({**state.state_dict(), "args": asdict(args)}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+def save_policy(accelerator, model, tokenizer, args):
+    """The final policy as a plain causal LM (LoRA merged), loadable as --model_name."""
+    accelerator.wait_for_everyone()
+    policy = accelerator.unwrap_model(model).policy
+    if accelerator.is_main_process:
+        out = Path(args.output_dir) / "policy"
+        merged = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
+        merged.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        accelerator.print(f"ppo: wrote the policy to {out}")
+
+
+if __name__ == "__main__":
+    main(*parse([ScriptArguments]))
