@@ -301,6 +301,18 @@ def forward(model, query_responses, attention_mask, context_length, temperature)
     return logits, values
 
 
+def process_group_kwargs() -> dict:
+    """Without an accelerator, launched processes still form one group: gloo under DeepSpeed,
+    accelerate's CPU mode otherwise. On GPUs accelerate's defaults stand."""
+    if torch.accelerator.is_available():
+        return {}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}
+
+
 def main(args: ScriptArguments):
     if args.log_with in ("none", ""):
         args.log_with = None
@@ -308,7 +320,7 @@ def main(args: ScriptArguments):
         setup_wandb(args.log_with)
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision="bf16" if args.bf16 else "no", log_with=args.log_with,
-                              cpu=not torch.accelerator.is_available())  # no accelerator: a gloo group of CPU processes
+                              **process_group_kwargs())
     set_seed(args.seed, device_specific=True)
     if args.batch_size % args.mini_batch_size:
         raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --mini_batch_size {args.mini_batch_size}")
@@ -328,6 +340,8 @@ def main(args: ScriptArguments):
     updates_per_step = args.ppo_epochs * math.ceil(args.batch_size / (args.mini_batch_size * args.gradient_accumulation_steps))
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0,
                               num_training_steps=args.steps * updates_per_step * accelerator.num_processes)
+    if accelerator.state.deepspeed_plugin is not None:  # no dataloader to infer it from
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.mini_batch_size
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     device = accelerator.device
     rm.to(device)
@@ -343,6 +357,8 @@ def main(args: ScriptArguments):
         kl_ctl.value = state.kl_coef
         moments.mean, moments.var, moments.count = state.reward_mean, state.reward_var, state.reward_count
         accelerator.print(f"ppo: resumed at step {state.step} from {args.resume_from_checkpoint}")
+    accelerator.print(f"ppo: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
+                      f"{len(prompts)} prompts, {sum(p.numel() for p in params):,} trainable parameters")
     if args.log_with:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config=asdict(args))
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
