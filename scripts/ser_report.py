@@ -22,6 +22,7 @@ class Args:
     full_rm: str | None = field(default=None, metadata={"help": "an RM trained on all human labels, for comparison"})
     report_to: str = field(default="wandb", metadata={"help": "wandb or none"})
     demo_dir: str | None = field(default=None, metadata={"help": "also write summary.json and report.md here"})
+    policy_eval: str | None = field(default=None, metadata={"help": "ppo/evaluate.py output, for the demo report"})
 
 
 def read(path):
@@ -109,16 +110,23 @@ def main(args: Args):
         print(f"{lp['loop']:>4} {lp['status']:>8} {lp['selected']:>8} {prec:>9} {acc:>8} {lp['wall_time_s']:>7.1f}")
     print(f"wrote {run / 'loops.json'} and {run / 'accuracy.png'}")
     if args.demo_dir:
-        write_demo_report(summary, run, Path(args.demo_dir))
+        write_demo_report(summary, run, Path(args.demo_dir), read(args.policy_eval) if args.policy_eval else None)
     return summary
 
 
-def write_demo_report(summary, run: Path, out: Path):
+def write_demo_report(summary, run: Path, out: Path, policy_eval=None):
     loops = summary["loops"]
     demo = {"seed_accuracy": loops[0]["accuracy"], "ser_accuracy": summary["final_accuracy"],
             "full_accuracy": summary.get("full_accuracy"), "final_rm": summary["final_rm"],
             "loops": [{k: lp[k] for k in ("loop", "status", "selected", "pseudo_label_precision", "accuracy",
                                           "tie_rate", "wall_time_s")} for lp in loops]}
+    if policy_eval:
+        gold = policy_eval["judged_by"].get("gold", {})
+        demo.update(sft_gold_reward=policy_eval["base"].get("gold_reward"),
+                    ppo_gold_reward=policy_eval["policy"].get("gold_reward"),
+                    ppo_win_rate_gold=gold.get("win_rate"), ppo_tie_rate_gold=gold.get("tie_rate"),
+                    sft_rm_reward=policy_eval["base"]["rm_reward"], ppo_rm_reward=policy_eval["policy"]["rm_reward"],
+                    ppo_win_rate_rm=policy_eval["judged_by"]["rm"]["win_rate"], ppo_kl_to_sft=policy_eval["kl_to_base"])
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     write_json(out / "summary.json", {**previous, **demo})
     (out / "accuracy.png").write_bytes((run / "accuracy.png").read_bytes())
@@ -143,6 +151,20 @@ def write_demo_report(summary, run: Path, out: Path):
     lines = ["# SER demo (synthetic task, tiny model, CPU)", "", *rows, "", *verdict,
              "Pseudo-label precision is measured against the pool's hidden human labels, which are noisy.",
              "", "![accuracy per loop](accuracy.png)", ""]
+    if policy_eval:
+        ppo_rows = ["| policy | gold reward | RM reward | response tokens | EOS rate |", "|---|---|---|---|---|"]
+        for name, label in (("base", "SFT"), ("policy", "PPO (final SER RM)")):
+            r = policy_eval[name]
+            ppo_rows.append(f"| {label} | {r.get('gold_reward', float('nan')):+.3f} | {r['rm_reward']:+.3f} | "
+                            f"{r['response_length']:.1f} | {r['eos_rate']:.2f} |")
+        rose = demo["ppo_gold_reward"] is not None and demo["ppo_gold_reward"] > demo["sft_gold_reward"]
+        ppo_verdict = (f"PPO {'raised' if rose else 'did NOT raise'} the mean gold reward over SFT "
+                       f"({demo['sft_gold_reward']:+.3f} -> {demo['ppo_gold_reward']:+.3f}); PPO wins "
+                       f"{100 * demo['ppo_win_rate_gold']:.0f} % of {policy_eval['samples']} head-to-head samples by "
+                       f"the gold reward ({100 * demo['ppo_tie_rate_gold']:.0f} % ties) and "
+                       f"{100 * demo['ppo_win_rate_rm']:.0f} % by the RM; KL to SFT {demo['ppo_kl_to_sft']:.1f} nats.")
+        lines += ["## PPO against the final SER RM", "", *ppo_rows, "", ppo_verdict, ""]
+        rows, verdict = rows + [""] + ppo_rows, verdict + [ppo_verdict]
     (out / "report.md").write_text("\n".join(lines))
     print("\n".join(rows + verdict))
 

@@ -1,0 +1,182 @@
+"""ppo/ppo.py: the GAE kernel, EOS truncation, adaptive KL, failure on NaN rewards, exact resume,
+the seed's command under accelerate (2 CPU processes) and under DeepSpeed ZeRO-2."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rm_training
+from conftest import CPU, ROOT
+from ser.cli import parse
+
+sys.path.insert(0, str(ROOT / "ppo"))
+import ppo  # noqa: E402
+
+ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "WANDB_MODE": "disabled",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_gae_matches_the_textbook_recursion():
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 6), torch.randn(3, 6)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5]).float()
+    gamma, lam = 0.9, 0.8
+    adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
+    for b in range(3):
+        n = int(mask[b].sum())
+        expect, running = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            next_v = values[b, t + 1].item() if t + 1 < n else 0.0  # nothing after the last response token
+            running = rewards[b, t].item() + gamma * next_v - values[b, t].item() + gamma * lam * running
+            expect[t] = running
+        assert adv[b, :n].tolist() == pytest.approx(expect, abs=1e-5)
+        assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+        assert ret[b, :n].tolist() == pytest.approx([e + v for e, v in zip(expect, values[b, :n].tolist())], abs=1e-5)
+
+
+def test_responses_are_cut_after_the_first_eos():
+    eos, pad = 2, 0
+    out = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
+    resp, mask, has_eos = ppo.truncate_after_eos(out, eos, pad)
+    assert resp.tolist() == [[5, 6, 2, 0, 0], [5, 5, 5, 5, 5], [2, 0, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True]
+
+
+def test_adaptive_kl_moves_the_coefficient_toward_the_target():
+    ctl = ppo.AdaptiveKLController(0.2, target=6.0, horizon=10000, adaptive=True)
+    ctl.update(current_kl=12.0, n_samples=100)  # KL above target: penalise more
+    assert ctl.value == pytest.approx(0.2 * (1 + 0.2 * 100 / 10000))
+    high = ctl.value
+    ctl.update(current_kl=3.0, n_samples=100)  # below target: penalise less
+    assert ctl.value < high
+    fixed = ppo.AdaptiveKLController(0.2, 6.0, 10000, adaptive=False)
+    fixed.update(50.0, 100)
+    assert fixed.value == 0.2
+
+
+@pytest.fixture(scope="module")
+def rm(sft_model, synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo_rm")
+    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RewardConfig], [
+        "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--learning_rate", "2e-3", *CPU]))
+    return out
+
+
+def ppo_args(sft_model, rm, synthetic, out, *extra):
+    return parse([ppo.ScriptArguments], [
+        "--model_name", str(sft_model), "--reward_model_name", str(rm), "--dataset_name", str(synthetic),
+        "--output_dir", str(out), "--batch_size", "8", "--mini_batch_size", "4", "--gradient_accumulation_steps", "1",
+        "--ppo_epochs", "2", "--learning_rate", "3e-3", "--output_max_length", "12", *extra])[0]
+
+
+def test_adaptive_kl_in_a_run(sft_model, rm, synthetic, tmp_path):
+    ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "3", "--kl_target", "0.0001",
+                      "--kl_horizon", "10", "--save_freq", "3"))
+    state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["kl_coef"] > 0.2  # the policy moved more than the tiny target: the penalty grew
+
+
+def test_a_nan_reward_stops_the_run_naming_the_step(sft_model, rm, synthetic, tmp_path):
+    from ser.modeling import load_reward_model, load_tokenizer
+
+    tok = load_tokenizer(str(rm))
+    broken = load_reward_model(str(rm), tok)
+    with torch.no_grad():
+        broken.score.weight.fill_(float("nan"))
+    broken.save_pretrained(tmp_path / "nan_rm")
+    tok.save_pretrained(tmp_path / "nan_rm")
+    with pytest.raises(FloatingPointError, match=r"step 0: the reward model returned non-finite scores"):
+        ppo.main(ppo_args(sft_model, tmp_path / "nan_rm", synthetic, tmp_path / "out", "--steps", "2"))
+
+
+def checkpoint(path):
+    weights = load_file(path / "model.safetensors")
+    optim = torch.load(path / "optimizer.bin", weights_only=False)
+    sched = torch.load(path / "scheduler.bin", weights_only=False)
+    custom = torch.load(path / "custom_checkpoint_0.pkl", weights_only=False)
+    return weights, optim, sched, custom
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_is_exact(sft_model, rm, synthetic, tmp_path, monkeypatch):
+    flags = ["--steps", "4", "--save_freq", "2", "--lr_scheduler_type", "linear", "--reward_norm", "True",
+             "--seed", "3"]
+    ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "straight", *flags))
+
+    save = ppo.save_checkpoint
+
+    def save_then_crash(accelerator, args, state):
+        save(accelerator, args, state)
+        raise Crash(f"killed after step {state.step}")
+
+    monkeypatch.setattr(ppo, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash, match="after step 2"):
+        ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags))
+    monkeypatch.setattr(ppo, "save_checkpoint", save)
+    ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags,
+                      "--resume_from_checkpoint", str(tmp_path / "halves" / "checkpoint-2")))
+    a, b = checkpoint(tmp_path / "straight" / "checkpoint-4"), checkpoint(tmp_path / "halves" / "checkpoint-4")
+    assert a[0].keys() == b[0].keys()
+    for name in a[0]:
+        assert torch.allclose(a[0][name], b[0][name], atol=1e-6), name
+    changed = load_file(tmp_path / "halves" / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(changed[n], b[0][n]) for n in b[0]), "the second half trained nothing"
+    for (ka, sa), (kb, sb) in zip(a[1]["state"].items(), b[1]["state"].items()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(sa[key], sb[key], atol=1e-7), (ka, key)
+    assert a[2] == b[2]  # scheduler
+    assert a[3] == b[3]  # step, data position, KL coefficient, reward moments
+    assert a[3]["step"] == 4 and a[3]["data_position"] == 32
+
+
+def seed_ppo_command():
+    from conftest import shared_path
+
+    readme = shared_path("seed", "ser-readme.md").read_text()
+    (block,) = [b for b in re.findall(r"```shell\n(.*?)```", readme, flags=re.S) if " ppo/ppo.py " in b]
+    return block
+
+
+def test_seed_ppo_command_under_accelerate_with_two_processes(sft_model, rm, synthetic, tmp_path):
+    command = seed_ppo_command()
+    for key, value in {"YOUR_MODEL_PATH": sft_model, "YOUR_TOKENIZER_PATH": sft_model,
+                       "YOUR_REWARD_MODEL_PATH": rm, "YOUR_DATASET_PATH": synthetic,
+                       "PPO_MODEL_SAVE_PATH": tmp_path / "out"}.items():
+        command = command.replace("{" + key + "}", str(value))
+    command = re.sub(r"--num_processes \d+", "--num_processes 2", command)
+    # As written it runs 20,000 steps; a later --steps wins, so the run stops after 2.
+    command = command.rstrip().rstrip("\\") + " --steps 2 --output_max_length 16"
+    env = {**ENV, "WANDB_DIR": str(tmp_path), "NETRC": str(tmp_path / "none")}
+    env.pop("WANDB_MODE")
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "ppo: 2 process(es)" in proc.stdout
+    assert proc.stdout.count("ppo step 2:") == 1  # printed by the main process only
+    assert (tmp_path / "out" / "policy" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").glob("random_states_*")) == \
+        ["random_states_0.pkl", "random_states_1.pkl"]
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_ppo_under_deepspeed_zero2(sft_model, rm, synthetic, tmp_path):
+    cmd = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
+           "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--gradient_accumulation_steps", "2", "ppo/ppo.py", "--model_name", str(sft_model),
+           "--reward_model_name", str(rm), "--dataset_name", str(synthetic), "--output_dir", str(tmp_path),
+           "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2", "--gradient_accumulation_steps", "2",
+           "--output_max_length", "12", "--save_freq", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "ppo: 2 process(es), DistributedType.DEEPSPEED" in proc.stdout
+    assert (tmp_path / "checkpoint-2" / "pytorch_model").is_dir()  # a DeepSpeed (ZeRO) checkpoint
