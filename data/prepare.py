@@ -16,7 +16,6 @@ same for the same source and seed. OUT is written whole or not at all.
 
 import csv
 import hashlib
-import json
 import os
 import random
 import shutil

@@ -40,7 +40,7 @@ from transformers import get_scheduler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ser.cli import parse, setup_wandb  # noqa: E402
 from ser.data import load_records, prompt_text  # noqa: E402
-from ser.modeling import DTYPES, load_causal_lm, load_reward_model, load_tokenizer, score  # noqa: E402
+from ser.modeling import load_causal_lm, load_reward_model, load_tokenizer, score  # noqa: E402
 
 
 @dataclass
@@ -361,9 +361,9 @@ def main(args: ScriptArguments):
                       f"{len(prompts)} prompts, {sum(p.numel() for p in params):,} trainable parameters")
     if args.log_with:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config=asdict(args))
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     local = SimpleNamespace(process_index=0, num_processes=1)  # each process scores its own samples
 
+    log = {}
     while state.step < args.steps:
         t0 = time.perf_counter()
         # 2. rollout: left-padded prompts, sampled responses truncated after EOS
@@ -501,6 +501,7 @@ def main(args: ScriptArguments):
         save_checkpoint(accelerator, args, state)
     save_policy(accelerator, model, tokenizer, args)
     accelerator.end_training()
+    return log  # the last step's figures
 
 
 def save_checkpoint(accelerator, args, state):

@@ -94,7 +94,21 @@ def test_a_nan_reward_stops_the_run_naming_the_step(sft_model, rm, synthetic, tm
     broken.save_pretrained(tmp_path / "nan_rm")
     tok.save_pretrained(tmp_path / "nan_rm")
     with pytest.raises(FloatingPointError, match=r"step 0: the reward model returned non-finite scores"):
-        ppo.main(ppo_args(sft_model, tmp_path / "nan_rm", synthetic, tmp_path / "out", "--steps", "2"))
+        ppo.main(ppo_args(sft_model, tmp_path / "nan_rm", synthetic, tmp_path / "out", "--steps", "2",
+                          "--batched_gen", "False"))
+
+
+def test_separate_critic_full_policy_adafactor_and_early_stopping(sft_model, rm, synthetic, tmp_path, capsys):
+    log = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "2", "--critic", "separate",
+                      "--use_peft", "False", "--adafactor", "True", "--early_stopping", "True", "--target_kl", "1e-9",
+                      "--missing_eos_penalty", "1.0", "--reward_transform", "sigmoid", "--save_freq", "2"))
+    assert log["ppo/early_stopped"] == 1.0  # the KL of the first update already exceeds 1.5 x target_kl
+    weights = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    critic = {k: v for k, v in weights.items() if k.startswith("critic.")}
+    assert "critic.score.weight" in critic and not any(k.startswith("value_head") for k in weights)
+    initial = load_file(rm / "model.safetensors")["score.weight"]
+    assert not torch.equal(critic["critic.score.weight"], initial)  # the critic, initialised from the RM, trained
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
 
 
 def checkpoint(path):
@@ -132,7 +146,7 @@ def test_resume_is_exact(sft_model, rm, synthetic, tmp_path, monkeypatch):
         assert torch.allclose(a[0][name], b[0][name], atol=1e-6), name
     changed = load_file(tmp_path / "halves" / "checkpoint-2" / "model.safetensors")
     assert any(not torch.equal(changed[n], b[0][n]) for n in b[0]), "the second half trained nothing"
-    for (ka, sa), (kb, sb) in zip(a[1]["state"].items(), b[1]["state"].items()):
+    for (ka, sa), sb in zip(a[1]["state"].items(), b[1]["state"].values()):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.allclose(sa[key], sb[key], atol=1e-7), (ka, key)
     assert a[2] == b[2]  # scheduler
