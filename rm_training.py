@@ -106,18 +106,18 @@ def eval_source(script_args):
                     "nor as a file or folder")
 
 
-def load_model(script_args, tokenizer):
+def load_model(script_args, tokenizer, say=print):
     """A previous RM (full or LoRA) continues training; an SFT model gets a fresh score head."""
     path = script_args.model_name
     if is_lora_dir(path):
-        print(f"rm_training: continuing the LoRA reward model in {path}")
+        say(f"rm_training: continuing the LoRA reward model in {path}")
         return load_reward_model(path, tokenizer, script_args.dtype, trainable=True), None
     is_rm = any(a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(path).architectures or [])
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[script_args.dtype])
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    print(f"rm_training: {'continuing the reward model' if is_rm else 'new score head on'} {path}")
+    say(f"rm_training: {'continuing the reward model' if is_rm else 'new score head on'} {path}")
     peft_config = None
     if script_args.use_lora:
         from peft import LoraConfig
@@ -130,6 +130,7 @@ def load_model(script_args, tokenizer):
 
 def main(script_args: ScriptArguments, config: RewardConfig):
     setup_wandb(config.report_to)
+    say = print if config.process_index == 0 else (lambda *_: None)
     if Path(script_args.model_name).is_dir():  # a LoRA adapter records its base by this path
         script_args.model_name = str(Path(script_args.model_name).resolve())
 
@@ -147,12 +148,12 @@ def main(script_args: ScriptArguments, config: RewardConfig):
         eval_records = eval_records[:script_args.eval_subset_size]
     train_dataset, truncated = tokenize_pairs(train_records, tokenizer, config.max_length)
     eval_dataset, eval_truncated = tokenize_pairs(eval_records, tokenizer, config.max_length)
-    print(f"rm_training: {len(train_records)} training pairs ({truncated} sequences cut from the left), "
+    say(f"rm_training: {len(train_records)} training pairs ({truncated} sequences cut from the left), "
           f"{len(eval_records)} held-out pairs ({eval_truncated} cut)")
 
     # 2. model and trainer
     set_seed(config.seed)  # the score head is initialised at load time
-    model, peft_config = load_model(script_args, tokenizer)
+    model, peft_config = load_model(script_args, tokenizer, say)
     trainer = PairwiseRewardTrainer(
         model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, peft_config=peft_config, loss_type=script_args.loss,

@@ -54,7 +54,8 @@ def main(script_args: ScriptArguments, config: SFTConfig):
     if script_args.train_subset_size:
         records = records[:script_args.train_subset_size]
     train_dataset, truncated = build_dataset(records, tokenizer, script_args.seq_length)
-    print(f"sft: {len(records)} demonstrations, {truncated} cut from the left to {script_args.seq_length} tokens")
+    if config.process_index == 0:
+        print(f"sft: {len(records)} demonstrations, {truncated} cut from the left to {script_args.seq_length} tokens")
 
     # 2. model, trainer (loss on the answer only), train
     config.max_length = script_args.seq_length

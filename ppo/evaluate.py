@@ -42,6 +42,8 @@ class Args:
                                                  "choices": ["none", "synthetic"]})
     output: str | None = field(default=None, metadata={"help": "results JSON; default: beside --policy"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
+    device: str | None = field(default=None, metadata={"help": "where the models run; default: the accelerator, else cpu"})
+    dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
 
 
 def answer(model, tokenizer, questions, args):
@@ -50,7 +52,7 @@ def answer(model, tokenizer, questions, args):
     for i in range(0, len(questions), args.batch_size):
         qs = questions[i:i + args.batch_size]
         query, query_mask, responses, mask, has_eos = sample(model, tokenizer, qs, args.max_prompt_length,
-                                                             args.max_new_tokens, args.temperature, True, "cpu")
+                                                             args.max_new_tokens, args.temperature, True, args.device)
         out.append((query, query_mask, responses, mask, has_eos))
     return out
 
@@ -70,8 +72,10 @@ def main(args: Args):
     questions = list(dict.fromkeys(r["question"] for r in load_records(args.dataset_name, args.subset,
                                                                        fields=("question",))))[:args.n_prompts]
     questions = [q for q in questions for _ in range(args.samples_per_prompt)]
-    base, policy = load_causal_lm(args.base_model, tokenizer).eval(), load_causal_lm(args.policy, tokenizer).eval()
-    rm = load_reward_model(args.reward_model_name, tokenizer)
+    args.device = args.device or (torch.accelerator.current_accelerator() or torch.device("cpu")).type
+    base = load_causal_lm(args.base_model, tokenizer, args.dtype).eval().to(args.device)
+    policy = load_causal_lm(args.policy, tokenizer, args.dtype).eval().to(args.device)
+    rm = load_reward_model(args.reward_model_name, tokenizer, args.dtype).to(args.device)
     local = SimpleNamespace(process_index=0, num_processes=1)
     results, texts = {}, {}
     for name, model in (("base", base), ("policy", policy)):
@@ -80,8 +84,8 @@ def main(args: Args):
             batches = answer(model, tokenizer, questions, args)
         texts[name] = [t for b in batches for t in tokenizer.batch_decode(b[2], skip_special_tokens=True)]
         rewards, _ = score(rm, tokenizer, questions, texts[name], 1024, args.batch_size, local)
-        lengths = torch.cat([b[3].sum(1) for b in batches]).float()
-        eos = torch.cat([b[4] for b in batches]).float()
+        lengths = torch.cat([b[3].sum(1) for b in batches]).float().cpu()
+        eos = torch.cat([b[4] for b in batches]).float().cpu()
         results[name] = {"rm_reward": sum(rewards) / len(rewards), "response_length": lengths.mean().item(),
                          "eos_rate": eos.mean().item(), "_rm": rewards, "_batches": batches}
         if args.gold == "synthetic":
@@ -92,7 +96,8 @@ def main(args: Args):
     # KL(policy || base) on the policy's own samples: E[log pi(y|x) - log pi_base(y|x)]
     kls = [seq_logprob(policy, *b[:4], args.temperature) - seq_logprob(base, *b[:4], args.temperature)
            for b in results["policy"]["_batches"]]
-    summary = {"prompts": len(questions) // args.samples_per_prompt, "samples": len(questions), "kl_to_base": torch.cat(kls).mean().item()}
+    summary = {"prompts": len(questions) // args.samples_per_prompt, "samples": len(questions),
+               "kl_to_base": torch.cat(kls).mean().item()}
 
     def rate(a, b):
         n = len(a)

@@ -105,7 +105,7 @@ class ScriptArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder to continue from"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
-    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed config; prefer `accelerate launch --use_deepspeed`"})
+    deepspeed: str | None = field(default=None, metadata={"help": "not taken here: use `accelerate launch --use_deepspeed`"})
 
 
 # ----------------------------------------------------------------------------- models
@@ -314,6 +314,9 @@ def process_group_kwargs() -> dict:
 
 
 def main(args: ScriptArguments):
+    if args.deepspeed:
+        raise ValueError("ppo.py takes DeepSpeed from accelerate: `accelerate launch --use_deepspeed --zero_stage 2 "
+                         f"ppo/ppo.py ...` or `--deepspeed_config_file {args.deepspeed}`, not --deepspeed")
     if args.log_with in ("none", ""):
         args.log_with = None
     if args.log_with:
