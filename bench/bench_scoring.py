@@ -14,7 +14,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT / "data"))
 from prepare import split_transcript  # noqa: E402
 from ser.cli import parse  # noqa: E402
 from ser.data import encode  # noqa: E402
-from ser.modeling import load_reward_model, load_tokenizer, score  # noqa: E402
+from ser.modeling import THIS_PROCESS_ONLY, load_reward_model, load_tokenizer, score  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -77,7 +76,6 @@ def main(args: Args):
         make_tiny_model.build(make_tiny_model.Args(out=tmp, tokenizer=str(tok_dir)))
         tok = load_tokenizer(tmp)
         model = load_reward_model(tmp, tok)  # a fresh score head: cost does not depend on the weights
-    local = SimpleNamespace(process_index=0, num_processes=1)
     qs = [p[0] for p in pairs]
     times = {"file order": [], "length-sorted": []}
     for _ in range(args.repeats):  # alternate, so drift in machine load hits both
@@ -87,7 +85,7 @@ def main(args: Args):
         times["file order"].append(time.perf_counter() - t)
         t = time.perf_counter()
         _, stats = score(model, tok, qs * 2, [p[1] for p in pairs] + [p[2] for p in pairs], args.max_length,
-                         args.sorted_batch, local)
+                         args.sorted_batch, THIS_PROCESS_ONLY)
         times["length-sorted"].append(time.perf_counter() - t)
     best = {k: min(v) for k, v in times.items()}
     print(f"{len(pairs)} HH-RLHF pairs ({2 * len(pairs)} sequences), Llama tokenizer, cap {args.max_length}, "

@@ -13,7 +13,6 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ppo import logprobs_of, sample  # noqa: E402
 from ser.cli import parse  # noqa: E402
 from ser.data import load_records, write_json  # noqa: E402
-from ser.modeling import load_causal_lm, load_reward_model, load_tokenizer, score  # noqa: E402
+from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score  # noqa: E402
 
 
 @dataclass
@@ -76,14 +75,13 @@ def main(args: Args):
     base = load_causal_lm(args.base_model, tokenizer, args.dtype).eval().to(args.device)
     policy = load_causal_lm(args.policy, tokenizer, args.dtype).eval().to(args.device)
     rm = load_reward_model(args.reward_model_name, tokenizer, args.dtype).to(args.device)
-    local = SimpleNamespace(process_index=0, num_processes=1)
     results, texts = {}, {}
     for name, model in (("base", base), ("policy", policy)):
         torch.manual_seed(args.seed)
         with torch.no_grad():
             batches = answer(model, tokenizer, questions, args)
         texts[name] = [t for b in batches for t in tokenizer.batch_decode(b[2], skip_special_tokens=True)]
-        rewards, _ = score(rm, tokenizer, questions, texts[name], 1024, args.batch_size, local)
+        rewards, _ = score(rm, tokenizer, questions, texts[name], 1024, args.batch_size, THIS_PROCESS_ONLY)
         lengths = torch.cat([b[3].sum(1) for b in batches]).float().cpu()
         eos = torch.cat([b[4] for b in batches]).float().cpu()
         results[name] = {"rm_reward": sum(rewards) / len(rewards), "response_length": lengths.mean().item(),

@@ -28,7 +28,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -40,7 +39,7 @@ from transformers import get_scheduler
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ser.cli import parse, setup_wandb  # noqa: E402
 from ser.data import load_records, prompt_text  # noqa: E402
-from ser.modeling import load_causal_lm, load_reward_model, load_tokenizer, score  # noqa: E402
+from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score  # noqa: E402
 
 
 @dataclass
@@ -256,6 +255,7 @@ def sample(policy, tokenizer, questions, max_prompt_length, max_new_tokens, temp
     """Left-padded prompts and sampled responses, each truncated after its first EOS."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    # The template's trailing space is left to the model: BPE tokenizers fold it into the first answer token.
     enc = [head + tokenizer(prompt_text(q).rstrip(" "), add_special_tokens=False)["input_ids"]
            [-(max_prompt_length - len(head)):] for q in questions]
     width = max(map(len, enc))
@@ -364,7 +364,6 @@ def main(args: ScriptArguments):
                       f"{len(prompts)} prompts, {sum(p.numel() for p in params):,} trainable parameters")
     if args.log_with:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config=asdict(args))
-    local = SimpleNamespace(process_index=0, num_processes=1)  # each process scores its own samples
 
     log = {}
     while state.step < args.steps:
@@ -384,7 +383,7 @@ def main(args: ScriptArguments):
         # 3. score: the RM reads the decoded response at its final eos
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         with torch.no_grad():
-            raw, _ = score(rm, tokenizer, questions, texts, args.reward_max_length, len(texts), local)
+            raw, _ = score(rm, tokenizer, questions, texts, args.reward_max_length, len(texts), THIS_PROCESS_ONLY)
         scores = torch.tensor(raw, device=device)
         if not torch.isfinite(scores).all():
             raise FloatingPointError(f"step {state.step}: the reward model returned non-finite scores {raw}")

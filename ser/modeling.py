@@ -4,6 +4,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import PartialState
@@ -30,6 +31,10 @@ def load_tokenizer(name: str):
             tok.add_special_tokens({"pad_token": "<pad>"})
     tok.padding_side = "right"
     return tok
+
+
+# Pass as `state` to score only on this process (each process scoring its own samples, as PPO does).
+THIS_PROCESS_ONLY = SimpleNamespace(process_index=0, num_processes=1)
 
 
 def process_state() -> PartialState:
