@@ -71,6 +71,7 @@ class PairwiseRewardTrainer(RewardTrainer):
         diff = torch.tensor(r_j) - torch.tensor(r_k)
         metrics = {**pair_metrics(r_j, r_k), "loss": F.softplus(-diff).mean().item(),
                    "padding_share": stats["padding_share"], "sequences_per_second": stats["sequences_per_second"],
+                   "model_tflops": stats["model_tflops"],
                    "runtime": time.perf_counter() - start}
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)

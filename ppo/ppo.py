@@ -100,6 +100,7 @@ class ScriptArguments:
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
     rm_dtype: str = field(default="auto", metadata={"help": "RM weights dtype"})
     # bookkeeping
+    peak_tflops: float | None = field(default=None, metadata={"help": "peak TFLOP/s of one device, to log MFU"})
     save_freq: int = field(default=200, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder to continue from"})
     seed: int = field(default=0, metadata={"help": "random seed"})
@@ -362,6 +363,7 @@ def main(args: ScriptArguments):
         accelerator.print(f"ppo: resumed at step {state.step} from {args.resume_from_checkpoint}")
     accelerator.print(f"ppo: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
                       f"{len(prompts)} prompts, {sum(p.numel() for p in params):,} trainable parameters")
+    n_params = sum(p.numel() for p in unwrapped.policy.parameters())
     if args.log_with:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config=asdict(args))
 
@@ -482,20 +484,28 @@ def main(args: ScriptArguments):
         state.reward_mean, state.reward_var, state.reward_count = moments.mean, moments.var, moments.count
         seconds = time.perf_counter() - t0
         n_tokens = gather(attention_mask.sum()).sum().item()
+        # model FLOPs of the step: generation + policy/reference/critic forwards (2N per token each) and the
+        # updates (6N per token per epoch); an estimate that ignores attention and the RM.
+        flops = n_params * n_tokens * (2 * 3 + 6 * args.ppo_epochs)
+        tflops = flops / seconds / 1e12
         log = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.value,
                "env/reward_mean": all_scores.mean().item(), "env/reward_std": all_scores.std().item(),
                **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v},
                "ppo/early_stopped": float(stop), "ppo/learning_rate": scheduler.get_last_lr()[0],
                "env/response_length": gather(response_mask.sum(1).float()).mean().item(),
                "env/eos_rate": gather(has_eos.float()).mean().item(),
-               "perf/tokens_per_second": n_tokens / seconds, "perf/step_seconds": seconds}
+               "perf/tokens_per_second": n_tokens / seconds, "perf/step_seconds": seconds,
+               "perf/model_tflops": tflops}
+        if args.peak_tflops:
+            log["perf/mfu"] = tflops / (args.peak_tflops * accelerator.num_processes)
         for key in ("ppo/pg_loss", "ppo/vf_loss", "objective/kl"):
             if key in log and not math.isfinite(log[key]):
                 raise FloatingPointError(f"step {state.step}: {key} is {log[key]}")
         accelerator.log(log, step=state.step)
         accelerator.print(f"ppo step {state.step}: reward {log['env/reward_mean']:+.3f} kl {seq_kl:.3f} "
                           f"kl_coef {kl_ctl.value:.4f} len {log['env/response_length']:.1f} "
-                          f"eos {log['env/eos_rate']:.2f} {log['perf/tokens_per_second']:.0f} tok/s")
+                          f"eos {log['env/eos_rate']:.2f} {log['perf/tokens_per_second']:.0f} tok/s"
+                          + (f" mfu {100 * log['perf/mfu']:.2f}%" if "perf/mfu" in log else ""))
         if args.save_freq and state.step % args.save_freq == 0:
             save_checkpoint(accelerator, args, state)
 

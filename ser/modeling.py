@@ -132,6 +132,9 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
         "padding_share": 1 - real_tokens / padded_tokens if padded_tokens else 0.0,
         "sequences_per_second": len(mine) / seconds if seconds > 0 else float("nan"),
         "tokens_per_second": real_tokens / seconds if seconds > 0 else float("nan"),
+        # model FLOP/s actually spent (forward = 2 FLOPs per parameter per token, padding included)
+        "model_tflops": 2 * sum(p.numel() for p in model.parameters()) * padded_tokens / seconds / 1e12
+        if seconds > 0 else float("nan"),
     }
     return [rewards[i] for i in range(len(encoded))], stats
 
