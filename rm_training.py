@@ -22,7 +22,7 @@ from trl import RewardConfig, RewardTrainer
 
 from ser.cli import parse, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, write_json
-from ser.modeling import DTYPES, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics, score_pairs
+from ser.modeling import DTYPES, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics, score_ids
 
 
 @dataclass
@@ -51,9 +51,9 @@ class ScriptArguments:
 class PairwiseRewardTrainer(RewardTrainer):
     """TRL's RewardTrainer with the hinge loss as an option and pairwise evaluation on held-out pairs."""
 
-    def __init__(self, *args, loss_type="bt", hinge_margin=1.0, eval_records=(), **kwargs):
+    def __init__(self, *args, loss_type="bt", hinge_margin=1.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_type, self.hinge_margin, self.eval_records = loss_type, hinge_margin, list(eval_records)
+        self.loss_type, self.hinge_margin = loss_type, hinge_margin
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -66,8 +66,12 @@ class PairwiseRewardTrainer(RewardTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         start = time.perf_counter()
-        r_j, r_k, stats = score_pairs(self.model, self.processing_class, self.eval_records, self.args.max_length,
-                                      self.args.per_device_eval_batch_size)
+        pairs = self.eval_dataset if eval_dataset is None else eval_dataset  # tokenised once, by tokenize_pairs
+        if "chosen_ids" not in pairs.column_names:
+            raise ValueError("evaluate() takes pairs tokenised by tokenize_pairs (chosen_ids/rejected_ids)")
+        sequences = list(pairs["chosen_ids"]) + list(pairs["rejected_ids"])
+        rewards, stats = score_ids(self.model, self.processing_class, sequences, self.args.per_device_eval_batch_size)
+        r_j, r_k = rewards[:len(pairs)], rewards[len(pairs):]
         diff = torch.tensor(r_j) - torch.tensor(r_k)
         metrics = {**pair_metrics(r_j, r_k), "loss": F.softplus(-diff).mean().item(),
                    "padding_share": stats["padding_share"], "sequences_per_second": stats["sequences_per_second"],
@@ -158,7 +162,7 @@ def main(script_args: ScriptArguments, config: RewardConfig):
     trainer = PairwiseRewardTrainer(
         model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, peft_config=peft_config, loss_type=script_args.loss,
-        hinge_margin=script_args.hinge_margin, eval_records=eval_records,
+        hinge_margin=script_args.hinge_margin,
         callbacks=[EvalAfterFirstStep()] if script_args.eval_first_step else None,
     )
 

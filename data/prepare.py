@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ser.cli import parse  # noqa: E402
-from ser.data import DATA_SUFFIXES, DataError, read_records, write_json, write_records  # noqa: E402
+from ser.data import DATA_SUFFIXES, DataError, data_files, read_records, write_json, write_records  # noqa: E402
 
 DATASETS = ("hh-rlhf", "ultrafeedback", "summarize", "stack-exchange")
 
@@ -87,12 +87,12 @@ class Rows:
 # ----------------------------------------------------------------------------- sources
 
 
-def source_files(source: str, suffixes=DATA_SUFFIXES + (".csv",)) -> list[Path]:
+def source_files(source: str) -> list[Path]:
     path = Path(source)
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
+        files = data_files(path, DATA_SUFFIXES + (".csv",))
         if not files:
             raise DataError(f"{source}: no data files in this folder")
         return files

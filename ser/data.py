@@ -96,8 +96,8 @@ def check_fields(records: list[dict], path, fields=PAIR_FIELDS) -> None:
                 raise DataError(f"{path}:{r.get('_line', '?')}: field '{field}' is empty")
 
 
-def data_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+def data_files(folder: Path, suffixes=DATA_SUFFIXES) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(suffixes))
 
 
 def resolve_sources(dataset_name: str, subset: str | None, load_from_json: bool = False) -> list[Path] | str:

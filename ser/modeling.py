@@ -82,10 +82,19 @@ def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool
 # ----------------------------------------------------------------------------- scoring
 
 
-@torch.no_grad()
 def score(model, tokenizer, questions, responses, max_length: int, batch_size: int = 32,
           state: PartialState | None = None) -> tuple[list[float], dict]:
-    """Reward of each (question, response), in input order, on every process.
+    """Reward of each (question, response), in input order, on every process (see `score_ids`)."""
+    encoded = [encode(tokenizer, q, r, max_length) for q, r in zip(questions, responses)]
+    rewards, stats = score_ids(model, tokenizer, [e["input_ids"] for e in encoded], batch_size, state)
+    stats["truncated"] = sum(e["truncated"] for e in encoded)
+    return rewards, stats
+
+
+@torch.no_grad()
+def score_ids(model, tokenizer, sequences, batch_size: int = 32,
+              state: PartialState | None = None) -> tuple[list[float], dict]:
+    """Reward of each token sequence (already `encode`d), in input order, on every process.
 
     Sequences are sorted by length before batching (file order wastes about half of the compute on
     padding on real data). With several processes, rank r scores every world_size-th sequence of that
@@ -93,8 +102,7 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
     same number of forward passes (a rank short of a batch runs a one-token dummy), which ZeRO-3 needs.
     """
     state = state or process_state()
-    encoded = [encode(tokenizer, q, r, max_length) for q, r in zip(questions, responses)]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     mine = order[state.process_index::state.num_processes]
     n_batches = math.ceil(math.ceil(len(order) / state.num_processes) / batch_size)
     device = next(model.parameters()).device
@@ -104,7 +112,7 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
     start = time.perf_counter()
     for b in range(n_batches):
         idx = mine[b * batch_size:(b + 1) * batch_size]
-        seqs = [encoded[i]["input_ids"] for i in idx] or [[tokenizer.eos_token_id]]
+        seqs = [sequences[i] for i in idx] or [[tokenizer.eos_token_id]]
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -114,7 +122,7 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         for i, value in zip(idx, logits[:, 0].float().cpu().tolist()):
             rewards[i] = value
-        real_tokens += sum(len(encoded[i]["input_ids"]) for i in idx)
+        real_tokens += sum(len(sequences[i]) for i in idx)
         padded_tokens += input_ids.numel() if idx else 0
     seconds = time.perf_counter() - start
     if was_training:
@@ -127,8 +135,7 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
             merged.update(part)
         rewards = merged
     stats = {
-        "sequences": len(encoded), "processes": state.num_processes, "scored_here": len(mine),
-        "truncated": sum(e["truncated"] for e in encoded),
+        "sequences": len(sequences), "processes": state.num_processes, "scored_here": len(mine),
         "padding_share": 1 - real_tokens / padded_tokens if padded_tokens else 0.0,
         "sequences_per_second": len(mine) / seconds if seconds > 0 else float("nan"),
         "tokens_per_second": real_tokens / seconds if seconds > 0 else float("nan"),
@@ -136,7 +143,7 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
         "model_tflops": 2 * sum(p.numel() for p in model.parameters()) * padded_tokens / seconds / 1e12
         if seconds > 0 else float("nan"),
     }
-    return [rewards[i] for i in range(len(encoded))], stats
+    return [rewards[i] for i in range(len(sequences))], stats
 
 
 def score_pairs(model, tokenizer, records, max_length: int, batch_size: int = 32, state=None):
