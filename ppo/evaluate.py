@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ppo import logprobs_of, sample  # noqa: E402
+from ppo import lm_logprobs, sample  # noqa: E402
 from ser.cli import parse  # noqa: E402
 from ser.data import load_records, write_json  # noqa: E402
 from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score  # noqa: E402
@@ -46,7 +46,7 @@ class Args:
 
 
 def answer(model, tokenizer, questions, args):
-    """Sampled responses (text), their token count, EOS flag and summed logprob tensors for KL."""
+    """Sampled batches: (query, query_mask, responses, response_mask, has_eos) per batch of prompts."""
     out = []
     for i in range(0, len(questions), args.batch_size):
         qs = questions[i:i + args.batch_size]
@@ -58,10 +58,8 @@ def answer(model, tokenizer, questions, args):
 
 @torch.no_grad()
 def seq_logprob(model, query, query_mask, responses, mask, temperature):
-    ids = torch.cat([query, responses], 1)
-    attn = torch.cat([query_mask, mask], 1)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp(min=0)).logits
-    lp = logprobs_of(logits[:, query.shape[1] - 1:-1].float(), responses, temperature)
+    lp = lm_logprobs(model, torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1), query.shape[1],
+                     responses, temperature)
     return (lp * mask).sum(1)
 
 

@@ -244,6 +244,13 @@ def logprobs_of(logits, tokens, temperature):
     return torch.gather(F.log_softmax(logits / temperature, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def lm_logprobs(lm, query_responses, attention_mask, context_length, responses, temperature):
+    """Logprobs of the response tokens under a plain causal LM (the reference; a policy in evaluation)."""
+    logits = lm(input_ids=query_responses, attention_mask=attention_mask,
+                position_ids=position_ids_of(attention_mask)).logits
+    return logprobs_of(logits[:, context_length - 1:-1].float(), responses, temperature)
+
+
 def truncate_after_eos(responses, eos_id, pad_id):
     """Keep each response up to and including its first EOS; mask 1 on kept tokens."""
     is_eos = responses == eos_id
@@ -294,9 +301,13 @@ def prompt_batches(n, args, state, world, rank):
             raise ValueError(f"batch_size x processes = {per_step} exceeds the {n} prompts")
 
 
-def forward(model, query_responses, attention_mask, context_length, temperature):
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # detail: positions under left padding
-    logits, values = model(query_responses, attention_mask, position_ids)
+def position_ids_of(attention_mask):
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)  # detail: positions under left padding
+
+
+def forward(model, query_responses, attention_mask, context_length):
+    """Policy logits and critic values at the positions that predict the response tokens."""
+    logits, values = model(query_responses, attention_mask, position_ids_of(attention_mask))
     logits = logits[:, context_length - 1:-1]
     values = values[:, context_length - 1:-1]
     return logits, values
@@ -405,18 +416,15 @@ def main(args: ScriptArguments):
         with torch.no_grad(), accelerator.autocast():
             for i in range(0, len(questions), args.forward_batch_size):
                 sl = slice(i, i + args.forward_batch_size)
-                logits, values = forward(model, query_responses[sl], attention_mask[sl], context, args.temperature)
+                logits, values = forward(model, query_responses[sl], attention_mask[sl], context)
                 old_logprobs.append(logprobs_of(logits.float(), responses[sl], args.temperature))
                 old_values.append(values.float())
-                position_ids = (attention_mask[sl].cumsum(1) - 1).clamp(min=0)
+                ref_args = (query_responses[sl], attention_mask[sl], context, responses[sl], args.temperature)
                 if reference is None:
                     with unwrapped.policy.disable_adapter():  # the reference = the adapter switched off
-                        ref_logits = unwrapped.policy(input_ids=query_responses[sl], attention_mask=attention_mask[sl],
-                                                      position_ids=position_ids).logits
+                        ref_logprobs.append(lm_logprobs(unwrapped.policy, *ref_args))
                 else:
-                    ref_logits = reference(input_ids=query_responses[sl], attention_mask=attention_mask[sl],
-                                           position_ids=position_ids).logits
-                ref_logprobs.append(logprobs_of(ref_logits[:, context - 1:-1].float(), responses[sl], args.temperature))
+                    ref_logprobs.append(lm_logprobs(reference, *ref_args))
         old_logprobs, ref_logprobs, old_values = map(torch.cat, (old_logprobs, ref_logprobs, old_values))
         mask = response_mask.float()
         kl = (old_logprobs - ref_logprobs) * mask  # per-token KL estimate (k1)
@@ -435,7 +443,7 @@ def main(args: ScriptArguments):
             for start in range(0, len(order), args.mini_batch_size):
                 idx = torch.tensor(order[start:start + args.mini_batch_size], device=device)
                 with accelerator.accumulate(model), accelerator.autocast():
-                    logits, values = forward(model, query_responses[idx], attention_mask[idx], context, args.temperature)
+                    logits, values = forward(model, query_responses[idx], attention_mask[idx], context)
                     logits, values = logits.float(), values.float()
                     m = mask[idx]
                     new_logprobs = logprobs_of(logits, responses[idx], args.temperature)
