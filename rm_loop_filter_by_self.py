@@ -6,6 +6,11 @@
 2. Learning status (paper, section 3). With p the RM's predicted probability of each response:
    Status 1 ("tell good from bad"): one p > tau_high and the other p < tau_low, on enough pairs;
    else Status 2 ("amplify differences"): |p_j - p_k| >= tau_delta, on enough pairs; else Stop.
+   With --probability pairwise (p_j = sigmoid(r_j - r_k), p_k = 1 - p_j) the paper's Status-1 rule
+   is weaker than its Status-2 rule (|r_j - r_k| > 0.20 against >= 0.62), so Status 2 could never
+   be reached. There, the two statuses keep their meaning as easy pairs first, then hard ones:
+   Status 1 takes the pairs the RM is sure of, |p_j - p_k| >= --pairwise_easy_gap (0.6: p >= 0.8);
+   Status 2, once too few of those remain, the clear but smaller preferences, |p_j - p_k| >= tau_delta.
 3. Select. The eligible pairs of the status are kept, oriented so that response_j is the response the
    RM prefers; every other pair stays in the pool for the next loop. Selected + remaining = pool.
 
@@ -41,11 +46,14 @@ class ScriptArguments:
     probability: str = field(default="sigmoid", metadata={
         "help": "sigmoid: p = sigmoid(r) per response (paper); pairwise: p_j = sigmoid(r_j - r_k)",
         "choices": ["sigmoid", "pairwise"]})
+    pairwise_easy_gap: float = field(default=0.6, metadata={
+        "help": "--probability pairwise: Status-1 gap |p_j - p_k| (0.6: the RM gives the pair p >= 0.8)"})
     reward_model_name: str | None = field(default=None, metadata={"help": "RM that self-labels the pool"})
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer; defaults to the RM's folder"})
     scored_save_path: str | None = field(default=None, metadata={"help": "scored pool; default: scored.jsonl beside the selection"})
     stats_save_path: str | None = field(default=None, metadata={"help": "statistics; default: stats.json beside the selection"})
-    max_length: int = field(default=512, metadata={"help": "tokens per scored sequence (questions cut from the left)"})
+    max_length: int = field(default=512, metadata={
+        "help": "tokens per scored sequence, questions cut from the left (as rm_training.py's --max_length)"})
     batch_size: int = field(default=32, metadata={"help": "sequences per scoring batch and process"})
     dtype: str = field(default="auto", metadata={"help": "RM weights dtype: auto, float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "scoring device; default: the process's accelerator or cpu"})
@@ -60,8 +68,11 @@ def sigmoid(x: float) -> float:
 
 def self_label(pool, args):
     """Add reward_j/reward_k (raw RM scores) and score_j/score_k (probabilities) to every pair."""
+    from ser.cli import check_accelerator
     from ser.modeling import load_reward_model, load_tokenizer, process_state, score_pairs
 
+    if not args.device:
+        check_accelerator()
     state = process_state()
     tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
     model = load_reward_model(args.reward_model_name, tokenizer, args.dtype).to(args.device or state.device)
@@ -80,10 +91,12 @@ def self_label(pool, args):
 
 def eligibility(p_j: float, p_k: float, args) -> tuple[bool, bool]:
     """(Status-1 eligible, Status-2 eligible) for one pair."""
+    gap = abs(p_j - p_k)
+    if args.probability == "pairwise":  # easy (sure) pairs first, then the hard ones; see the docstring
+        return gap >= args.pairwise_easy_gap, gap >= args.delta_threshold
     lo, hi = args.left_threshold, args.right_threshold
     status1 = (p_j > hi and p_k < lo) or (p_k > hi and p_j < lo)
-    status2 = abs(p_j - p_k) >= args.delta_threshold
-    return status1, status2
+    return status1, gap >= args.delta_threshold
 
 
 def decide_status(pool, args):
@@ -136,7 +149,8 @@ def statistics(pool, status, selected, remaining, counts, args, scoring=None):
         "status": status, "selection": args.selection, "probability": args.probability,
         "pool": len(pool), "selected": len(selected), "remaining": len(remaining), **counts,
         "thresholds": {"tau_low": args.left_threshold, "tau_high": args.right_threshold,
-                       "tau_delta": args.delta_threshold, "status1_min_pairs": args.status1_min_pairs,
+                       "tau_delta": args.delta_threshold, "pairwise_easy_gap": args.pairwise_easy_gap,
+                       "status1_min_pairs": args.status1_min_pairs,
                        "status2_min_pairs": args.status2_min_pairs},
         "pseudo_label_precision": sum(p[GOLD] == "j" for p in gold) / len(gold) if gold else None,
         "pseudo_label_pairs_with_gold": len(gold),
@@ -146,6 +160,7 @@ def statistics(pool, status, selected, remaining, counts, args, scoring=None):
         rewards = [p[k] for p in pool for k in ("reward_j", "reward_k")]
         stats["reward_histogram"] = histogram(rewards, min(rewards), max(rewards) + 1e-9)
     if scoring:
+        stats["max_length"] = args.max_length
         stats["scoring"] = scoring  # includes the number of processes that shared the scoring
     return stats
 

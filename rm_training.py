@@ -10,6 +10,7 @@ tie rate and the mean margin; the final figures go to OUTPUT_DIR/eval_results.js
 """
 
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,23 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForSequenceClassification, TrainerCallback, set_seed
 from trl import RewardConfig, RewardTrainer
+from trl.trainer.utils import disable_dropout_in_model
 
 from ser.cli import parse, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, write_json
-from ser.modeling import DTYPES, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics, score_ids
+from ser.modeling import (DTYPES, fp32_master_weights, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics,
+                          score_ids)
+
+
+@dataclass
+class RMConfig(RewardConfig):
+    """TRL's RewardConfig with the paper's defaults where it states them, the release's where it does not."""
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "learning rate (the paper: 2e-5; TRL: 1e-4)"})
+    num_train_epochs: float = field(default=2.0, metadata={
+        "help": "epochs (the release: 2 for the seed RM, 5 per loop; the loop driver sets SEED_EPOCHS/LOOP_EPOCHS)"})
+    max_length: int | None = field(default=512, metadata={
+        "help": "tokens per sequence, questions cut from the left (the paper: 512; TRL: 1024)"})
 
 
 @dataclass
@@ -32,17 +46,18 @@ class ScriptArguments:
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder; defaults to --model_name"})
     train_subset: list[str] = field(default_factory=lambda: ["data/reward"],
                                     metadata={"help": "folders of training pairs inside each --dataset_name folder"})
-    train_subset_size: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
+    train_subset_size: int | None = field(default=None, metadata={
+        "help": "use a seeded random sample of this many training pairs, from all sources together"})
     eval_subset: str = field(default="data/evaluation",
                              metadata={"help": "held-out pairs: a folder inside the first --dataset_name, or a file"})
-    eval_subset_size: int | None = field(default=None, metadata={"help": "use at most this many held-out pairs"})
+    eval_subset_size: int | None = field(default=None, metadata={"help": "use a seeded random sample of this many held-out pairs"})
     load_from_json: bool = field(default=False, metadata={"help": "every --dataset_name is a JSON/JSONL file"})
     eval_first_step: bool = field(default=False, metadata={"help": "also evaluate after the first optimiser step"})
     loss: str = field(default="bt", metadata={"help": "bt (Bradley-Terry, released code) or hinge (the paper)",
                                                "choices": ["bt", "hinge"]})
     hinge_margin: float = field(default=1.0, metadata={"help": "margin of the hinge loss"})
     dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
-    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters plus the score head"})
+    use_lora: bool = field(default=True, metadata={"help": "train LoRA adapters plus the score head (the release: on)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (the paper: 8; 2 for 70B)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
@@ -73,7 +88,8 @@ class PairwiseRewardTrainer(RewardTrainer):
         rewards, stats = score_ids(self.model, self.processing_class, sequences, self.args.per_device_eval_batch_size)
         r_j, r_k = rewards[:len(pairs)], rewards[len(pairs):]
         diff = torch.tensor(r_j) - torch.tensor(r_k)
-        metrics = {**pair_metrics(r_j, r_k), "loss": F.softplus(-diff).mean().item(),
+        loss = F.relu(self.hinge_margin - diff) if self.loss_type == "hinge" else F.softplus(-diff)  # the trained loss
+        metrics = {**pair_metrics(r_j, r_k), "loss": loss.mean().item(),
                    "padding_share": stats["padding_share"], "sequences_per_second": stats["sequences_per_second"],
                    "model_tflops": stats["model_tflops"],
                    "runtime": time.perf_counter() - start}
@@ -111,29 +127,51 @@ def eval_source(script_args):
                     "nor as a file or folder")
 
 
-def load_model(script_args, tokenizer, say=print):
-    """A previous RM (full or LoRA) continues training; an SFT model gets a fresh score head."""
+def subsample(records, n, seed):
+    """A seeded random sample of n records (in their original order), or all of them."""
+    if not n or n >= len(records):
+        return records
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
+
+
+def load_model(script_args, config, tokenizer, say=print):
+    """A previous RM (full or LoRA) continues training; an SFT model gets a fresh score head.
+
+    Trainable weights end in fp32 (see `fp32_master_weights`). LoRA is applied here, not by the trainer:
+    TRL's `disable_dropout` would also zero the LoRA dropout (0.1 in the paper), so the backbone's
+    dropout is switched off first and the adapter's is left as configured.
+    """
     path = script_args.model_name
+    deepspeed = bool(config.deepspeed)
+    mixed = bool(config.bf16 or config.fp16)
     if is_lora_dir(path):
         say(f"rm_training: continuing the LoRA reward model in {path}")
-        return load_reward_model(path, tokenizer, script_args.dtype, trainable=True), None
+        model = load_reward_model(path, tokenizer, script_args.dtype, trainable=True)
+        return fp32_master_weights(model, mixed, deepspeed)
     is_rm = any(a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(path).architectures or [])
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[script_args.dtype])
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    say(f"rm_training: {'continuing the reward model' if is_rm else 'new score head on'} {path}")
-    peft_config = None
+    say(f"rm_training: {'continuing the reward model' if is_rm else 'new score head on'} {path}"
+        + (f" (LoRA r {script_args.lora_r}, alpha {script_args.lora_alpha}, dropout {script_args.lora_dropout})"
+           if script_args.use_lora else " (all weights trained)"))
+    if config.disable_dropout:
+        disable_dropout_in_model(model)
     if script_args.use_lora:
-        from peft import LoraConfig
+        from peft import LoraConfig, get_peft_model
 
-        # modules_to_save: without it the freshly initialised score head is not saved with the adapter
+        # PEFT adds the new score head to modules_to_save for SEQ_CLS; naming it keeps that explicit.
         peft_config = LoraConfig(task_type="SEQ_CLS", r=script_args.lora_r, lora_alpha=script_args.lora_alpha,
                                  lora_dropout=script_args.lora_dropout, modules_to_save=["score"])
-    return model, peft_config
+        zero3 = config.deepspeed_plugin is not None and config.deepspeed_plugin.zero_stage == 3
+        # ZeRO-3 needs one dtype across parameters: keep the adapter in the base dtype there (as TRL does).
+        model = get_peft_model(model, peft_config, autocast_adapter_dtype=not zero3)
+    return fp32_master_weights(model, mixed, deepspeed)
 
 
-def main(script_args: ScriptArguments, config: RewardConfig):
+def main(script_args: ScriptArguments, config: RMConfig):
     setup_wandb(config.report_to)
     say = print if config.process_index == 0 else (lambda *_: None)
     if Path(script_args.model_name).is_dir():  # a LoRA adapter records its base by this path
@@ -146,11 +184,8 @@ def main(script_args: ScriptArguments, config: RewardConfig):
         subsets = [None] if Path(name).is_file() else script_args.train_subset
         for subset in subsets:
             train_records += load_records(name, subset, script_args.load_from_json)
-    if script_args.train_subset_size:
-        train_records = train_records[:script_args.train_subset_size]
-    eval_records = load_records(*eval_source(script_args))
-    if script_args.eval_subset_size:
-        eval_records = eval_records[:script_args.eval_subset_size]
+    train_records = subsample(train_records, script_args.train_subset_size, config.seed)
+    eval_records = subsample(load_records(*eval_source(script_args)), script_args.eval_subset_size, config.seed)
     train_dataset, truncated = tokenize_pairs(train_records, tokenizer, config.max_length)
     eval_dataset, eval_truncated = tokenize_pairs(eval_records, tokenizer, config.max_length)
     say(f"rm_training: {len(train_records)} training pairs ({truncated} sequences cut from the left), "
@@ -158,10 +193,11 @@ def main(script_args: ScriptArguments, config: RewardConfig):
 
     # 2. model and trainer
     set_seed(config.seed)  # the score head is initialised at load time
-    model, peft_config = load_model(script_args, tokenizer, say)
+    model = load_model(script_args, config, tokenizer, say)
+    config.disable_dropout = False  # done in load_model, without touching the LoRA dropout
     trainer = PairwiseRewardTrainer(
         model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        processing_class=tokenizer, peft_config=peft_config, loss_type=script_args.loss,
+        processing_class=tokenizer, loss_type=script_args.loss,
         hinge_margin=script_args.hinge_margin,
         callbacks=[EvalAfterFirstStep()] if script_args.eval_first_step else None,
     )
@@ -174,10 +210,11 @@ def main(script_args: ScriptArguments, config: RewardConfig):
         tokenizer.save_pretrained(config.output_dir)
         results = {k.removeprefix("eval_"): v for k, v in metrics.items()}
         results.update(train_pairs=len(train_records), train_truncated=truncated, eval_truncated=eval_truncated,
-                       loss_type=script_args.loss, model_name=script_args.model_name)
+                       loss_type=script_args.loss, model_name=script_args.model_name, max_length=config.max_length,
+                       num_train_epochs=config.num_train_epochs, use_lora=script_args.use_lora)
         write_json(Path(config.output_dir) / "eval_results.json", results)
         print("rm_training: held-out " + json.dumps({k: results[k] for k in ("accuracy", "tie_rate", "margin", "pairs")}))
 
 
 if __name__ == "__main__":
-    main(*parse([ScriptArguments, RewardConfig], counted=("--train_subset", "--eval_subset")))
+    main(*parse([ScriptArguments, RMConfig], counted=("--train_subset", "--eval_subset")))

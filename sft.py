@@ -4,6 +4,7 @@ The reward model of SER starts from this model. The loss is on the answer tokens
 is conditioning. Runs as `python sft.py ...`, `accelerate launch sft.py ...` or `deepspeed sft.py ...`.
 """
 
+import random
 from dataclasses import dataclass, field
 
 from datasets import Dataset
@@ -12,7 +13,17 @@ from trl import SFTConfig, SFTTrainer
 
 from ser.cli import parse, resume_from, setup_wandb
 from ser.data import encode, load_records
-from ser.modeling import load_causal_lm, load_tokenizer
+from ser.modeling import fp32_master_weights, load_causal_lm, load_tokenizer
+
+
+@dataclass
+class SFTConfigSER(SFTConfig):
+    """TRL's SFTConfig with the paper's sequence length and the loss on the answer only."""
+
+    max_length: int | None = field(default=512, metadata={
+        "help": "tokens per example, questions cut from the left (the paper: 512; --seq_length is the old name)"})
+    completion_only_loss: bool | None = field(default=True, metadata={
+        "help": "loss on the answer (and eos) only; the question is conditioning"})
 
 
 @dataclass
@@ -22,8 +33,7 @@ class ScriptArguments:
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder; defaults to --model_name"})
     subset: str = field(default="data/finetune", metadata={"help": "folder of demonstrations inside --dataset_name"})
     load_from_json: bool = field(default=False, metadata={"help": "--dataset_name is a JSON/JSONL file"})
-    seq_length: int = field(default=512, metadata={"help": "tokens per example; longer questions are cut from the left"})
-    train_subset_size: int | None = field(default=None, metadata={"help": "use at most this many demonstrations"})
+    train_subset_size: int | None = field(default=None, metadata={"help": "use a seeded random sample of this many demonstrations"})
     dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
     use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
@@ -43,7 +53,7 @@ def build_dataset(records, tokenizer, max_length):
     return Dataset.from_list(rows), truncated
 
 
-def main(script_args: ScriptArguments, config: SFTConfig):
+def main(script_args: ScriptArguments, config: SFTConfigSER):
     setup_wandb(config.report_to)
     set_seed(config.seed)
     tokenizer = load_tokenizer(script_args.tokenizer_name or script_args.model_name)
@@ -51,24 +61,25 @@ def main(script_args: ScriptArguments, config: SFTConfig):
     # 1. demonstrations: the preferred answer of each pair
     records = load_records(script_args.dataset_name, script_args.subset, script_args.load_from_json,
                            fields=("question", "response_j"))
-    if script_args.train_subset_size:
-        records = records[:script_args.train_subset_size]
-    train_dataset, truncated = build_dataset(records, tokenizer, script_args.seq_length)
+    if script_args.train_subset_size and script_args.train_subset_size < len(records):
+        keep = sorted(random.Random(config.seed).sample(range(len(records)), script_args.train_subset_size))
+        records = [records[i] for i in keep]
+    train_dataset, truncated = build_dataset(records, tokenizer, config.max_length)
     if config.process_index == 0:
-        print(f"sft: {len(records)} demonstrations, {truncated} cut from the left to {script_args.seq_length} tokens")
+        print(f"sft: {len(records)} demonstrations, {truncated} cut from the left to {config.max_length} tokens")
 
-    # 2. model, trainer (loss on the answer only), train
-    config.max_length = script_args.seq_length
-    config.completion_only_loss = True
+    # 2. model (trainable weights in fp32 master copies), trainer (loss on the answer only), train
     model = load_causal_lm(script_args.model_name, tokenizer, script_args.dtype)
-    peft_config = None
     if script_args.use_lora:
-        from peft import LoraConfig
+        from peft import LoraConfig, get_peft_model
 
-        peft_config = LoraConfig(task_type="CAUSAL_LM", r=script_args.lora_r, lora_alpha=script_args.lora_alpha,
-                                 lora_dropout=script_args.lora_dropout)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+        zero3 = config.deepspeed_plugin is not None and config.deepspeed_plugin.zero_stage == 3
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=script_args.lora_r,
+                                                 lora_alpha=script_args.lora_alpha,
+                                                 lora_dropout=script_args.lora_dropout),
+                               autocast_adapter_dtype=not zero3)
+    model = fp32_master_weights(model, bool(config.bf16 or config.fp16), bool(config.deepspeed))
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=resume_from(config.resume_from_checkpoint))
 
     # 3. save a model the next stages load with --model_name (LoRA merged into the weights)
@@ -80,4 +91,4 @@ def main(script_args: ScriptArguments, config: SFTConfig):
 
 
 if __name__ == "__main__":
-    main(*parse([ScriptArguments, SFTConfig]))
+    main(*parse([ScriptArguments, SFTConfigSER]))

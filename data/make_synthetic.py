@@ -12,14 +12,12 @@ writes OUT/data/{finetune,reward,unlabeled,reward_full,evaluation,rl}/*.jsonl an
 """
 
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ser.cli import parse  # noqa: E402
-from ser.data import write_json, write_records  # noqa: E402
-from ser.synthetic import GOLD_SEED, make_question, make_response, sample_preference  # noqa: E402
+from ser.cli import parse
+from ser.data import write_json, write_records
+from ser.synthetic import GOLD_SEED, make_question, make_response, sample_preference
 
 
 @dataclass

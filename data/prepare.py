@@ -19,15 +19,13 @@ import hashlib
 import os
 import random
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ser.cli import parse  # noqa: E402
-from ser.data import DATA_SUFFIXES, DataError, data_files, read_records, write_json, write_records  # noqa: E402
+from ser.cli import parse
+from ser.data import DATA_SUFFIXES, DataError, data_files, read_records, write_json, write_records
 
 DATASETS = ("hh-rlhf", "ultrafeedback", "summarize", "stack-exchange")
 

@@ -3,35 +3,40 @@
     python ppo/evaluate.py --base_model runs/demo/sft --policy runs/demo/ppo/policy \\
         --reward_model_name runs/demo/ser/loop_2/rm --dataset_name runs/demo/data --gold synthetic
 
-Both policies answer every prompt (plain sampling, same seed). Reported: the win rate of the policy
-over the base judged by the RM (ties apart), mean RM scores, the KL of the policy to the base on its
-own samples, response lengths and EOS rates; with `--gold synthetic`, the same judged by the
-synthetic task's gold reward. Results go to --output (JSON) and stdout.
+Both policies answer the same prompts (plain sampling, same seed). Reported: mean rewards, the KL of
+the policy to the base on its own samples, response lengths, EOS rates, and win rates of the policy
+over the base (ties apart) by each judge:
+  * `policy_rm`: the RM that PPO optimised. This judge is circular (the policy was trained to please
+    it), so it measures how far PPO got on its own objective, not whether answers got better;
+  * `judge_rm`: an independent RM given by --judge_reward_model (for example the all-label RM);
+  * `gold`: with --gold synthetic, the synthetic task's hidden gold reward.
+Results go to --output (JSON) and stdout.
 """
 
 import json
-import sys
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ppo import lm_logprobs, sample  # noqa: E402
-from ser.cli import parse  # noqa: E402
-from ser.data import load_records, write_json  # noqa: E402
-from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score  # noqa: E402
+from ser.cli import check_accelerator, parse
+from ser.data import load_records, write_json
+from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score_ids
+from ser.rollout import lm_logprobs, response_texts, reward_inputs, sample
 
 
 @dataclass
 class Args:
     base_model: str = field(metadata={"help": "the reference policy (the SFT model)"})
     policy: str = field(metadata={"help": "the policy to evaluate (ppo.py's output_dir/policy)"})
-    reward_model_name: str = field(metadata={"help": "the RM that judges"})
+    reward_model_name: str = field(metadata={"help": "the RM PPO optimised (its win rate is labelled circular)"})
     dataset_name: str = field(metadata={"help": "prompts: a data folder (with --subset) or a JSON/JSONL file"})
     subset: str = field(default="data/evaluation", metadata={"help": "held-out prompts inside --dataset_name"})
-    n_prompts: int = field(default=200, metadata={"help": "prompts to answer (the first N distinct questions)"})
+    n_prompts: int = field(default=200, metadata={"help": "prompts to answer: a seeded random sample of N distinct questions"})
+    judge_reward_model: str | None = field(default=None, metadata={
+        "help": "an independent RM that judges too (e.g. the all-label RM); it must share the tokenizer"})
+    max_length: int = field(default=512, metadata={"help": "tokens per RM input (as rm_training.py's --max_length)"})
     samples_per_prompt: int = field(default=1, metadata={"help": "answers per prompt and policy"})
     max_new_tokens: int = field(default=64, metadata={"help": "response length cap"})
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (cut from the left)"})
@@ -46,52 +51,63 @@ class Args:
 
 
 def answer(model, tokenizer, questions, args):
-    """Sampled batches: (query, query_mask, responses, response_mask, has_eos) per batch of prompts."""
-    out = []
-    for i in range(0, len(questions), args.batch_size):
-        qs = questions[i:i + args.batch_size]
-        query, query_mask, responses, mask, has_eos = sample(model, tokenizer, qs, args.max_prompt_length,
-                                                             args.max_new_tokens, args.temperature, True, args.device)
-        out.append((query, query_mask, responses, mask, has_eos))
-    return out
+    """Sampled `Rollout`s, one per batch of prompts."""
+    return [sample(model, tokenizer, questions[i:i + args.batch_size], args.max_prompt_length, args.max_new_tokens,
+                   args.temperature, True, args.device) for i in range(0, len(questions), args.batch_size)]
 
 
 @torch.no_grad()
-def seq_logprob(model, query, query_mask, responses, mask, temperature):
-    lp = lm_logprobs(model, torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1), query.shape[1],
-                     responses, temperature)
-    return (lp * mask).sum(1)
+def seq_logprob(model, rollout, temperature):
+    lp = lm_logprobs(model, torch.cat([rollout.query, rollout.responses], 1),
+                     torch.cat([rollout.query_mask, rollout.response_mask], 1), rollout.query.shape[1],
+                     rollout.responses, temperature)
+    return (lp * rollout.response_mask).sum(1)
+
+
+@torch.no_grad()
+def rm_rewards(rm, tokenizer, rollouts, args):
+    """The RM's reward of each sampled response, read from its ids (as in PPO)."""
+    sequences = [s for r in rollouts for s in reward_inputs(tokenizer, r, args.max_length)]
+    return score_ids(rm, tokenizer, sequences, args.batch_size, THIS_PROCESS_ONLY)[0]
 
 
 def main(args: Args):
     torch.manual_seed(args.seed)
+    if not args.device:
+        check_accelerator()
     tokenizer = load_tokenizer(args.base_model)
-    questions = list(dict.fromkeys(r["question"] for r in load_records(args.dataset_name, args.subset,
-                                                                       fields=("question",))))[:args.n_prompts]
-    questions = [q for q in questions for _ in range(args.samples_per_prompt)]
+    distinct = list(dict.fromkeys(r["question"] for r in load_records(args.dataset_name, args.subset,
+                                                                      fields=("question",))))
+    if args.n_prompts < len(distinct):
+        distinct = [distinct[i] for i in sorted(random.Random(args.seed).sample(range(len(distinct)), args.n_prompts))]
+    questions = [q for q in distinct for _ in range(args.samples_per_prompt)]
     args.device = args.device or (torch.accelerator.current_accelerator() or torch.device("cpu")).type
     base = load_causal_lm(args.base_model, tokenizer, args.dtype).eval().to(args.device)
     policy = load_causal_lm(args.policy, tokenizer, args.dtype).eval().to(args.device)
-    rm = load_reward_model(args.reward_model_name, tokenizer, args.dtype).to(args.device)
+    judges = {"policy_rm": load_reward_model(args.reward_model_name, tokenizer, args.dtype).to(args.device)}
+    if args.judge_reward_model:
+        judges["judge_rm"] = load_reward_model(args.judge_reward_model, tokenizer, args.dtype).to(args.device)
     results, texts = {}, {}
     for name, model in (("base", base), ("policy", policy)):
         torch.manual_seed(args.seed)
         with torch.no_grad():
-            batches = answer(model, tokenizer, questions, args)
-        texts[name] = [t for b in batches for t in tokenizer.batch_decode(b[2], skip_special_tokens=True)]
-        rewards, _ = score(rm, tokenizer, questions, texts[name], 1024, args.batch_size, THIS_PROCESS_ONLY)
-        lengths = torch.cat([b[3].sum(1) for b in batches]).float().cpu()
-        eos = torch.cat([b[4] for b in batches]).float().cpu()
-        results[name] = {"rm_reward": sum(rewards) / len(rewards), "response_length": lengths.mean().item(),
-                         "eos_rate": eos.mean().item(), "_rm": rewards, "_batches": batches}
+            rollouts = answer(model, tokenizer, questions, args)
+        texts[name] = [t for r in rollouts for t in response_texts(tokenizer, r)]
+        lengths = torch.cat([r.response_mask.sum(1) for r in rollouts]).float().cpu()
+        eos = torch.cat([r.has_eos for r in rollouts]).float().cpu()
+        results[name] = {"response_length": lengths.mean().item(), "eos_rate": eos.mean().item(),
+                         "_rollouts": rollouts}
+        for judge, rm in judges.items():
+            rewards = rm_rewards(rm, tokenizer, rollouts, args)
+            results[name][f"{judge}_reward"], results[name][f"_{judge}"] = sum(rewards) / len(rewards), rewards
         if args.gold == "synthetic":
             from ser.synthetic import gold_reward
 
             gold = [gold_reward(q, t) for q, t in zip(questions, texts[name])]
             results[name]["gold_reward"], results[name]["_gold"] = sum(gold) / len(gold), gold
     # KL(policy || base) on the policy's own samples: E[log pi(y|x) - log pi_base(y|x)]
-    kls = [seq_logprob(policy, *b[:4], args.temperature) - seq_logprob(base, *b[:4], args.temperature)
-           for b in results["policy"]["_batches"]]
+    kls = [seq_logprob(policy, r, args.temperature) - seq_logprob(base, r, args.temperature)
+           for r in results["policy"]["_rollouts"]]
     summary = {"prompts": len(questions) // args.samples_per_prompt, "samples": len(questions),
                "kl_to_base": torch.cat(kls).mean().item()}
 
@@ -99,7 +115,8 @@ def main(args: Args):
         n = len(a)
         return {"win_rate": sum(x > y for x, y in zip(a, b)) / n, "tie_rate": sum(x == y for x, y in zip(a, b)) / n}
 
-    judged = {"rm": rate(results["policy"]["_rm"], results["base"]["_rm"])}
+    judged = {judge: rate(results["policy"][f"_{judge}"], results["base"][f"_{judge}"]) for judge in judges}
+    judged["policy_rm"]["note"] = "circular: the RM that PPO optimised"
     if args.gold == "synthetic":
         judged["gold"] = rate(results["policy"]["_gold"], results["base"]["_gold"])
     for name in ("base", "policy"):

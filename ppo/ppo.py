@@ -4,8 +4,9 @@ A compact PPO for language models on accelerate, in the spirit of "The N impleme
 RLHF with PPO" (Huang et al., 2024). Each step:
 
   rollout   sample `batch_size` prompts per process, generate, truncate each response after its EOS;
-  score     the RM reads the decoded (question, response) at its final eos; minus --reward_baseline,
-            optional running normalisation, optional penalty when the response has no EOS;
+  score     the RM reads the sampled ids themselves ([bos] prompt response [eos], built by the same
+            function as its training pairs) at the final eos; minus --reward_baseline, optional
+            running normalisation, optional penalty when the response has no EOS;
   reward    per token: -kl_coef * (log pi - log pi_ref), plus the score on the last response token;
   advantage GAE (gamma, lam) on the critic's values, whitened;
   update    `ppo_epochs` passes of clipped policy and value losses over minibatches of
@@ -24,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,11 +35,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather, set_seed
 from transformers import get_scheduler
+from trl.trainer.utils import disable_dropout_in_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ser.cli import parse, setup_wandb  # noqa: E402
-from ser.data import load_records, prompt_text  # noqa: E402
-from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score  # noqa: E402
+from ser.cli import check_accelerator, parse, setup_wandb
+from ser.data import load_records
+from ser.modeling import THIS_PROCESS_ONLY, fp32_master_weights, load_causal_lm, load_reward_model, load_tokenizer, \
+    score_ids
+from ser.rollout import logprobs_of, lm_logprobs, position_ids_of, reward_inputs, sample
 
 
 @dataclass
@@ -74,7 +76,8 @@ class ScriptArguments:
     reward_baseline: float = field(default=0.0, metadata={"help": "subtracted from every score"})
     reward_norm: bool = field(default=False, metadata={"help": "normalise scores by running mean and std"})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted when a response has no EOS"})
-    reward_max_length: int = field(default=512, metadata={"help": "tokens per RM input (question cut from the left)"})
+    max_length: int = field(default=512, metadata={
+        "help": "tokens per RM input, question cut from the left (as rm_training.py's --max_length)"})
     # PPO
     init_kl_coef: float = field(default=0.2, metadata={"help": "initial KL penalty coefficient"})
     adap_kl_ctrl: bool = field(default=True, metadata={"help": "adapt the KL coefficient toward --kl_target"})
@@ -130,7 +133,9 @@ class PolicyAndValue(nn.Module):
         return out.logits, values
 
 
-def build_models(args, tokenizer):
+def build_models(args, tokenizer, deepspeed=False):
+    """Policy and critic with fp32 trainable weights (bf16 is for compute, under autocast) and no dropout:
+    dropout would make the logprobs of the update differ from the rollout's (a detail TRL also keeps)."""
     policy = load_causal_lm(args.model_name, tokenizer)
     reference = None
     if args.use_peft:
@@ -140,6 +145,8 @@ def build_models(args, tokenizer):
                                                    lora_dropout=args.lora_dropout))
     else:  # a frozen copy of the SFT model is the reference
         reference = load_causal_lm(args.model_name, tokenizer).eval().requires_grad_(False)
+    disable_dropout_in_model(policy)  # the LoRA dropout too
+    policy = fp32_master_weights(policy, args.bf16, deepspeed)
     rm = load_reward_model(args.reward_model_name, tokenizer, args.rm_dtype)
     if hasattr(rm, "merge_and_unload"):
         rm = rm.merge_and_unload()
@@ -150,13 +157,20 @@ def build_models(args, tokenizer):
         if hasattr(critic, "merge_and_unload"):
             critic = critic.merge_and_unload()
         critic.requires_grad_(True).train()
+        disable_dropout_in_model(critic)
+        critic = fp32_master_weights(critic, args.bf16, deepspeed)
         return PolicyAndValue(policy, critic=critic), reference, rm
     hidden = policy.config.get_text_config().hidden_size
-    value_head = nn.Linear(hidden, 1, bias=False)
+    value_head = nn.Linear(hidden, 1, bias=False)  # fp32
     with torch.no_grad():
-        if args.value_init == "rm" and rm.score.weight.shape == value_head.weight.shape:
+        if args.value_init == "rm":
             # The RM's head on the SFT backbone is a fair first guess of the return (the detail "initialise
             # the value head from the RM"); a zero head predicts nothing.
+            if rm.score.weight.shape != value_head.weight.shape:
+                raise ValueError(f"--value_init rm: the RM's score head has shape {tuple(rm.score.weight.shape)}, the "
+                                 f"policy's value head needs {tuple(value_head.weight.shape)} (hidden size {hidden}): "
+                                 "the RM was not trained on this policy's backbone. Use --value_init zero or "
+                                 "--critic separate.")
             value_head.weight.copy_(rm.score.weight.float())
         else:
             value_head.weight.zero_()
@@ -239,50 +253,6 @@ def gae(rewards, values, mask, gamma, lam):
     return advantages * mask, (advantages + values) * mask
 
 
-def logprobs_of(logits, tokens, temperature):
-    # Detail: sample and score with the same temperature, or the ratio is off from step one.
-    return torch.gather(F.log_softmax(logits / temperature, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def lm_logprobs(lm, query_responses, attention_mask, context_length, responses, temperature):
-    """Logprobs of the response tokens under a plain causal LM (the reference; a policy in evaluation)."""
-    logits = lm(input_ids=query_responses, attention_mask=attention_mask,
-                position_ids=position_ids_of(attention_mask)).logits
-    return logprobs_of(logits[:, context_length - 1:-1].float(), responses, temperature)
-
-
-def truncate_after_eos(responses, eos_id, pad_id):
-    """Keep each response up to and including its first EOS; mask 1 on kept tokens."""
-    is_eos = responses == eos_id
-    after = torch.cumsum(is_eos.int(), dim=1) - is_eos.int() > 0  # strictly after the first eos
-    mask = (~after).long()
-    return responses.masked_fill(after, pad_id), mask, is_eos.any(dim=1)
-
-
-def sample(policy, tokenizer, questions, max_prompt_length, max_new_tokens, temperature, batched, device):
-    """Left-padded prompts and sampled responses, each truncated after its first EOS."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    # The template's trailing space is left to the model: BPE tokenizers fold it into the first answer token.
-    enc = [head + tokenizer(prompt_text(q).rstrip(" "), add_special_tokens=False)["input_ids"]
-           [-(max_prompt_length - len(head)):] for q in questions]
-    width = max(map(len, enc))
-    query = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)  # detail: pad on the left
-    query_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
-    # Plain sampling: no top-k/top-p, so the logprobs scored later are those of the sampling distribution.
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
-               pad_token_id=pad, eos_token_id=eos)
-    if batched:
-        out = policy.generate(input_ids=query, attention_mask=query_mask, **gen)[:, width:]
-    else:
-        rows = [policy.generate(input_ids=query[i:i + 1, width - len(e):], **gen)[0, len(e):] for i, e in enumerate(enc)]
-        out = torch.full((len(rows), max(len(r) for r in rows)), pad, device=device)
-        for i, r in enumerate(rows):
-            out[i, :len(r)] = r
-    responses, response_mask, has_eos = truncate_after_eos(out, eos, pad)
-    return query, query_mask, responses, response_mask, has_eos
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -299,10 +269,6 @@ def prompt_batches(n, args, state, world, rank):
         state.data_epoch, state.data_position = state.data_epoch + 1, 0
         if per_step > n:
             raise ValueError(f"batch_size x processes = {per_step} exceeds the {n} prompts")
-
-
-def position_ids_of(attention_mask):
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)  # detail: positions under left padding
 
 
 def forward(model, query_responses, attention_mask, context_length):
@@ -333,18 +299,26 @@ def main(args: ScriptArguments):
         args.log_with = None
     if args.log_with:
         setup_wandb(args.log_with)
+    check_accelerator()
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision="bf16" if args.bf16 else "no", log_with=args.log_with,
                               **process_group_kwargs())
     set_seed(args.seed, device_specific=True)
     if args.batch_size % args.mini_batch_size:
         raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --mini_batch_size {args.mini_batch_size}")
+    minibatches = args.batch_size // args.mini_batch_size
+    if minibatches % args.gradient_accumulation_steps:
+        # Otherwise the last optimiser step of an epoch would carry gradients into the next epoch or step.
+        raise ValueError(f"--batch_size {args.batch_size} / --mini_batch_size {args.mini_batch_size} = {minibatches} "
+                         f"minibatches per PPO epoch is not a multiple of --gradient_accumulation_steps "
+                         f"{args.gradient_accumulation_steps}: choose sizes where it is (e.g. accumulation "
+                         f"{math.gcd(minibatches, args.gradient_accumulation_steps)})")
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name)
     prompts = [r["question"] for r in load_records(args.dataset_name, args.subset, args.load_from_json,
                                                    fields=("question",))]
 
     # 1. models, optimiser, scheduler
-    model, reference, rm = build_models(args, tokenizer)
+    model, reference, rm = build_models(args, tokenizer, deepspeed=accelerator.state.deepspeed_plugin is not None)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.adafactor:
         from transformers.optimization import Adafactor
@@ -352,7 +326,7 @@ def main(args: ScriptArguments):
         optimizer = Adafactor(params, lr=args.learning_rate, scale_parameter=False, relative_step=False)
     else:
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5)
-    updates_per_step = args.ppo_epochs * math.ceil(args.batch_size / (args.mini_batch_size * args.gradient_accumulation_steps))
+    updates_per_step = args.ppo_epochs * minibatches // args.gradient_accumulation_steps
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0,
                               num_training_steps=args.steps * updates_per_step * accelerator.num_processes)
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader to infer it from
@@ -387,19 +361,20 @@ def main(args: ScriptArguments):
         policy = unwrapped.policy
         policy.eval()
         with torch.no_grad(), accelerator.autocast():
-            query, query_mask, responses, response_mask, has_eos = sample(
-                policy, tokenizer, questions, args.max_prompt_length, args.output_max_length, args.temperature,
-                args.batched_gen, device)
+            rollout = sample(policy, tokenizer, questions, args.max_prompt_length, args.output_max_length,
+                             args.temperature, args.batched_gen, device)
+        query, query_mask, responses, response_mask, has_eos = rollout[:5]
         query_responses = torch.cat([query, responses], 1)
         attention_mask = torch.cat([query_mask, response_mask], 1)
 
-        # 3. score: the RM reads the decoded response at its final eos
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        with torch.no_grad():
-            raw, _ = score(rm, tokenizer, questions, texts, args.reward_max_length, len(texts), THIS_PROCESS_ONLY)
+        # 3. score: the RM reads the sampled ids, assembled as its training pairs were, at the final eos
+        with torch.no_grad(), accelerator.autocast():
+            raw, _ = score_ids(rm, tokenizer, reward_inputs(tokenizer, rollout, args.max_length), len(questions),
+                               THIS_PROCESS_ONLY)
         scores = torch.tensor(raw, device=device)
         if not torch.isfinite(scores).all():
             raise FloatingPointError(f"step {state.step}: the reward model returned non-finite scores {raw}")
+        raw_scores = scores.clone()  # logged as env/reward_mean whatever the transforms below
         if args.reward_transform == "sigmoid":
             scores = torch.sigmoid(scores)
         scores = scores - args.reward_baseline
@@ -486,7 +461,7 @@ def main(args: ScriptArguments):
         # 6. KL control, logging, checkpoint
         seq_kl = gather(kl.sum(1)).mean().item()
         kl_ctl.update(seq_kl, args.batch_size * accelerator.num_processes)
-        all_scores = gather(scores)
+        all_scores, all_raw = gather(scores), gather(raw_scores)
         state.step += 1
         state.kl_coef = kl_ctl.value
         state.reward_mean, state.reward_var, state.reward_count = moments.mean, moments.var, moments.count
@@ -496,9 +471,12 @@ def main(args: ScriptArguments):
         # updates (6N per token per epoch); an estimate that ignores attention and the RM.
         flops = n_params * n_tokens * (2 * 3 + 6 * args.ppo_epochs)
         tflops = flops / seconds / 1e12
+        # statistics of every process, not only this one's
+        means = {k: gather(torch.tensor([sum(v) / len(v)], device=device)).mean().item() for k, v in stats.items() if v}
         log = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.value,
-               "env/reward_mean": all_scores.mean().item(), "env/reward_std": all_scores.std().item(),
-               **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items() if v},
+               "env/reward_mean": all_raw.mean().item(), "env/reward_std": all_raw.std().item(),
+               "env/score_mean": all_scores.mean().item(),  # after transform, baseline, EOS penalty, norm
+               **{f"ppo/{k}": v for k, v in means.items()},
                "ppo/early_stopped": float(stop), "ppo/learning_rate": scheduler.get_last_lr()[0],
                "env/response_length": gather(response_mask.sum(1).float()).mean().item(),
                "env/eos_rate": gather(has_eos.float()).mean().item(),

@@ -14,13 +14,15 @@ start=$(date +%s)
 [[ -f $OUT/sft/model.safetensors ]] || python sft.py --model_name $OUT/base --dataset_name $OUT/data \
   --output_dir $OUT/sft --num_train_epochs 2 --per_device_train_batch_size 32 --learning_rate 3e-3 "${CPU[@]}"
 
-RM_ARGS="--num_train_epochs 8 --per_device_train_batch_size 16 --per_device_eval_batch_size 64 --learning_rate 1e-3 ${CPU[*]}"
-DATA=$OUT/data SFT=$OUT/sft RUN=$OUT/ser MAX_LOOPS=3 CONTINUE=0 RM_ARGS="$RM_ARGS" \
+# The tiny model departs from the paper's RM defaults (LoRA r 8, lr 2e-5, 2 + 5 epochs): a 100k-parameter
+# model trained from scratch learns with all weights, a large learning rate and more epochs.
+RM_ARGS="--use_lora False --per_device_train_batch_size 16 --per_device_eval_batch_size 64 --learning_rate 1e-3 ${CPU[*]}"
+DATA=$OUT/data SFT=$OUT/sft RUN=$OUT/ser MAX_LOOPS=3 CONTINUE=0 SEED_EPOCHS=8 LOOP_EPOCHS=8 RM_ARGS="$RM_ARGS" \
   FILTER_ARGS="--status1_min_pairs 100 --status2_min_pairs 100" PY=python bash scripts/ser_loop.sh
 
 # the comparison: an RM trained on every human label of the pool
 [[ -f $OUT/rm_full/eval_results.json ]] || python rm_training.py --model_name $OUT/sft --dataset_name $OUT/data \
-  --train_subset data/reward_full --output_dir $OUT/rm_full $RM_ARGS
+  --train_subset data/reward_full --output_dir $OUT/rm_full --num_train_epochs 8 $RM_ARGS
 
 # PPO of the SFT policy against the final SER RM, then SFT vs PPO on held-out prompts
 FINAL_RM=$(python -c "import json; print(json.load(open('$OUT/ser/loops.json'))['final_rm'])")

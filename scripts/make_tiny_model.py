@@ -8,7 +8,6 @@ The folder works as --model_name and --tokenizer_name of every stage. The traine
 byte-level BPE learnt on the synthetic task's text plus any --corpus files (JSON/JSONL pairs).
 """
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +15,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ser.cli import parse  # noqa: E402
-from ser.data import format_text, load_records  # noqa: E402
-from ser.modeling import load_tokenizer  # noqa: E402
-from ser.synthetic import corpus as synthetic_corpus  # noqa: E402
+from ser.cli import parse
+from ser.data import format_text, load_records
+from ser.modeling import load_tokenizer
+from ser.synthetic import corpus as synthetic_corpus
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 

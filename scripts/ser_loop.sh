@@ -15,9 +15,12 @@ set -euo pipefail
 MAX_LOOPS=${MAX_LOOPS:-3}     # self-evolution loops after Loop 0 (the paper runs 3)
 KEEP_SEED=${KEEP_SEED:-1}     # 1: the human seed stays in every retraining mix; 0: self-labels only
 CONTINUE=${CONTINUE:-1}       # 1: RM_t+1 continues from RM_t (the paper's curves); 0: restarts from SFT
+MAX_LENGTH=${MAX_LENGTH:-512} # tokens per sequence in training, self-labelling and evaluation alike (the paper: 512)
+SEED_EPOCHS=${SEED_EPOCHS:-2} # epochs of RM_0 on the human seed (the release: 2)
+LOOP_EPOCHS=${LOOP_EPOCHS:-5} # epochs of each retraining on the self-labels (the release: 5)
 LAUNCH=${LAUNCH:-python}      # e.g. "accelerate launch --multi_gpu --num_processes 8"
 PY=${PY:-python}              # for the report
-RM_ARGS=${RM_ARGS:-}          # extra rm_training.py flags: epochs, learning rate, --use_lora True, ...
+RM_ARGS=${RM_ARGS:-}          # extra rm_training.py flags: learning rate, --use_lora False, --bf16 True, ...
 FILTER_ARGS=${FILTER_ARGS:-}  # extra rm_loop_filter_by_self.py flags: thresholds, counts, modes
 
 cd "$(dirname "$0")/.."
@@ -35,7 +38,8 @@ stage() {
 
 stage loop_0.train "$RUN/loop_0/rm/eval_results.json" \
   rm_training.py --model_name "$SFT" --dataset_name "$DATA" --train_subset data/reward \
-  --eval_subset data/evaluation --output_dir "$RUN/loop_0/rm" $RM_ARGS
+  --eval_subset data/evaluation --output_dir "$RUN/loop_0/rm" --max_length "$MAX_LENGTH" \
+  --num_train_epochs "$SEED_EPOCHS" $RM_ARGS
 
 selected=()
 for ((t = 1; t <= MAX_LOOPS; t++)); do
@@ -45,7 +49,8 @@ for ((t = 1; t <= MAX_LOOPS; t++)); do
 
   stage "loop_$t.filter" "$loop/stats.json" \
     rm_loop_filter_by_self.py "${pool[@]}" --reward_model_name "$prev/rm" \
-    --rm_next_loop_save_path "$loop/selected.jsonl" --remaining_data_save_path "$loop/remaining.jsonl" $FILTER_ARGS
+    --rm_next_loop_save_path "$loop/selected.jsonl" --remaining_data_save_path "$loop/remaining.jsonl" \
+    --max_length "$MAX_LENGTH" $FILTER_ARGS
 
   status=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['status'])" "$loop/stats.json")
   if [[ $status == stop ]]; then echo "ser: loop $t: Stop (the RM has converged)"; break; fi
@@ -56,7 +61,8 @@ for ((t = 1; t <= MAX_LOOPS; t++)); do
   if [[ $CONTINUE == 1 ]]; then init="$prev/rm"; else init="$SFT"; fi
   stage "loop_$t.train" "$loop/rm/eval_results.json" \
     rm_training.py --model_name "$init" --tokenizer_name "$SFT" --dataset_name "${sources[@]}" \
-    --train_subset data/reward --eval_subset "$DATA/data/evaluation" --output_dir "$loop/rm" $RM_ARGS
+    --train_subset data/reward --eval_subset "$DATA/data/evaluation" --output_dir "$loop/rm" \
+    --max_length "$MAX_LENGTH" --num_train_epochs "$LOOP_EPOCHS" $RM_ARGS
 done
 
 $PY scripts/ser_report.py --run "$RUN"

@@ -7,13 +7,11 @@ Reads what the stages wrote: loop_<t>/rm/eval_results.json and loop_<t>/stats.js
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ser.cli import parse, setup_wandb  # noqa: E402
-from ser.data import write_json  # noqa: E402
+from ser.cli import parse, setup_wandb
+from ser.data import write_json
 
 
 @dataclass
@@ -125,8 +123,10 @@ def write_demo_report(summary, run: Path, out: Path, policy_eval=None):
         demo.update(sft_gold_reward=policy_eval["base"].get("gold_reward"),
                     ppo_gold_reward=policy_eval["policy"].get("gold_reward"),
                     ppo_win_rate_gold=gold.get("win_rate"), ppo_tie_rate_gold=gold.get("tie_rate"),
-                    sft_rm_reward=policy_eval["base"]["rm_reward"], ppo_rm_reward=policy_eval["policy"]["rm_reward"],
-                    ppo_win_rate_rm=policy_eval["judged_by"]["rm"]["win_rate"], ppo_kl_to_sft=policy_eval["kl_to_base"])
+                    sft_rm_reward=policy_eval["base"]["policy_rm_reward"],
+                    ppo_rm_reward=policy_eval["policy"]["policy_rm_reward"],
+                    ppo_win_rate_rm=policy_eval["judged_by"]["policy_rm"]["win_rate"],
+                    ppo_kl_to_sft=policy_eval["kl_to_base"])
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     write_json(out / "summary.json", {**previous, **demo})
     (out / "accuracy.png").write_bytes((run / "accuracy.png").read_bytes())
@@ -152,17 +152,18 @@ def write_demo_report(summary, run: Path, out: Path, policy_eval=None):
              "Pseudo-label precision is measured against the pool's hidden human labels, which are noisy.",
              "", "![accuracy per loop](accuracy.png)", ""]
     if policy_eval:
-        ppo_rows = ["| policy | gold reward | RM reward | response tokens | EOS rate |", "|---|---|---|---|---|"]
+        ppo_rows = ["| policy | gold reward | reward of the RM PPO optimised | response tokens | EOS rate |",
+                    "|---|---|---|---|---|"]
         for name, label in (("base", "SFT"), ("policy", "PPO (final SER RM)")):
             r = policy_eval[name]
-            ppo_rows.append(f"| {label} | {r.get('gold_reward', float('nan')):+.3f} | {r['rm_reward']:+.3f} | "
+            ppo_rows.append(f"| {label} | {r.get('gold_reward', float('nan')):+.3f} | {r['policy_rm_reward']:+.3f} | "
                             f"{r['response_length']:.1f} | {r['eos_rate']:.2f} |")
         rose = demo["ppo_gold_reward"] is not None and demo["ppo_gold_reward"] > demo["sft_gold_reward"]
         ppo_verdict = (f"PPO {'raised' if rose else 'did NOT raise'} the mean gold reward over SFT "
                        f"({demo['sft_gold_reward']:+.3f} -> {demo['ppo_gold_reward']:+.3f}); PPO wins "
                        f"{100 * demo['ppo_win_rate_gold']:.0f} % of {policy_eval['samples']} head-to-head samples by "
                        f"the gold reward ({100 * demo['ppo_tie_rate_gold']:.0f} % ties) and "
-                       f"{100 * demo['ppo_win_rate_rm']:.0f} % by the RM; KL to SFT {demo['ppo_kl_to_sft']:.1f} nats.")
+                       f"{100 * demo['ppo_win_rate_rm']:.0f} % by the RM it optimised (a circular judge); KL to SFT {demo['ppo_kl_to_sft']:.1f} nats.")
         lines += ["## PPO against the final SER RM", "", *ppo_rows, "", ppo_verdict, ""]
         rows, verdict = rows + [""] + ppo_rows, verdict + [ppo_verdict]
     (out / "report.md").write_text("\n".join(lines))

@@ -17,6 +17,7 @@ RENAMED = {
     "--evaluation_strategy": "--eval_strategy",
     "--no_cuda": "--use_cpu",
     "--gradient_checkpointing": "--activation_checkpointing",  # deprecated alias in transformers 5
+    "--seq_length": "--max_length",  # sft.py's old name for the one sequence length of every stage
 }
 # flag -> {old value -> new value}
 VALUE_MAP = {
@@ -92,7 +93,8 @@ def parse(dataclass_types, argv=None, counted=()):
     if not torch.accelerator.is_available() and "--use_cpu" in parser._option_string_actions \
             and not any(a.startswith("--use_cpu") for a in argv):
         # No accelerator: run the same command on the CPU (where bf16 runs under CPU autocast) instead of
-        # refusing it. On a machine with an accelerator this changes nothing.
+        # refusing it, saying so. On a machine with an accelerator this changes nothing.
+        check_accelerator()
         argv += ["--use_cpu", "True"]
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
@@ -106,6 +108,26 @@ def parse(dataclass_types, argv=None, counted=()):
             _ = config.device  # initialises torch.distributed
             deepspeed.init_distributed(dist_backend="gloo")
     return parsed
+
+
+REQUIRE_ACCELERATOR = "SER_REQUIRE_ACCELERATOR"
+
+
+def check_accelerator() -> None:
+    """Say so when no accelerator is visible and the run falls back to the CPU.
+
+    That is right on a CPU machine. On a GPU job whose CUDA is broken it would train on the CPU for
+    days: SER_REQUIRE_ACCELERATOR=1 makes it an error instead.
+    """
+    if torch.accelerator.is_available():
+        return
+    message = "no accelerator (CUDA, ROCm, XPU, MPS) is visible to torch, so this runs on the CPU"
+    if os.environ.get(REQUIRE_ACCELERATOR, "").lower() not in ("", "0", "false", "no"):
+        raise SystemExit(f"error: {message}, and {REQUIRE_ACCELERATOR} is set. Check the driver (nvidia-smi), "
+                         "CUDA_VISIBLE_DEVICES and torch.cuda.is_available().")
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"warning: {message}. On a GPU machine this means the GPUs are not usable; set "
+              f"{REQUIRE_ACCELERATOR}=1 to make it an error.", file=sys.stderr, flush=True)
 
 
 def setup_wandb(report_to) -> None:

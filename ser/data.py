@@ -4,7 +4,8 @@ A preference pair is one JSON record::
 
     {"question": str, "response_j": str, "response_k": str,   # response_j is preferred
      "id": optional, "score_j": optional float, "score_k": optional float,
-     "gold": optional, read only by statistics (see rm_loop_filter_by_self.py)}
+     "gold_preferred": optional "j"/"k", the hidden human label of a pool pair, read only by
+                       statistics (see rm_loop_filter_by_self.py)}
 
 Files are JSON (a list of records) or JSONL (one record per line), optionally gzipped.
 """
@@ -66,7 +67,9 @@ def read_records(path, skipped: list | None = None) -> list[dict]:
             records.append({**row, "_line": i + 1})
         return records
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also breaks on U+2028/U+2029/U+0085, which JSON strings may
+    # hold raw (the writer emits them with ensure_ascii=False).
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -190,28 +193,47 @@ def write_json(path, obj) -> None:
 # ----------------------------------------------------------------------------- tokenisation
 
 
-def encode(tokenizer, question: str, response: str, max_length: int, add_eos: bool = True) -> dict:
-    """Tokenise `TEMPLATE(question, response)` as `[bos] text [eos]` within `max_length` tokens.
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of the prompt, up to "Answer:" (the template's trailing space left out).
 
-    The reward is read at the last token, so the end of the response must survive: when the text is
-    too long, tokens are cut from the left (the start of the question first) and `truncated` says so.
-    `prompt_length` is the number of kept tokens that belong to the prompt (for completion-only loss).
+    This is where the response starts, in training and in generation alike: byte-level BPE tokenizers
+    (GPT-2, Llama 3, SmolLM2) fold the space into the response's first token (" Bring"), so a policy
+    is prompted with "...Answer:" and writes " Bring ...".
     """
-    prompt_ids = tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(format_text(question, response), add_special_tokens=False)["input_ids"]
-    # A tokenizer may merge across the prompt/response boundary; count the shared prefix as prompt.
-    n_prompt = 0
-    for a, b in zip(prompt_ids, full_ids):
-        if a != b:
-            break
-        n_prompt += 1
+    return tokenizer(prompt_text(question).rstrip(" "), add_special_tokens=False)["input_ids"]
+
+
+def join_ids(tokenizer, prompt: list[int], response: list[int], max_length: int, add_eos: bool = True) -> dict:
+    """`[bos] prompt response [eos]` within `max_length` tokens, cut from the left.
+
+    The one place where a model input is assembled from prompt and response ids: `encode` (training,
+    self-labelling, evaluation) and PPO (the RM scoring a sampled response) both go through it, so the
+    RM scores exactly the ids it was trained on. The reward is read at the last token, so when the
+    sequence is too long the start of the question is cut and the end of the response kept.
+    `prompt_length` counts the kept tokens before the response (for completion-only loss).
+    """
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     tail = [tokenizer.eos_token_id] if add_eos else []
     budget = max_length - len(head) - len(tail)
     if budget <= 0:
         raise ValueError(f"max_length={max_length} leaves no room for text")
-    cut = max(0, len(full_ids) - budget)
-    ids = head + full_ids[cut:] + tail
-    prompt_length = len(head) + max(0, n_prompt - cut)
-    return {"input_ids": ids, "prompt_length": prompt_length, "truncated": cut > 0,
-            "response_truncated": cut > n_prompt}
+    body = list(prompt) + list(response)
+    cut = max(0, len(body) - budget)
+    return {"input_ids": head + body[cut:] + tail, "prompt_length": len(head) + max(0, len(prompt) - cut),
+            "truncated": cut > 0, "response_truncated": cut > len(prompt)}
+
+
+def encode(tokenizer, question: str, response: str, max_length: int, add_eos: bool = True) -> dict:
+    """Tokenise `TEMPLATE(question, response)` as `[bos] text [eos]` within `max_length` tokens.
+
+    The whole text is tokenised at once (as a tokenizer sees it in any other tool); its prompt part is
+    the prefix it shares with `prompt_ids(question)`, so that a policy prompted with `prompt_ids` and
+    writing the response's tokens produces exactly these ids. See `join_ids` for the cut.
+    """
+    full = tokenizer(format_text(question, response), add_special_tokens=False)["input_ids"]
+    n_prompt = 0
+    for a, b in zip(prompt_ids(tokenizer, question), full):
+        if a != b:
+            break
+        n_prompt += 1
+    return join_ids(tokenizer, full[:n_prompt], full[n_prompt:], max_length, add_eos)

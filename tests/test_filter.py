@@ -153,3 +153,73 @@ def test_seed_mode_without_scores_is_a_clear_error(tmp_path):
     write_records(tmp_path / "pool.jsonl", [{"question": "q", "response_j": "a", "response_k": "b"}])
     with pytest.raises(ValueError, match=r"pool.jsonl:1: field 'score_j' missing"):
         F.main(F.ScriptArguments(str(tmp_path / "pool.jsonl"), str(tmp_path / "u.json"), str(tmp_path / "r.json")))
+
+
+# ----------------------------------------------------------------------------- pairwise probability
+
+reward = st.floats(-8.0, 8.0, allow_nan=False)
+
+
+@st.composite
+def reward_pools(draw):
+    """Pools scored with raw rewards, turned into probabilities the way self_label does."""
+    n = draw(st.integers(1, 40))
+    return [{"id": i, "question": f"q{i}", "response_j": f"a{i}", "response_k": f"b{i}",
+             "reward_j": draw(reward), "reward_k": draw(reward)} for i in range(n)]
+
+
+def pairwise(pool, offset=0.0):
+    out = []
+    for p in pool:
+        a, b = p["reward_j"] + offset, p["reward_k"] + offset
+        out.append({**p, "reward_j": a, "reward_k": b, "score_j": F.sigmoid(a - b), "score_k": F.sigmoid(b - a)})
+    return out
+
+
+def pairwise_args(**kw):
+    return F.ScriptArguments(dataset_name="-", rm_next_loop_save_path="-", remaining_data_save_path="-",
+                             probability="pairwise", **kw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(reward_pools(), st.floats(0.05, 0.95), st.floats(0.05, 0.95))
+def test_pairwise_status1_pairs_are_the_easy_ones(pool, gap_a, gap_b):
+    """Status 1 takes sure pairs, Status 2 adds less sure ones: every Status-1 eligible pair is at least
+    as confident as every pair only Status 2 takes."""
+    args = pairwise_args(pairwise_easy_gap=max(gap_a, gap_b), delta_threshold=min(gap_a, gap_b))
+    flags = [F.eligibility(p["score_j"], p["score_k"], args) for p in pairwise(pool)]
+    conf = [abs(p["reward_j"] - p["reward_k"]) for p in pool]
+    easy = [c for c, (s1, _) in zip(conf, flags) if s1]
+    hard_only = [c for c, (s1, s2) in zip(conf, flags) if s2 and not s1]
+    assert all(s2 for s1, s2 in flags if s1)  # Status 1 is a subset of Status 2
+    if easy and hard_only:
+        assert min(easy) >= max(hard_only)
+
+
+def test_pairwise_reaches_status_2_once_the_easy_pairs_are_gone():
+    """With p_j = sigmoid(r_j - r_k) the paper's Status-1 rule (|dr| > 0.20) contains its Status-2 rule
+    (|dr| >= 0.62), so Status 2 was unreachable. A pool of clear but not sure pairs now reaches it."""
+    args = pairwise_args(status1_min_pairs=5, status2_min_pairs=5)
+    pool = pairwise([{"id": i, "question": "q", "response_j": "a", "response_k": "b", "reward_j": 0.3 + 0.7 * (i % 2),
+                      "reward_k": 0.0} for i in range(20)])  # |dr| = 0.3 or 1.0: p 0.57 or 0.73, none >= 0.8
+    status, selected, remaining, counts = F.select(pool, args)
+    assert status == "status2" and {s["id"] % 2 for s in selected} == {1}  # p 0.73 >= 0.65; p 0.57 remain
+    # and with enough sure pairs, Status 1 comes first and takes only those
+    args = pairwise_args(status1_min_pairs=1, status2_min_pairs=1)
+    pool = pairwise([{"id": i, "question": "q", "response_j": "a", "response_k": "b", "reward_j": 2.0 * (i % 3),
+                      "reward_k": 0.0} for i in range(30)])  # |dr| 0, 2 or 4
+    status, selected, _, _ = F.select(pool, args)
+    assert status == "status1" and {s["id"] % 3 for s in selected} == {1, 2}
+    args = pairwise_args(status1_min_pairs=11, status2_min_pairs=1, pairwise_easy_gap=0.97)  # only |dr|=4 is sure
+    status, selected, _, _ = F.select(pool, args)
+    assert status == "status2" and {s["id"] % 3 for s in selected} == {1, 2}
+
+
+@settings(max_examples=200, deadline=None)
+@given(reward_pools(), st.floats(-20.0, 20.0))
+def test_pairwise_selection_ignores_the_reward_offset(pool, offset):
+    """A Bradley-Terry reward is defined up to a constant; the pairwise selection must not depend on it."""
+    args = pairwise_args(status1_min_pairs=3, status2_min_pairs=3)
+    a = F.select(pairwise(pool), args)
+    b = F.select(pairwise(pool, offset), args)
+    assert a[0] == b[0] and [p["id"] for p in a[1]] == [p["id"] for p in b[1]]

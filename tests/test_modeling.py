@@ -69,7 +69,7 @@ def test_left_padded_batch_reads_the_same_token(rm):
 
 def test_lora_rm_saves_its_score_head_and_reloads_to_identical_scores(sft_model, synthetic, tmp_path):
     out = tmp_path / "rm_lora"
-    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RewardConfig], [
+    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
         "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
         "--use_lora", "True", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
         "--learning_rate", "3e-3", *CPU]))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import rm_training
 from conftest import CPU, ROOT
 from ser.cli import parse
+from ser.rollout import truncate_after_eos
 
 sys.path.insert(0, str(ROOT / "ppo"))
 import ppo  # noqa: E402
@@ -43,7 +44,7 @@ def test_gae_matches_the_textbook_recursion():
 def test_responses_are_cut_after_the_first_eos():
     eos, pad = 2, 0
     out = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
-    resp, mask, has_eos = ppo.truncate_after_eos(out, eos, pad)
+    resp, mask, has_eos = truncate_after_eos(out, eos, pad)
     assert resp.tolist() == [[5, 6, 2, 0, 0], [5, 5, 5, 5, 5], [2, 0, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert has_eos.tolist() == [True, False, True]
@@ -64,9 +65,9 @@ def test_adaptive_kl_moves_the_coefficient_toward_the_target():
 @pytest.fixture(scope="module")
 def rm(sft_model, synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo_rm")
-    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RewardConfig], [
+    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
         "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
-        "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--learning_rate", "2e-3", *CPU]))
+        "--use_lora", "False", "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--learning_rate", "2e-3", *CPU]))
     return out
 
 

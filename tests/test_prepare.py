@@ -157,11 +157,11 @@ def test_stages_run_on_prepared_real_data(prepared, tmp_path):
         out=str(base), tokenizer=str(shared_path("data", "models", "tinyllama-1.1b-chat-v1.0-tokenizer"))))
     for name in ("hh-rlhf", "ultrafeedback"):
         data = prepared[name][1]
-        sft.main(*parse([sft.ScriptArguments, sft.SFTConfig], [
+        sft.main(*parse([sft.ScriptArguments, sft.SFTConfigSER], [
             "--model_name", str(base), "--dataset_name", str(data), "--output_dir", str(tmp_path / name / "sft"),
             "--seq_length", "256", "--train_subset_size", "32", "--max_steps", "2",
             "--per_device_train_batch_size", "8", *CPU]))
-        rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RewardConfig], [
+        rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
             "--model_name", str(tmp_path / name / "sft"), "--dataset_name", str(data),
             "--output_dir", str(tmp_path / name / "rm"), "--max_length", "256", "--train_subset", "32",
             "--eval_subset", "16", "--max_steps", "2", "--per_device_train_batch_size", "4", *CPU],

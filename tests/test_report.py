@@ -22,9 +22,9 @@ def fake_run(root):
     write_json(root / "full" / "eval_results.json", {"accuracy": 0.7})
     write_json(root / "eval_policy.json", {
         "samples": 64, "kl_to_base": 3.0,
-        "base": {"rm_reward": 0.1, "gold_reward": 0.2, "response_length": 9, "eos_rate": 1.0},
-        "policy": {"rm_reward": 1.0, "gold_reward": 0.5, "response_length": 12, "eos_rate": 0.9},
-        "judged_by": {"rm": {"win_rate": 0.8, "tie_rate": 0.0}, "gold": {"win_rate": 0.6, "tie_rate": 0.1}}})
+        "base": {"policy_rm_reward": 0.1, "gold_reward": 0.2, "response_length": 9, "eos_rate": 1.0},
+        "policy": {"policy_rm_reward": 1.0, "gold_reward": 0.5, "response_length": 12, "eos_rate": 0.9},
+        "judged_by": {"policy_rm": {"win_rate": 0.8, "tie_rate": 0.0}, "gold": {"win_rate": 0.6, "tie_rate": 0.1}}})
     return run
 
 

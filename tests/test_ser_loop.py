@@ -15,7 +15,7 @@ from conftest import CPU, ROOT
 from ser.cli import parse
 from ser.data import read_records
 
-RM_ARGS = "--num_train_epochs 8 --per_device_train_batch_size 16 --per_device_eval_batch_size 64 " \
+RM_ARGS = "--use_lora False --per_device_train_batch_size 16 --per_device_eval_batch_size 64 " \
           "--learning_rate 2e-3 " + " ".join(CPU)
 ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "WANDB_MODE": "disabled",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -24,9 +24,9 @@ ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PA
 @pytest.fixture(scope="module")
 def rm0(sft_model, synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm0")
-    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RewardConfig], [
+    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
         "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
-        *RM_ARGS.split()]))
+        "--num_train_epochs", "8", *RM_ARGS.split()]))
     return out
 
 
@@ -60,6 +60,7 @@ def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
 
 def driver(run, synthetic, sft_model):
     env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "2",
+           "MAX_LENGTH": "96", "SEED_EPOCHS": "8", "LOOP_EPOCHS": "6",
            "RM_ARGS": RM_ARGS, "FILTER_ARGS": "--status1_min_pairs 20 --status2_min_pairs 20 --probability pairwise", "PY": sys.executable}
     return subprocess.Popen(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -90,5 +91,9 @@ def test_killed_driver_resumes_to_the_same_figures(synthetic, sft_model, tmp_pat
     assert resumed.returncode == 0, out[-4000:]
     assert "ser: loop_0.train already done" in out and "ser: loop_1.filter already done" in out
     assert figures(run) == figures(tmp_path / "straight")
+    # one --max_length reaches every stage; the seed RM and the loops train for their own epochs
+    rm0, rm1 = (json.loads((run / f"loop_{t}" / "rm" / "eval_results.json").read_text()) for t in (0, 1))
+    assert (rm0["max_length"], rm0["num_train_epochs"], rm1["max_length"], rm1["num_train_epochs"]) == (96, 8, 96, 6)
+    assert json.loads((run / "loop_1" / "stats.json").read_text())["max_length"] == 96
     loop1 = figures(run)[1]
     assert loop1["status"] == "status1" and loop1["selected"] > 0 and loop1["accuracy"] is not None

@@ -16,7 +16,7 @@ def test_sft_loss_is_on_the_answer_only(tiny_model, synthetic):
     tok = load_tokenizer(str(tiny_model))
     records = load_records(str(synthetic), "data/finetune", fields=("question", "response_j"))[:8]
     dataset, truncated = sft.build_dataset(records, tok, max_length=512)
-    _, config = parse([sft.ScriptArguments, sft.SFTConfig], ["--model_name", "x", "--dataset_name", "x",
+    _, config = parse([sft.ScriptArguments, sft.SFTConfigSER], ["--model_name", "x", "--dataset_name", "x",
                                                               "--output_dir", "/tmp/unused", *CPU])
     config.completion_only_loss, config.max_length = True, 512
     from ser.modeling import load_causal_lm
@@ -34,8 +34,8 @@ def test_sft_loss_is_on_the_answer_only(tiny_model, synthetic):
 
 
 def run_rm(out, *flags):
-    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RewardConfig],
-                            ["--output_dir", str(out), "--per_device_train_batch_size", "16",
+    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig],
+                            ["--output_dir", str(out), "--use_lora", "False", "--per_device_train_batch_size", "16",
                              "--per_device_eval_batch_size", "64", "--learning_rate", "2e-3", *CPU, *flags],
                             counted=("--train_subset", "--eval_subset")))
     return json.loads((out / "eval_results.json").read_text())
