@@ -10,8 +10,8 @@ tie rate and the mean margin; the final figures go to OUTPUT_DIR/eval_results.js
 """
 
 import json
-import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from ser.cli import parse, resume_from, setup_wandb
-from ser.data import DataError, encode, load_records, write_json
+from ser.data import DataError, encode, load_records, subsample, write_json
 from ser.modeling import (DTYPES, fp32_master_weights, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics,
                           score_ids)
 
@@ -127,14 +127,6 @@ def eval_source(script_args):
                     "nor as a file or folder")
 
 
-def subsample(records, n, seed):
-    """A seeded random sample of n records (in their original order), or all of them."""
-    if not n or n >= len(records):
-        return records
-    keep = sorted(random.Random(seed).sample(range(len(records)), n))
-    return [records[i] for i in keep]
-
-
 def load_model(script_args, config, tokenizer, say=print):
     """A previous RM (full or LoRA) continues training; an SFT model gets a fresh score head.
 
@@ -211,7 +203,8 @@ def main(script_args: ScriptArguments, config: RMConfig):
         results = {k.removeprefix("eval_"): v for k, v in metrics.items()}
         results.update(train_pairs=len(train_records), train_truncated=truncated, eval_truncated=eval_truncated,
                        loss_type=script_args.loss, model_name=script_args.model_name, max_length=config.max_length,
-                       num_train_epochs=config.num_train_epochs, use_lora=script_args.use_lora)
+                       num_train_epochs=config.num_train_epochs, use_lora=script_args.use_lora,
+                       train_sources=dict(Counter(r.get("_source", "hub") for r in train_records)))
         write_json(Path(config.output_dir) / "eval_results.json", results)
         print("rm_training: held-out " + json.dumps({k: results[k] for k in ("accuracy", "tie_rate", "margin", "pairs")}))
 

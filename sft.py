@@ -4,7 +4,6 @@ The reward model of SER starts from this model. The loss is on the answer tokens
 is conditioning. Runs as `python sft.py ...`, `accelerate launch sft.py ...` or `deepspeed sft.py ...`.
 """
 
-import random
 from dataclasses import dataclass, field
 
 from datasets import Dataset
@@ -12,7 +11,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from ser.cli import parse, resume_from, setup_wandb
-from ser.data import encode, load_records
+from ser.data import encode, load_records, subsample
 from ser.modeling import fp32_master_weights, load_causal_lm, load_tokenizer
 
 
@@ -61,9 +60,7 @@ def main(script_args: ScriptArguments, config: SFTConfigSER):
     # 1. demonstrations: the preferred answer of each pair
     records = load_records(script_args.dataset_name, script_args.subset, script_args.load_from_json,
                            fields=("question", "response_j"))
-    if script_args.train_subset_size and script_args.train_subset_size < len(records):
-        keep = sorted(random.Random(config.seed).sample(range(len(records)), script_args.train_subset_size))
-        records = [records[i] for i in keep]
+    records = subsample(records, script_args.train_subset_size, config.seed)
     train_dataset, truncated = build_dataset(records, tokenizer, config.max_length)
     if config.process_index == 0:
         print(f"sft: {len(records)} demonstrations, {truncated} cut from the left to {config.max_length} tokens")

@@ -10,8 +10,10 @@ OUT/data/ gets, in the pair schema (question, response_j preferred, response_k):
   evaluation   held-out human pairs
   rl           prompts only
 and OUT/manifest.json the counts, the drops with their reasons, the seed and the source's sha256.
-Splits are made by question, so no question is in two of finetune/pool/evaluation/rl; they are the
-same for the same source and seed. OUT is written whole or not at all.
+Splits are made by conversation root (the first human turn of a conversation, the question itself
+elsewhere), so no conversation, and no question, is in two of finetune/pool/evaluation/rl; the
+manifest counts any root shared across splits (`root_overlap`, 0 by construction). The splits are
+the same for the same source and seed. OUT is written whole or not at all.
 """
 
 import csv
@@ -275,18 +277,43 @@ def load_pairs(args: Args, rows: Rows):
 # ----------------------------------------------------------------------------- splits
 
 
+def conversation_root(question: str) -> str:
+    """The first human turn of an HH-style conversation ("Human: ... Assistant: ..."), else the question.
+
+    Multi-turn conversations that open the same way are one conversation for splitting: otherwise a
+    held-out pair can share its opening with a pool pair (41 of 618 HH evaluation pairs did)."""
+    text = question.strip()
+    if text.startswith("Human:"):
+        end = text.find("\n\nAssistant:")
+        text = text[len("Human:"):end if end >= 0 else None]
+    return " ".join(text.split())
+
+
+def root_overlap(splits) -> dict:
+    """Pairs of each split whose conversation root also occurs in another split (expected: none)."""
+    names = ("finetune", "reward_full", "evaluation", "rl")
+    roots = {n: {conversation_root(p["question"]) for p in splits[n]} for n in names}
+    out = {}
+    for a in names:
+        for b in names[names.index(a) + 1:]:
+            out[f"{a}~{b}"] = sum(conversation_root(p["question"]) in roots[b] for p in splits[a])
+    return out
+
+
 def split(pairs, args: Args):
-    """Assign whole questions to splits, deterministically for a seed."""
+    """Assign whole conversations (by root) to splits, deterministically for a seed."""
     rng = random.Random(args.seed)
-    questions = sorted({p["question"] for p in pairs})
-    rng.shuffle(questions)
-    n = len(questions)
+    roots = sorted({conversation_root(p["question"]) for p in pairs})
+    rng.shuffle(roots)
+    n = len(roots)
     cuts = [round(n * args.eval_fraction), round(n * args.finetune_fraction), round(n * args.rl_fraction)]
-    evaluation_q = set(questions[:cuts[0]])
-    finetune_q = set(questions[cuts[0]:cuts[0] + cuts[1]])
-    rl_q = questions[cuts[0] + cuts[1]:cuts[0] + cuts[1] + cuts[2]]
+    evaluation_r = set(roots[:cuts[0]])
+    finetune_r = set(roots[cuts[0]:cuts[0] + cuts[1]])
+    rl_r = set(roots[cuts[0] + cuts[1]:cuts[0] + cuts[1] + cuts[2]])
+    root = {p["question"]: conversation_root(p["question"]) for p in pairs}
+    rl_q = list(dict.fromkeys(p["question"] for p in pairs if root[p["question"]] in rl_r))
     rl_set = set(rl_q)
-    pool = [p for p in pairs if p["question"] not in evaluation_q | finetune_q | rl_set]
+    pool = [p for p in pairs if root[p["question"]] not in evaluation_r | finetune_r | rl_r]
     for i, p in enumerate(pairs):
         p["id"] = i
     n_seed = round(len(pool) * args.labeled_fraction)
@@ -301,11 +328,11 @@ def split(pairs, args: Args):
             unlabeled.append({**p, "response_j": p["response_k"], "response_k": p["response_j"],
                               "gold_preferred": "k"})
     return {
-        "finetune": [p for p in pairs if p["question"] in finetune_q],
+        "finetune": [p for p in pairs if root[p["question"]] in finetune_r],
         "reward": [p for i, p in enumerate(pool) if i in seed_idx],
         "unlabeled": unlabeled,
         "reward_full": pool,
-        "evaluation": [p for p in pairs if p["question"] in evaluation_q],
+        "evaluation": [p for p in pairs if root[p["question"]] in evaluation_r],
         "rl": [{"id": f"rl-{i}", "question": q} for i, q in enumerate(rl_q)],
     }, sum(p["question"] in rl_set for p in pairs)
 
@@ -333,6 +360,7 @@ def main(args: Args):
             "seed": args.seed, "args": vars(args), "source_rows": n_rows, "pairs": len(pairs),
             "counts": {name: len(records) for name, records in splits.items()},
             "pairs_behind_rl_prompts": rl_pairs,
+            "root_overlap": root_overlap(splits),
             "dropped": dict(rows.dropped), "skipped_bad_rows": len(rows.skipped),
             "skipped_examples": rows.skipped[:20],
             "truncated": 0,

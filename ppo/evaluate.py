@@ -14,14 +14,13 @@ Results go to --output (JSON) and stdout.
 """
 
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ser.cli import check_accelerator, parse
-from ser.data import load_records, write_json
+from ser.data import load_records, subsample, write_json
 from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score_ids
 from ser.rollout import lm_logprobs, response_texts, reward_inputs, sample
 
@@ -78,8 +77,7 @@ def main(args: Args):
     tokenizer = load_tokenizer(args.base_model)
     distinct = list(dict.fromkeys(r["question"] for r in load_records(args.dataset_name, args.subset,
                                                                       fields=("question",))))
-    if args.n_prompts < len(distinct):
-        distinct = [distinct[i] for i in sorted(random.Random(args.seed).sample(range(len(distinct)), args.n_prompts))]
+    distinct = subsample(distinct, args.n_prompts, args.seed)
     questions = [q for q in distinct for _ in range(args.samples_per_prompt)]
     args.device = args.device or (torch.accelerator.current_accelerator() or torch.device("cpu")).type
     base = load_causal_lm(args.base_model, tokenizer, args.dtype).eval().to(args.device)

@@ -155,6 +155,17 @@ def load_records(dataset_name: str, subset: str | None = None, load_from_json: b
     return records
 
 
+def subsample(records: list, n: int | None, seed: int) -> list:
+    """A seeded random sample of `n` records, kept in their original order; all of them when n is None,
+    0, or not smaller. (The first n would take one file, or the human seed, before any other source.)"""
+    if not n or n >= len(records):
+        return records
+    import random
+
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
+
+
 def strip_meta(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith("_")}
 

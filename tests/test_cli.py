@@ -4,7 +4,7 @@ import pytest
 
 import rm_training
 import sft
-from ser.cli import legacy_argv, parse
+from ser.cli import check_accelerator, legacy_argv, parse
 
 SEED_RM_FLAGS = [
     "--model_name", "M", "--tokenizer_name", "T", "--resume_from_checkpoint", "False", "--dataset_name", "D",
@@ -62,3 +62,17 @@ def test_removed_flag_is_an_error_that_says_why():
     with pytest.raises(SystemExit, match="--overwrite_output_dir no longer exists"):
         parse([sft.ScriptArguments, sft.SFTConfigSER], ["--model_name", "M", "--dataset_name", "D",
                                                      "--output_dir", "o", "--overwrite_output_dir", "True"])
+
+
+def test_cpu_fallback_is_said_and_can_be_refused(monkeypatch, capsys):
+    """Without an accelerator the stages run on the CPU, saying so; SER_REQUIRE_ACCELERATOR=1 refuses."""
+    monkeypatch.delenv("SER_REQUIRE_ACCELERATOR", raising=False)
+    argv = ["--model_name", "M", "--dataset_name", "D", "--output_dir", "o"]
+    _, config = parse([rm_training.ScriptArguments, rm_training.RMConfig], argv)
+    assert config.use_cpu is True
+    assert "no accelerator" in capsys.readouterr().err
+    monkeypatch.setenv("SER_REQUIRE_ACCELERATOR", "1")
+    with pytest.raises(SystemExit, match="SER_REQUIRE_ACCELERATOR is set"):
+        parse([rm_training.ScriptArguments, rm_training.RMConfig], argv)
+    with pytest.raises(SystemExit, match="SER_REQUIRE_ACCELERATOR is set"):
+        check_accelerator()

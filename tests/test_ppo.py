@@ -112,6 +112,39 @@ def test_separate_critic_full_policy_adafactor_and_early_stopping(sft_model, rm,
     assert (tmp_path / "policy" / "model.safetensors").is_file()
 
 
+def test_minibatches_not_a_multiple_of_accumulation_are_refused(sft_model, rm, synthetic, tmp_path):
+    """batch 8, mini-batch 1, accumulation 3: the third step of an epoch would carry gradients over."""
+    args = ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "1")
+    args.batch_size, args.mini_batch_size, args.gradient_accumulation_steps = 8, 1, 3
+    with pytest.raises(ValueError, match="8 minibatches per PPO epoch is not a multiple of --gradient_accumulation"):
+        ppo.main(args)
+    assert not list(tmp_path.iterdir())
+
+
+def test_logged_reward_is_the_raw_rm_reward_under_reward_norm(sft_model, rm, synthetic, tmp_path):
+    plain = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "a", "--steps", "1", "--seed", "5"))
+    normed = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "b", "--steps", "1", "--seed", "5",
+                               "--reward_norm", "True"))
+    # the same first rollout: the same raw rewards, whatever the normalisation fed to PPO
+    assert normed["env/reward_mean"] == pytest.approx(plain["env/reward_mean"], abs=1e-5)
+    assert abs(normed["env/score_mean"]) < 1e-4 < abs(plain["env/reward_mean"])
+
+
+def test_value_head_of_another_shape_is_an_error(sft_model, synthetic, tmp_path):
+    """An RM on a backbone of another width cannot initialise the value head: say so, do not zero it."""
+    import make_tiny_model
+    from transformers import AutoModelForSequenceClassification
+
+    from ser.modeling import load_tokenizer
+
+    wide = make_tiny_model.build(make_tiny_model.Args(out=str(tmp_path / "wide"), hidden_size=96))
+    tok = load_tokenizer(str(sft_model))
+    AutoModelForSequenceClassification.from_pretrained(wide, num_labels=1).save_pretrained(tmp_path / "wide_rm")
+    tok.save_pretrained(tmp_path / "wide_rm")
+    with pytest.raises(ValueError, match=r"score head has shape \(1, 96\).*needs \(1, 64\)"):
+        ppo.main(ppo_args(sft_model, tmp_path / "wide_rm", synthetic, tmp_path / "out", "--steps", "1"))
+
+
 def checkpoint(path):
     weights = load_file(path / "model.safetensors")
     optim = torch.load(path / "optimizer.bin", weights_only=False)
@@ -195,3 +228,21 @@ def test_ppo_under_deepspeed_zero2(sft_model, rm, synthetic, tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "ppo: 2 process(es), DistributedType.DEEPSPEED" in proc.stdout
     assert (tmp_path / "checkpoint-2" / "pytorch_model").is_dir()  # a DeepSpeed (ZeRO) checkpoint
+
+
+def test_evaluation_names_its_circular_judge_and_adds_independent_ones(sft_model, rm, synthetic, tmp_path):
+    import evaluate
+
+    args = parse([evaluate.Args], [
+        "--base_model", str(sft_model), "--policy", str(sft_model), "--reward_model_name", str(rm),
+        "--judge_reward_model", str(rm), "--dataset_name", str(synthetic), "--gold", "synthetic",
+        "--n_prompts", "12", "--max_new_tokens", "8", "--output", str(tmp_path / "eval.json")])[0]
+    summary = evaluate.main(args)
+    assert set(summary["judged_by"]) == {"policy_rm", "judge_rm", "gold"}
+    assert "circular" in summary["judged_by"]["policy_rm"]["note"]
+    assert summary["prompts"] == 12
+    # the same model sampled with the same seed: identical answers, so every judge sees ties only
+    for judge in summary["judged_by"].values():
+        assert judge["tie_rate"] == 1.0 and judge["win_rate"] == 0.0
+    assert summary["kl_to_base"] == pytest.approx(0.0, abs=1e-5)
+    assert json.loads((tmp_path / "eval.json").read_text())["judged_by"]["judge_rm"]["tie_rate"] == 1.0

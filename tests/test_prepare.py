@@ -101,6 +101,24 @@ def test_splits_are_disjoint_by_question_and_deterministic(prepared, tmp_path):
             (tmp_path / "again" / "data" / s / "train.jsonl").read_bytes()
 
 
+def test_no_conversation_opening_is_shared_across_splits(prepared):
+    """HH-RLHF holds several multi-turn conversations that open with the same human turn; they go to
+    one split together, so no held-out pair shares its opening with a pool pair."""
+    import prepare
+
+    manifest, out = prepared["hh-rlhf"]
+    assert set(manifest["root_overlap"].values()) == {0}
+    pool = {prepare.conversation_root(r["question"]) for r in read_records(out / "data" / "reward_full" / "train.jsonl")}
+    held_out = [prepare.conversation_root(r["question"]) for r in read_records(out / "data" / "evaluation" / "train.jsonl")]
+    assert held_out and not [r for r in held_out if r in pool]
+    # the shipped rows do hold distinct conversations with one opening, so the rule has work to do
+    roots = [prepare.conversation_root(r["question"]) for s in ("reward_full", "evaluation", "finetune")
+             for r in read_records(out / "data" / s / "train.jsonl")]
+    questions = [r["question"] for s in ("reward_full", "evaluation", "finetune")
+                 for r in read_records(out / "data" / s / "train.jsonl")]
+    assert len(set(questions)) > len(set(roots))
+
+
 def test_pool_hides_the_label_and_randomises_the_order(prepared):
     _, out = prepared["hh-rlhf"]
     full = {p["id"]: p for p in load_records(str(out), "data/reward_full")}

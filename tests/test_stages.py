@@ -86,6 +86,22 @@ def test_union_of_sources_and_continuing_from_a_previous_rm(sft_model, synthetic
     assert second["model_name"].endswith("rm0")
 
 
+def test_subsets_are_seeded_samples_of_every_source(sft_model, synthetic, tmp_path):
+    """--train_subset_size samples the union (not the human seed first); --eval_subset_size samples too."""
+    from ser.data import subsample
+
+    selected = tmp_path / "selected.jsonl"
+    write_records(selected, load_records(str(synthetic), "data/unlabeled")[:90])
+    res = run_rm(tmp_path / "rm", "--model_name", str(sft_model), "--dataset_name", str(synthetic), str(selected),
+                 "--max_steps", "1", "--train_subset_size", "60", "--eval_subset_size", "20")
+    assert res["train_pairs"] == 60 and res["pairs"] == 20
+    assert len(res["train_sources"]) == 2 and min(res["train_sources"].values()) >= 15  # about 30 each
+    items = list(range(100))
+    a, b, c = subsample(items, 10, 0), subsample(items, 10, 0), subsample(items, 10, 1)
+    assert a == b != c and a == sorted(a) and a != items[:10]
+    assert subsample(items, None, 0) == subsample(items, 200, 0) == items
+
+
 def test_missing_data_is_a_clear_error(sft_model, tmp_path):
     from ser.data import DataError
 
