@@ -78,6 +78,7 @@ def ppo_args(sft_model, rm, synthetic, out, *extra):
         "--ppo_epochs", "2", "--learning_rate", "3e-3", "--output_max_length", "12", *extra])[0]
 
 
+@pytest.mark.slow
 def test_adaptive_kl_in_a_run(sft_model, rm, synthetic, tmp_path):
     ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "3", "--kl_target", "0.0001",
                       "--kl_horizon", "10", "--save_freq", "3"))
@@ -99,6 +100,7 @@ def test_a_nan_reward_stops_the_run_naming_the_step(sft_model, rm, synthetic, tm
                           "--batched_gen", "False"))
 
 
+@pytest.mark.slow
 def test_separate_critic_full_policy_adafactor_and_early_stopping(sft_model, rm, synthetic, tmp_path, capsys):
     log = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "2", "--critic", "separate",
                       "--use_peft", "False", "--adafactor", "True", "--early_stopping", "True", "--target_kl", "1e-9",
@@ -121,6 +123,7 @@ def test_minibatches_not_a_multiple_of_accumulation_are_refused(sft_model, rm, s
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_logged_reward_is_the_raw_rm_reward_under_reward_norm(sft_model, rm, synthetic, tmp_path):
     plain = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "a", "--steps", "1", "--seed", "5"))
     normed = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "b", "--steps", "1", "--seed", "5",
@@ -128,6 +131,18 @@ def test_logged_reward_is_the_raw_rm_reward_under_reward_norm(sft_model, rm, syn
     # the same first rollout: the same raw rewards, whatever the normalisation fed to PPO
     assert normed["env/reward_mean"] == pytest.approx(plain["env/reward_mean"], abs=1e-5)
     assert abs(normed["env/score_mean"]) < 1e-4 < abs(plain["env/reward_mean"])
+
+
+@pytest.mark.slow
+def test_update_statistics_are_averaged_over_processes(sft_model, rm, synthetic, tmp_path, monkeypatch):
+    """With a second process whose every figure is this one's + 1, each logged PPO statistic is the
+    mean of the two (+0.5), not this process's own."""
+    flags = ["--steps", "1", "--seed", "7"]
+    alone = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "a", *flags))
+    monkeypatch.setattr(ppo, "gather", lambda t: torch.cat([t.reshape(-1), t.reshape(-1) + 1]))
+    paired = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "b", *flags))
+    for key in ("ppo/pg_loss", "ppo/vf_loss", "ppo/clipfrac", "ppo/approxkl", "ppo/entropy"):
+        assert paired[key] == pytest.approx(alone[key] + 0.5, abs=1e-5), key
 
 
 def test_value_head_of_another_shape_is_an_error(sft_model, synthetic, tmp_path):
@@ -157,6 +172,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_is_exact(sft_model, rm, synthetic, tmp_path, monkeypatch):
     flags = ["--steps", "4", "--save_freq", "2", "--lr_scheduler_type", "linear", "--reward_norm", "True",
              "--seed", "3"]
@@ -196,6 +212,7 @@ def seed_ppo_command():
     return block
 
 
+@pytest.mark.slow
 def test_seed_ppo_command_under_accelerate_with_two_processes(sft_model, rm, synthetic, tmp_path):
     command = seed_ppo_command()
     for key, value in {"YOUR_MODEL_PATH": sft_model, "YOUR_TOKENIZER_PATH": sft_model,
@@ -217,6 +234,7 @@ def test_seed_ppo_command_under_accelerate_with_two_processes(sft_model, rm, syn
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_ppo_under_deepspeed_zero2(sft_model, rm, synthetic, tmp_path):
     cmd = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
            "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -166,6 +166,7 @@ def test_unknown_dataset_missing_source_and_non_empty_out(tmp_path):
     assert (tmp_path / "full" / "x").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_stages_run_on_prepared_real_data(prepared, tmp_path):
     """SFT and RM on prepared HH-RLHF and UltraFeedback, tiny model with the real Llama tokenizer."""
     import make_tiny_model

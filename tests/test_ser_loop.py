@@ -37,6 +37,7 @@ def filter_flags(synthetic, rm0, out):
             "--status1_min_pairs", "20", "--status2_min_pairs", "20", "--probability", "pairwise"]
 
 
+@pytest.mark.slow
 def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     F.main(*parse([F.ScriptArguments], filter_flags(synthetic, rm0, one)))
@@ -71,6 +72,7 @@ def figures(run):
     return [{k: v for k, v in lp.items() if k not in ("wall_time_s", "rm")} for lp in summary["loops"]]
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_to_the_same_figures(synthetic, sft_model, tmp_path):
     straight = driver(tmp_path / "straight", synthetic, sft_model)
     out, _ = straight.communicate(timeout=900)
