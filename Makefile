@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup test test-fast demo bench base-model clean
+.PHONY: setup test test-fast demo bench base-model experiments-quick clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ base-model: setup
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash scripts/demo.sh
+
+# a small grid of the study (2 seeds x seed/ser-paper/full on a small synthetic task), a smoke test
+experiments-quick: setup
+	WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false $(PY) -m experiments.run --grid quick \
+	  --results experiments/results-quick --workdir runs/experiments
 
 bench: setup
 	$(PY) bench/bench_scoring.py

@@ -23,7 +23,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from ser.cli import parse, resume_from, setup_wandb
-from ser.data import DataError, encode, load_records, subsample, write_json
+from ser.data import DataError, encode, load_records, subsample, write_json, write_records
 from ser.modeling import (DTYPES, fp32_master_weights, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics,
                           score_ids)
 
@@ -87,6 +87,7 @@ class PairwiseRewardTrainer(RewardTrainer):
         sequences = list(pairs["chosen_ids"]) + list(pairs["rejected_ids"])
         rewards, stats = score_ids(self.model, self.processing_class, sequences, self.args.per_device_eval_batch_size)
         r_j, r_k = rewards[:len(pairs)], rewards[len(pairs):]
+        self.eval_rewards = (r_j, r_k)  # the last evaluation's rewards, pair by pair
         diff = torch.tensor(r_j) - torch.tensor(r_k)
         loss = F.relu(self.hinge_margin - diff) if self.loss_type == "hinge" else F.softplus(-diff)  # the trained loss
         metrics = {**pair_metrics(r_j, r_k), "loss": loss.mean().item(),
@@ -205,7 +206,11 @@ def main(script_args: ScriptArguments, config: RMConfig):
                        loss_type=script_args.loss, model_name=script_args.model_name, max_length=config.max_length,
                        num_train_epochs=config.num_train_epochs, use_lora=script_args.use_lora,
                        train_sources=dict(Counter(r.get("_source", "hub") for r in train_records)))
-        write_json(Path(config.output_dir) / "eval_results.json", results)
+        r_j, r_k = trainer.eval_rewards
+        write_records(Path(config.output_dir) / "eval_scores.jsonl",  # per pair, for paired tests and calibration
+                      [{"id": r.get("id", i), "reward_j": a, "reward_k": b}
+                       for i, (r, a, b) in enumerate(zip(eval_records, r_j, r_k))])
+        write_json(Path(config.output_dir) / "eval_results.json", results)  # written last: marks the stage done
         print("rm_training: held-out " + json.dumps({k: results[k] for k in ("accuracy", "tie_rate", "margin", "pairs")}))
 
 

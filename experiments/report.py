@@ -1,0 +1,313 @@
+"""REPORT.md and the plots, generated from results.json alone (no figure is typed by hand).
+
+    python -m experiments.report --results experiments/results
+
+Statistics:
+* per variant, the final RM's held-out accuracy over seeds: mean, std, and a 95 % bootstrap interval
+  (seeds resampled);
+* SER against its own seed RM, which is scored on the very same held-out pairs: the mean paired
+  difference with a 95 % paired bootstrap interval (seeds, then pairs within each seed, resampled),
+  and an exact McNemar test on the pairs that the two RMs classify differently, pooled over seeds;
+* per loop: accuracy, selection, self-label precision (against the hidden human labels, and against
+  the gold reward on the synthetic task), the share of selected pairs the seed RM already preferred,
+  and calibration (expected calibration error over 10 confidence bins).
+"""
+
+import json
+import math
+import random
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ser.cli import parse
+
+N_BOOT = 2000
+
+
+@dataclass
+class Args:
+    results: str = field(default="experiments/results", metadata={"help": "folder holding results.json"})
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def bootstrap_ci(xs, rng, n=N_BOOT):
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return None
+    means = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def paired_bootstrap_ci(pairs_by_seed, rng, n=N_BOOT):
+    """pairs_by_seed: per seed, a list of (a_correct, b_correct). CI of mean(a - b) over seeds and pairs."""
+    seeds = list(pairs_by_seed)
+    if not seeds:
+        return None
+    stats = []
+    for _ in range(n):
+        diffs = []
+        for s in rng.choices(seeds, k=len(seeds)):
+            pairs = pairs_by_seed[s]
+            sample = rng.choices(pairs, k=len(pairs))
+            diffs.append(sum(a - b for a, b in sample) / len(sample))
+        stats.append(statistics.fmean(diffs))
+    stats.sort()
+    return stats[int(0.025 * n)], stats[int(0.975 * n) - 1]
+
+
+def mcnemar_exact(b, c):
+    """Two-sided exact McNemar p-value: b pairs only A got right, c pairs only B got right."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def fmt(x, pct=True, sign=False):
+    if x is None:
+        return "–"
+    v = 100 * x if pct else x
+    return f"{v:+.1f}" if sign else f"{v:.1f}"
+
+
+def fmt_ci(ci, sign=False):
+    return "–" if ci is None else f"[{fmt(ci[0], sign=sign)}, {fmt(ci[1], sign=sign)}]"
+
+
+def final_rows(rows):
+    """The last evaluated row of each (variant, seed): the RM a run ends with."""
+    out = {}
+    for r in sorted(rows, key=lambda r: r["loop"]):
+        if r.get("accuracy") is not None:
+            out[(r["variant"], r["seed"])] = r
+    return out
+
+
+def setting_report(setting, rows, rng, plots):
+    by_key = final_rows(rows)
+    seed_of = {(r["variant"], r["seed"]): r for r in rows if r["loop"] == 0}
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"## Setting `{setting}`", "", f"Seeds: {', '.join(map(str, seeds))}. Accuracy is strict (a tie is "
+             f"not a win), in %, on {rows[0]['n_eval']} held-out human pairs per seed.", "",
+             "| variant | seeds | final accuracy, mean ± std | 95 % CI (seeds) | vs its seed RM: mean Δ | "
+             "95 % CI (paired bootstrap) | McNemar p (pooled) | loops run |",
+             "|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for v in variants:
+        finals = [by_key[(v, s)] for s in seeds if (v, s) in by_key]
+        accs = [r["accuracy"] for r in finals]
+        m, sd = mean_std(accs)
+        ci = bootstrap_ci(accs, rng)
+        delta = dci = p = None
+        if finals and finals[0]["loop"] > 0 or any(r["variant"] == v and r["loop"] > 0 for r in rows):
+            paired, b, c, deltas = {}, 0, 0, []
+            for r in finals:
+                base = seed_of.get((v, r["seed"]))
+                if not base:
+                    continue
+                pairs = [(int(x), int(y)) for x, y in zip(r["correct"], base["correct"])]
+                paired[r["seed"]] = pairs
+                b += sum(x > y for x, y in pairs)
+                c += sum(y > x for x, y in pairs)
+                deltas.append(r["accuracy"] - base["accuracy"])
+            delta = mean_std(deltas)[0]
+            dci = paired_bootstrap_ci(paired, rng)
+            p = mcnemar_exact(b, c)
+        loops = [max(r["loop"] for r in rows if r["variant"] == v and r["seed"] == s) for s in seeds
+                 if any(r["variant"] == v and r["seed"] == s for r in rows)]
+        summary[v] = {"mean": m, "std": sd, "ci": ci, "delta": delta, "delta_ci": dci, "p": p, "n": len(accs)}
+        lines.append(f"| {v} | {len(accs)} | {fmt(m)} ± {fmt(sd)} | {fmt_ci(ci)} | {fmt(delta, sign=True)} | "
+                     f"{fmt_ci(dci, sign=True)} | {'–' if p is None else f'{p:.3g}'} | "
+                     f"{'–' if not loops else f'{min(loops)}–{max(loops)}' if min(loops) != max(loops) else loops[0]} |")
+    lines += ["", "Loops that reach Stop count as run; the final RM is the last one trained.", ""]
+    lines += loop_table(rows, "ser-paper") if "ser-paper" in variants else []
+    lines += analysis(setting, rows, summary, seeds)
+    if plots:
+        lines += plot_setting(setting, rows, variants, seeds, plots)
+    return lines, summary
+
+
+def loop_table(rows, variant):
+    sel = [r for r in rows if r["variant"] == variant]
+    loops = sorted({r["loop"] for r in sel})
+    lines = [f"Per loop, `{variant}` (mean over seeds; – where no seed reached the loop):", "",
+             "| loop | seeds | statuses | selected | accuracy | self-label precision (human) | "
+             "precision (gold reward) | seed RM already preferred | ECE |", "|---|---|---|---|---|---|---|---|---|"]
+    for t in loops:
+        rs = [r for r in sel if r["loop"] == t]
+        statuses = ", ".join(f"{k} {v}" for k, v in sorted(_count(r["status"] for r in rs).items()))
+        trained = [r for r in rs if r.get("accuracy") is not None]
+        lines.append(
+            f"| {t} | {len(rs)} | {statuses} | {fmt(mean_std([r['selected'] for r in rs])[0], pct=False)} | "
+            f"{fmt(mean_std([r['accuracy'] for r in trained])[0])} | "
+            f"{fmt(mean_std([r.get('pseudo_label_precision') for r in rs])[0])} | "
+            f"{fmt(mean_std([r.get('gold_precision') for r in rs])[0])} | "
+            f"{fmt(mean_std([r.get('seed_rm_agreement') for r in rs])[0])} | "
+            f"{fmt(mean_std([r.get('ece') for r in trained])[0])} |")
+    return lines + [""]
+
+
+def _count(xs):
+    out = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def analysis(setting, rows, summary, seeds):
+    """Sentences built from the numbers above; nothing here is typed by hand."""
+    out = ["### What the numbers say", ""]
+    ser = {v: s for v, s in summary.items() if v.startswith("ser-") and s["delta"] is not None}
+    if not ser:
+        return out + ["No SER variant has finished yet.", ""]
+    helped = [v for v, s in ser.items() if s["delta_ci"] and s["delta_ci"][0] > 0]
+    hurt = [v for v, s in ser.items() if s["delta_ci"] and s["delta_ci"][1] < 0]
+    unclear = [v for v in ser if v not in helped and v not in hurt]
+    out.append(f"* SER variants whose paired 95 % interval against their seed RM lies above zero: "
+               f"{', '.join(helped) or 'none'}; below zero: {', '.join(hurt) or 'none'}; "
+               f"containing zero: {', '.join(unclear) or 'none'}.")
+    if "ser-paper" in ser and "full" in summary and "seed" in summary and summary["full"]["mean"] is not None:
+        gap = summary["full"]["mean"] - summary["seed"]["mean"]
+        gain = ser["ser-paper"]["delta"]
+        out.append(f"* The all-label RM is {fmt(gap, sign=True)} points over the 15 % seed RM; `ser-paper` moves "
+                   f"{fmt(gain, sign=True)} points, i.e. {100 * gain / gap:.0f} % of that gap "
+                   "(the paper: +7.9 points on average, 0.3 from the all-label RM)." if gap else "")
+    # the paper's condition: above 50 % initial accuracy, training on confident self-labels improves
+    runs = []
+    for r in rows:
+        if r["variant"].startswith("ser-") and r["loop"] == 0:
+            final = final_rows([x for x in rows if x["variant"] == r["variant"] and x["seed"] == r["seed"]])
+            f = final.get((r["variant"], r["seed"]))
+            if f and f["loop"] > 0:
+                runs.append((r["accuracy"], f["accuracy"] - r["accuracy"]))
+    above = [d for a, d in runs if a > 0.5]
+    if above:
+        out.append(f"* The paper's condition (\"when initial accuracy exceeds 50 %, iterative training with "
+                   f"high-confidence samples can further improve performance\"): {len(above)} SER runs started above "
+                   f"50 %; {sum(d > 0 for d in above)} ended above their seed RM, {sum(d < 0 for d in above)} below "
+                   f"(mean change {fmt(statistics.fmean(above), sign=True)} points).")
+    prec = [r.get("pseudo_label_precision") for r in rows if r["variant"] == "ser-paper" and r["loop"] == 1]
+    prec = [p for p in prec if p is not None]
+    seed_acc = [r["accuracy"] for r in rows if r["variant"] == "ser-paper" and r["loop"] == 0]
+    if prec and seed_acc:
+        p, a = statistics.fmean(prec), statistics.fmean(seed_acc)
+        out.append(f"* In loop 1 the self-labels of `ser-paper` agree with the hidden human labels "
+                   f"{fmt(p)} % of the time, against a seed-RM accuracy of {fmt(a)} % on held-out pairs: the "
+                   f"confident pairs are labelled {'better' if p > a else 'no better'} than the RM's average pair.")
+    gold = [r.get("gold_precision") for r in rows if r["variant"] == "ser-paper" and r["loop"] == 1
+            and r.get("gold_precision") is not None]
+    if gold and prec:
+        g, p = statistics.fmean(gold), statistics.fmean(prec)
+        out.append(f"* Against the synthetic gold reward the same self-labels are right {fmt(g)} % of the time "
+                   f"({'more' if g > p else 'less'} often than they match the human labels, which are themselves "
+                   "samples from the gold reward).")
+    agree = [r.get("seed_rm_agreement") for r in rows if r["variant"] == "ser-paper" and r["loop"] >= 1
+             and r.get("seed_rm_agreement") is not None]
+    if agree:
+        out.append(f"* Across loops, the seed RM already preferred {fmt(statistics.fmean(agree))} % of the pairs "
+                   "that were selected, so that share of the self-labels repeats what RM_0 believed.")
+    return out + [""]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_setting(setting, rows, variants, seeds, folder: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for v in variants:
+        sel = [r for r in rows if r["variant"] == v and r.get("accuracy") is not None]
+        loops = sorted({r["loop"] for r in sel})
+        if v in ("seed", "full") or v.startswith(("seed@", "full@")):
+            m, sd = mean_std([r["accuracy"] for r in sel])
+            if m is not None:
+                ax.axhline(100 * m, ls="--" if v.startswith("full") else ":", lw=1, color="gray" if "full" in v else "k")
+                ax.text(0.02, 100 * m, v, fontsize=7, va="bottom", transform=ax.get_yaxis_transform())
+            continue
+        means = [100 * mean_std([r["accuracy"] for r in sel if r["loop"] == t])[0] for t in loops]
+        sds = [100 * mean_std([r["accuracy"] for r in sel if r["loop"] == t])[1] for t in loops]
+        ax.errorbar(loops, means, yerr=sds, marker="o", ms=3, capsize=2, lw=1, label=v)
+    ax.set_xlabel("loop (0 = the seed RM)")
+    ax.set_ylabel("held-out accuracy, % (mean ± std over seeds)")
+    ax.set_title(f"{setting}: accuracy per SER loop")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    acc_png = folder / f"{setting}-accuracy.png"
+    fig.savefig(acc_png, dpi=110)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4))
+    sel = [r for r in rows if r["variant"] == "ser-paper"]
+    for t in sorted({r["loop"] for r in sel}):
+        rs = [r for r in sel if r["loop"] == t and r.get("reliability")]
+        if rs:
+            pairs = [sum(r["reliability"][b]["pairs"] for r in rs) for b in range(10)]
+            conf = [sum((r["reliability"][b]["confidence"] or 0) * r["reliability"][b]["pairs"] for r in rs) for b in range(10)]
+            acc = [sum((r["reliability"][b]["accuracy"] or 0) * r["reliability"][b]["pairs"] for r in rs) for b in range(10)]
+            xs = [c / n for c, n in zip(conf, pairs) if n]
+            ys = [a / n for a, n in zip(acc, pairs) if n]
+            a1.plot(xs, ys, marker="o", ms=3, label=f"loop {t}")
+        rs = [r for r in sel if r["loop"] == t and r.get("precision_by_confidence")]
+        if rs and t > 0:
+            n = [sum(r["precision_by_confidence"][b]["pairs"] for r in rs) for b in range(10)]
+            hit = [sum((r["precision_by_confidence"][b]["precision"] or 0) * r["precision_by_confidence"][b]["pairs"]
+                       for r in rs) for b in range(10)]
+            xs = [0.5 + 0.025 + 0.05 * b for b in range(10) if n[b]]
+            a2.plot(xs, [h / m for h, m in zip(hit, n) if m], marker="o", ms=3, label=f"loop {t}")
+    for ax, title in ((a1, "reliability on held-out pairs"), (a2, "self-label precision (human labels)")):
+        ax.plot([0.5, 1], [0.5, 1], ls=":", color="gray", lw=1)
+        ax.set_xlabel("RM confidence sigmoid(|r_j - r_k|)")
+        ax.set_ylabel("accuracy" if ax is a1 else "precision")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{setting}, ser-paper, pooled over seeds", fontsize=9)
+    fig.tight_layout()
+    cal_png = folder / f"{setting}-calibration.png"
+    fig.savefig(cal_png, dpi=110)
+    plt.close(fig)
+    return [f"![accuracy per loop]({acc_png.name})", "", f"![calibration and self-label precision]({cal_png.name})", ""]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def write_report(results_dir) -> str:
+    results_dir = Path(results_dir)
+    rows = json.loads((results_dir / "results.json").read_text())["rows"]
+    rng = random.Random(0)
+    lines = ["# Does SER work? Results", "",
+             "Generated by `python -m experiments.report` from `results.json`; every figure below is computed "
+             "from its rows. Machine: 2 CPU cores, no GPU.", ""]
+    summaries = {}
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        part, summaries[setting] = setting_report(setting, [r for r in rows if r["setting"] == setting], rng,
+                                                  results_dir)
+        lines += part
+    text = "\n".join(lines) + "\n"
+    (results_dir / "REPORT.md").write_text(text)
+    (results_dir / "summary.json").write_text(json.dumps(summaries, indent=1) + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    print(write_report(parse([Args])[0].results))

@@ -1,0 +1,309 @@
+"""Run a grid of SER experiments and write one row per (setting, variant, seed, loop).
+
+    python -m experiments.run --grid synthetic               # the full synthetic grid (5 seeds)
+    python -m experiments.run --grid hh-rlhf-smollm2         # SmolLM2 + LoRA RM on HH-RLHF rows
+    python -m experiments.run --grid quick --results experiments/results-quick   # CI-sized smoke test
+
+(run from the repository's root, so that the stage scripts import as modules).
+
+Each run calls the stage scripts' `main` in this process (a SER run is rm_training.py for Loop 0,
+then rm_loop_filter_by_self.py and rm_training.py per loop, exactly as scripts/ser_loop.sh chains
+them), so the tiny model's grid is not dominated by Python start-up. Checkpoints go to --workdir
+(not committed); the rows go to RESULTS/results.json, rewritten atomically after every run. A rerun
+skips every (setting, variant, seed) already in results.json, so an interrupted grid resumes where
+it stopped. RESULTS/REPORT.md and the plots are then regenerated from results.json alone
+(experiments/report.py).
+"""
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import rm_loop_filter_by_self as F
+import rm_training
+import sft
+from data import make_synthetic, prepare
+from experiments.report import write_report
+from scripts import get_base_model, make_tiny_model
+from ser.cli import parse
+from ser.data import read_records, subsample, write_json, write_records
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+@dataclass
+class Args:
+    grid: str = field(metadata={"help": "synthetic, hh-rlhf-smollm2 or quick", "choices": ["synthetic", "hh-rlhf-smollm2", "quick"]})
+    seeds: list[int] = field(default_factory=list, metadata={"help": "data/model seeds; default: the grid's"})
+    variants: list[str] = field(default_factory=list, metadata={"help": "run only these variants; default: all"})
+    results: str = field(default="experiments/results", metadata={"help": "folder of results.json, REPORT.md, plots"})
+    workdir: str = field(default="runs/experiments", metadata={"help": "checkpoints and intermediate files"})
+    keep_checkpoints: bool = field(default=False, metadata={"help": "keep the RMs of finished runs in --workdir"})
+
+
+# ----------------------------------------------------------------------------- variants
+
+BASE = dict(kind="ser", fraction=0.15, loss="bt", probability="sigmoid", selection="paper", keep_seed=True,
+            continue_from_previous=True, union=True)
+
+
+def variant(**kw):
+    return {**BASE, **kw}
+
+
+# What each variant changes against `ser-paper`: the paper's loop (union of every loop's self-labels plus
+# the human seed, each RM continuing from the previous one, one status per loop, p = sigmoid(r), BT loss).
+SYNTHETIC_VARIANTS = {
+    "seed": variant(kind="seed"),
+    "full": variant(kind="full"),
+    "ser-paper": variant(),
+    "ser-released": variant(selection="released"),
+    "ser-pairwise": variant(probability="pairwise"),
+    "ser-hinge": variant(loss="hinge"),
+    "ser-no-human-seed": variant(keep_seed=False),
+    "ser-from-scratch": variant(continue_from_previous=False),
+    "ser-continue": variant(union=False, keep_seed=False),  # continue on the newest self-labels only
+    "seed@0.05": variant(kind="seed", fraction=0.05),
+    "ser-paper@0.05": variant(fraction=0.05),
+    "seed@0.30": variant(kind="seed", fraction=0.30),
+    "ser-paper@0.30": variant(fraction=0.30),
+}
+
+# The demo's task and tiny model; the RM settings are the demo's (a 100k-parameter model trained from
+# scratch needs all weights, lr 1e-3 and 8 epochs), fixed before any grid ran.
+SYNTHETIC = dict(
+    setting="synthetic", seeds=[0, 1, 2, 3, 4], variants=SYNTHETIC_VARIANTS, max_loops=3,
+    data=dict(n_pairs=1200, n_eval=600, n_sft=2000, n_rl=256),
+    sft=["--num_train_epochs", "2", "--per_device_train_batch_size", "32", "--learning_rate", "3e-3"],
+    rm=["--use_lora", "False", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64",
+        "--learning_rate", "1e-3"],
+    seed_epochs=8, loop_epochs=8, max_length=512,
+    filter=["--status1_min_pairs", "100", "--status2_min_pairs", "100"],
+)
+
+QUICK = {**SYNTHETIC, "setting": "synthetic-quick", "seeds": [0, 1],
+         "variants": {k: SYNTHETIC_VARIANTS[k] for k in ("seed", "full", "ser-paper")},
+         "data": dict(n_pairs=400, n_eval=200, n_sft=600, n_rl=16), "seed_epochs": 4, "loop_epochs": 4,
+         "filter": ["--status1_min_pairs", "30", "--status2_min_pairs", "30"]}
+
+# SmolLM2-135M-Instruct with a LoRA RM (r 8, alpha 32, dropout 0.1) on HH-RLHF helpful rows. Sizes are set
+# by the compute of 2 CPU cores; lr 1e-4 (TRL's LoRA default) and 256 tokens were chosen before any run.
+# The instruct model is the RM's starting point (it is already instruction-tuned; no SFT stage is run).
+HH = dict(
+    setting="hh-rlhf-smollm2", seeds=[0, 1],
+    variants={k: SYNTHETIC_VARIANTS[k] for k in ("seed", "ser-paper", "full")}, max_loops=3,
+    data=dict(pool=800, evaluation=500),
+    rm=["--use_lora", "True", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--learning_rate", "1e-4", "--bf16", "True"],
+    seed_epochs=2, loop_epochs=2, max_length=256,
+    filter=["--status1_min_pairs", "60", "--status2_min_pairs", "60", "--batch_size", "16"],
+)
+
+GRIDS = {"synthetic": SYNTHETIC, "quick": QUICK, "hh-rlhf-smollm2": HH}
+CPU = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "False", "--report_to", "none",
+       "--disable_tqdm", "True", "--save_strategy", "no"]
+
+
+# ----------------------------------------------------------------------------- data and models per seed
+
+
+def prepare_synthetic(grid, seed, fraction, work: Path):
+    data = work / f"data@{fraction}"
+    if not (data / "manifest.json").is_file():
+        make_synthetic.main(make_synthetic.Args(out=str(data), labeled_fraction=fraction, seed=seed, **grid["data"]))
+    base = work / "base"
+    if not (base / "config.json").is_file():
+        make_tiny_model.build(make_tiny_model.Args(out=str(base), seed=seed))
+    sft_dir = work / "sft"
+    if not (sft_dir / "model.safetensors").is_file():
+        sft.main(*parse([sft.ScriptArguments, sft.SFTConfigSER], [
+            "--model_name", str(base), "--dataset_name", str(data), "--output_dir", str(sft_dir),
+            "--seed", str(seed), *grid["sft"], *CPU]))
+    return data, sft_dir
+
+
+def prepare_hh(grid, seed, fraction, work: Path):
+    """Prepared HH-RLHF (the three helpful subsets), split by conversation root with this seed; the pool
+    and the held-out pairs cut to the grid's sizes (a seeded sample of each)."""
+    data = work / f"data@{fraction}"
+    if not (data / "manifest.json").is_file():
+        tmp = work / f"prepared@{fraction}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        prepare.main(prepare.Args(dataset="hh-rlhf", source=str(SHARED / "data" / "raw" / "hh_rlhf"), out=str(tmp),
+                                  labeled_fraction=fraction, eval_fraction=0.12, finetune_fraction=0.0,
+                                  rl_fraction=0.0, seed=seed))
+        pool = read_records(tmp / "data" / "reward_full" / "train.jsonl")
+        keep = {r["id"] for r in subsample(pool, grid["data"]["pool"], seed)}
+        for split in ("reward", "unlabeled", "reward_full"):
+            rows = [r for r in read_records(tmp / "data" / split / "train.jsonl") if r["id"] in keep]
+            write_records(data / "data" / split / "train.jsonl", rows)
+        evaluation = subsample(read_records(tmp / "data" / "evaluation" / "train.jsonl"),
+                               grid["data"]["evaluation"], seed)
+        write_records(data / "data" / "evaluation" / "train.jsonl", evaluation)
+        write_json(data / "manifest.json", {**json.loads((tmp / "manifest.json").read_text()),
+                                            "cut_to": grid["data"]})
+        shutil.rmtree(tmp)
+    model = get_base_model.build(get_base_model.Args(out=str(ROOT / "models" / "smollm2-135m-instruct"),
+                                                     cache=str(ROOT / "models" / ".downloads")))
+    return data, Path(model)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+def train_rm(grid, out: Path, init, sources, epochs, loss, seed, train_subset="data/reward", eval_data=None,
+             tokenizer=None):
+    if (out / "eval_results.json").is_file():
+        return json.loads((out / "eval_results.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
+        "--model_name", str(init), "--dataset_name", *map(str, sources), "--train_subset", train_subset,
+        "--eval_subset", str(eval_data), "--output_dir", str(out), "--num_train_epochs", str(epochs),
+        "--max_length", str(grid["max_length"]), "--loss", loss, "--seed", str(seed),
+        *(["--tokenizer_name", str(tokenizer)] if tokenizer else []), *CPU, *grid["rm"]]))  # the later flag wins
+    return json.loads((out / "eval_results.json").read_text())
+
+
+def eval_row(rm_dir: Path) -> dict:
+    """Accuracy, ties and calibration on the held-out pairs, from the RM's per-pair scores."""
+    res = json.loads((rm_dir / "eval_results.json").read_text())
+    scores = read_records(rm_dir / "eval_scores.jsonl")
+    diffs = [r["reward_j"] - r["reward_k"] for r in scores]
+    bins = [[0, 0, 0.0] for _ in range(10)]  # pairs, correct, summed confidence; confidence in [0.5, 1]
+    for d in diffs:
+        conf = sigmoid(abs(d))
+        b = min(9, int((conf - 0.5) * 20))
+        bins[b][0] += 1
+        bins[b][1] += d > 0
+        bins[b][2] += conf
+    n = len(diffs)
+    ece = sum(abs(c - s) for m, c, s in bins if m) / n if n else None  # sum over bins of |correct - conf|/n
+    return {"accuracy": res["accuracy"], "tie_rate": res["tie_rate"], "n_eval": res["pairs"],
+            "correct": "".join("1" if d > 0 else "0" for d in diffs), "ece": ece,
+            "reliability": [{"pairs": m, "accuracy": c / m if m else None, "confidence": s / m if m else None}
+                            for m, c, s in bins]}
+
+
+def selection_row(loop_dir: Path, seed_scores: dict, gold_fn) -> dict:
+    """What the loop selected: precision against the hidden human labels by confidence, against the gold
+    reward (synthetic), and how much of it the seed RM already preferred."""
+    stats = json.loads((loop_dir / "stats.json").read_text())
+    selected = read_records(loop_dir / "selected.jsonl")
+    bins = [[0, 0] for _ in range(10)]
+    gold_hits = seed_hits = seed_n = 0
+    for s in selected:
+        conf = sigmoid(abs(s["reward_j"] - s["reward_k"]))
+        b = min(9, int((conf - 0.5) * 20))
+        if "gold_preferred" in s:
+            bins[b][0] += 1
+            bins[b][1] += s["gold_preferred"] == "j"
+        if gold_fn:
+            gold_hits += gold_fn(s["question"], s["response_j"]) > gold_fn(s["question"], s["response_k"])
+        r0 = seed_scores.get(s["id"])
+        if r0:
+            seed_n += 1
+            seed_hits += r0[s["response_j"]] > r0[s["response_k"]]
+    return {"status": stats["status"], "selected": stats["selected"],
+            "pseudo_label_precision": stats["pseudo_label_precision"],
+            "gold_precision": gold_hits / len(selected) if gold_fn and selected else None,
+            "seed_rm_agreement": seed_hits / seed_n if seed_n else None,
+            "precision_by_confidence": [{"pairs": m, "precision": c / m if m else None} for m, c in bins]}
+
+
+def run_variant(grid, name, spec, seed, work: Path, data: Path, start_model: Path, seed_rms: dict):
+    """Rows for one (variant, seed): Loop 0, then each loop until Stop or max_loops."""
+    setting = grid["setting"]
+    gold_fn = None
+    if setting.startswith("synthetic"):
+        from ser.synthetic import gold_reward as gold_fn
+    evaluation = data / "data" / "evaluation"
+    base_row = {"setting": setting, "variant": name, "seed": seed, "fraction": spec["fraction"]}
+    t0 = time.perf_counter()
+    if spec["kind"] == "full":
+        out = work / "full"
+        train_rm(grid, out, start_model, [data], grid["seed_epochs"], spec["loss"], seed, "data/reward_full", evaluation)
+        return [{**base_row, "loop": 0, **eval_row(out), "status": "full", "selected": 0,
+                 "pseudo_label_precision": None, "wall_s": time.perf_counter() - t0}]
+    key = (spec["fraction"], spec["loss"])
+    rm0 = work / f"seed-rm@{spec['fraction']}-{spec['loss']}"
+    train_rm(grid, rm0, start_model, [data], grid["seed_epochs"], spec["loss"], seed, "data/reward", evaluation)
+    seed_rms[key] = rm0
+    rows = [{**base_row, "loop": 0, **eval_row(rm0), "status": "seed", "selected": 0,
+             "pseudo_label_precision": None, "wall_s": time.perf_counter() - t0}]
+    if spec["kind"] == "seed":
+        return rows
+    run = work / name
+    prev, selected, seed_scores = rm0, [], {}
+    filter_args = [*grid["filter"], "--probability", spec["probability"], "--selection", spec["selection"],
+                   "--max_length", str(grid["max_length"])]
+    for t in range(1, grid["max_loops"] + 1):
+        t0 = time.perf_counter()
+        loop = run / f"loop_{t}"
+        pool = [str(data), "--subset", "data/unlabeled"] if t == 1 else [str(run / f"loop_{t - 1}" / "remaining.jsonl")]
+        if not (loop / "stats.json").is_file():
+            F.main(*parse([F.ScriptArguments], [
+                "--dataset_name", *pool, "--reward_model_name", str(prev), "--tokenizer_name", str(start_model),
+                "--rm_next_loop_save_path", str(loop / "selected.jsonl"),
+                "--remaining_data_save_path", str(loop / "remaining.jsonl"), *filter_args]))
+        if t == 1:  # RM_0's scores of the whole pool: did the seed RM already prefer what later loops select?
+            seed_scores = {r["id"]: {r["response_j"]: r["reward_j"], r["response_k"]: r["reward_k"]}
+                           for r in read_records(loop / "scored.jsonl")}
+        sel = selection_row(loop, seed_scores, gold_fn)
+        if sel["status"] == "stop":
+            rows.append({**base_row, "loop": t, "accuracy": None, "tie_rate": None, "n_eval": None, **sel,
+                         "wall_s": time.perf_counter() - t0})
+            break
+        selected.append(loop / "selected.jsonl")
+        sources = ([data] if spec["keep_seed"] else []) + (selected if spec["union"] else selected[-1:])
+        init = prev if spec["continue_from_previous"] else start_model
+        train_rm(grid, loop / "rm", init, sources, grid["loop_epochs"], spec["loss"], seed, "data/reward", evaluation,
+                 tokenizer=start_model)
+        rows.append({**base_row, "loop": t, **eval_row(loop / "rm"), **sel,
+                     "selected_total": sum(len(read_records(p)) for p in selected), "wall_s": time.perf_counter() - t0})
+        prev = loop / "rm"
+    return rows
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def main(args: Args):
+    grid = GRIDS[args.grid]
+    results_dir = Path(args.results)
+    path = results_dir / "results.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    done = {(r["setting"], r["variant"], r["seed"]) for r in rows}
+    seeds = args.seeds or grid["seeds"]
+    names = args.variants or list(grid["variants"])
+    unknown = [n for n in names if n not in grid["variants"]]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; this grid has {list(grid['variants'])}")
+    prepare_fn = prepare_hh if grid["setting"].startswith("hh") else prepare_synthetic
+    for seed in seeds:
+        work = Path(args.workdir) / grid["setting"] / f"seed{seed}"
+        seed_rms = {}
+        for name in names:
+            if (grid["setting"], name, seed) in done:
+                print(f"experiments: {grid['setting']} {name} seed {seed}: in results.json, skipped", flush=True)
+                continue
+            spec = grid["variants"][name]
+            print(f"experiments: {grid['setting']} {name} seed {seed}", flush=True)
+            data, start_model = prepare_fn(grid, seed, spec["fraction"], work)
+            new = run_variant(grid, name, spec, seed, work, data, start_model, seed_rms)
+            rows = [r for r in rows if (r["setting"], r["variant"], r["seed"]) != (grid["setting"], name, seed)] + new
+            write_json(path, {"rows": rows})  # after every run: an interruption loses at most the current one
+            if not args.keep_checkpoints and spec["kind"] == "ser":
+                shutil.rmtree(work / name, ignore_errors=True)
+    write_report(results_dir)
+
+
+if __name__ == "__main__":
+    main(*parse([Args]))
