@@ -96,7 +96,7 @@ QUICK = {**SYNTHETIC, "setting": "synthetic-quick", "seeds": [0, 1],
 HH = dict(
     setting="hh-rlhf-smollm2", seeds=[0, 1],
     variants={k: SYNTHETIC_VARIANTS[k] for k in ("seed", "ser-paper", "full")}, max_loops=3,
-    data=dict(pool=800, evaluation=500),
+    data=dict(pool=600, evaluation=500),
     rm=["--use_lora", "True", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
         "--learning_rate", "1e-4", "--bf16", "True"],
     seed_epochs=2, loop_epochs=2, max_length=256,
@@ -275,8 +275,18 @@ def run_variant(grid, name, spec, seed, work: Path, data: Path, start_model: Pat
 # ----------------------------------------------------------------------------- the grid
 
 
+def git_revision() -> str:
+    import subprocess
+
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return (proc.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
+
+
 def main(args: Args):
     grid = GRIDS[args.grid]
+    revision = git_revision()
     results_dir = Path(args.results)
     path = results_dir / "results.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
@@ -297,7 +307,7 @@ def main(args: Args):
             spec = grid["variants"][name]
             print(f"experiments: {grid['setting']} {name} seed {seed}", flush=True)
             data, start_model = prepare_fn(grid, seed, spec["fraction"], work)
-            new = run_variant(grid, name, spec, seed, work, data, start_model, seed_rms)
+            new = [{**r, "git_rev": revision} for r in run_variant(grid, name, spec, seed, work, data, start_model, seed_rms)]
             rows = [r for r in rows if (r["setting"], r["variant"], r["seed"]) != (grid["setting"], name, seed)] + new
             write_json(path, {"rows": rows})  # after every run: an interruption loses at most the current one
             if not args.keep_checkpoints and spec["kind"] == "ser":
