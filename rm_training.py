@@ -24,8 +24,8 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from ser.cli import parse, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json, write_records
-from ser.modeling import (DTYPES, fp32_master_weights, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics,
-                          score_ids)
+from ser.modeling import ModelArguments as BaseModelArguments
+from ser.modeling import fp32_master_weights, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics, score_ids
 
 
 @dataclass
@@ -56,11 +56,14 @@ class ScriptArguments:
     loss: str = field(default="bt", metadata={"help": "bt (Bradley-Terry, released code) or hinge (the paper)",
                                                "choices": ["bt", "hinge"]})
     hinge_margin: float = field(default=1.0, metadata={"help": "margin of the hinge loss"})
-    dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
+
+
+@dataclass
+class ModelArguments(BaseModelArguments):
     use_lora: bool = field(default=True, metadata={"help": "train LoRA adapters plus the score head (the release: on)"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (the paper: 8; 2 for 70B)"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+
+
+ARGUMENTS = (ScriptArguments, ModelArguments, RMConfig)
 
 
 class PairwiseRewardTrainer(RewardTrainer):
@@ -128,7 +131,7 @@ def eval_source(script_args):
                     "nor as a file or folder")
 
 
-def load_model(script_args, config, tokenizer, say=print):
+def load_model(script_args, model_args, config, tokenizer, say=print):
     """A previous RM (full or LoRA) continues training; an SFT model gets a fresh score head.
 
     Trainable weights end in fp32 (see `fp32_master_weights`). LoRA is applied here, not by the trainer:
@@ -140,31 +143,30 @@ def load_model(script_args, config, tokenizer, say=print):
     mixed = bool(config.bf16 or config.fp16)
     if is_lora_dir(path):
         say(f"rm_training: continuing the LoRA reward model in {path}")
-        model = load_reward_model(path, tokenizer, script_args.dtype, trainable=True)
+        model = load_reward_model(path, tokenizer, model_args.dtype, trainable=True)
         return fp32_master_weights(model, mixed, deepspeed)
     is_rm = any(a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(path).architectures or [])
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[script_args.dtype])
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=model_args.dtype)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     say(f"rm_training: {'continuing the reward model' if is_rm else 'new score head on'} {path}"
-        + (f" (LoRA r {script_args.lora_r}, alpha {script_args.lora_alpha}, dropout {script_args.lora_dropout})"
-           if script_args.use_lora else " (all weights trained)"))
+        + (f" (LoRA r {model_args.lora_r}, alpha {model_args.lora_alpha}, dropout {model_args.lora_dropout})"
+           if model_args.use_lora else " (all weights trained)"))
     if config.disable_dropout:
         disable_dropout_in_model(model)
-    if script_args.use_lora:
-        from peft import LoraConfig, get_peft_model
+    if model_args.use_lora:
+        from peft import get_peft_model
 
         # PEFT adds the new score head to modules_to_save for SEQ_CLS; naming it keeps that explicit.
-        peft_config = LoraConfig(task_type="SEQ_CLS", r=script_args.lora_r, lora_alpha=script_args.lora_alpha,
-                                 lora_dropout=script_args.lora_dropout, modules_to_save=["score"])
+        peft_config = model_args.lora_config("SEQ_CLS", modules_to_save=["score"])
         zero3 = config.deepspeed_plugin is not None and config.deepspeed_plugin.zero_stage == 3
         # ZeRO-3 needs one dtype across parameters: keep the adapter in the base dtype there (as TRL does).
         model = get_peft_model(model, peft_config, autocast_adapter_dtype=not zero3)
     return fp32_master_weights(model, mixed, deepspeed)
 
 
-def main(script_args: ScriptArguments, config: RMConfig):
+def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMConfig):
     setup_wandb(config.report_to)
     say = print if config.process_index == 0 else (lambda *_: None)
     if Path(script_args.model_name).is_dir():  # a LoRA adapter records its base by this path
@@ -186,7 +188,7 @@ def main(script_args: ScriptArguments, config: RMConfig):
 
     # 2. model and trainer
     set_seed(config.seed)  # the score head is initialised at load time
-    model = load_model(script_args, config, tokenizer, say)
+    model = load_model(script_args, model_args, config, tokenizer, say)
     config.disable_dropout = False  # done in load_model, without touching the LoRA dropout
     trainer = PairwiseRewardTrainer(
         model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -204,7 +206,7 @@ def main(script_args: ScriptArguments, config: RMConfig):
         results = {k.removeprefix("eval_"): v for k, v in metrics.items()}
         results.update(train_pairs=len(train_records), train_truncated=truncated, eval_truncated=eval_truncated,
                        loss_type=script_args.loss, model_name=script_args.model_name, max_length=config.max_length,
-                       num_train_epochs=config.num_train_epochs, use_lora=script_args.use_lora,
+                       num_train_epochs=config.num_train_epochs, use_lora=model_args.use_lora,
                        train_sources=dict(Counter(r.get("_source", "hub") for r in train_records)))
         r_j, r_k = trainer.eval_rewards
         write_records(Path(config.output_dir) / "eval_scores.jsonl",  # per pair, for paired tests and calibration
@@ -215,4 +217,4 @@ def main(script_args: ScriptArguments, config: RMConfig):
 
 
 if __name__ == "__main__":
-    main(*parse([ScriptArguments, RMConfig], counted=("--train_subset", "--eval_subset")))
+    main(*parse(ARGUMENTS, counted=("--train_subset", "--eval_subset")))

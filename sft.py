@@ -12,7 +12,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ser.cli import parse, resume_from, setup_wandb
 from ser.data import encode, load_records, subsample
-from ser.modeling import fp32_master_weights, load_causal_lm, load_tokenizer
+from ser.modeling import ModelArguments, fp32_master_weights, load_causal_lm, load_tokenizer
 
 
 @dataclass
@@ -33,11 +33,9 @@ class ScriptArguments:
     subset: str = field(default="data/finetune", metadata={"help": "folder of demonstrations inside --dataset_name"})
     load_from_json: bool = field(default=False, metadata={"help": "--dataset_name is a JSON/JSONL file"})
     train_subset_size: int | None = field(default=None, metadata={"help": "use a seeded random sample of this many demonstrations"})
-    dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
-    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+
+
+ARGUMENTS = (ScriptArguments, ModelArguments, SFTConfigSER)  # the release's SFT trains all weights
 
 
 def build_dataset(records, tokenizer, max_length):
@@ -52,7 +50,7 @@ def build_dataset(records, tokenizer, max_length):
     return Dataset.from_list(rows), truncated
 
 
-def main(script_args: ScriptArguments, config: SFTConfigSER):
+def main(script_args: ScriptArguments, model_args: ModelArguments, config: SFTConfigSER):
     setup_wandb(config.report_to)
     set_seed(config.seed)
     tokenizer = load_tokenizer(script_args.tokenizer_name or script_args.model_name)
@@ -66,26 +64,24 @@ def main(script_args: ScriptArguments, config: SFTConfigSER):
         print(f"sft: {len(records)} demonstrations, {truncated} cut from the left to {config.max_length} tokens")
 
     # 2. model (trainable weights in fp32 master copies), trainer (loss on the answer only), train
-    model = load_causal_lm(script_args.model_name, tokenizer, script_args.dtype)
-    if script_args.use_lora:
-        from peft import LoraConfig, get_peft_model
+    model = load_causal_lm(script_args.model_name, tokenizer, model_args.dtype)
+    if model_args.use_lora:
+        from peft import get_peft_model
 
         zero3 = config.deepspeed_plugin is not None and config.deepspeed_plugin.zero_stage == 3
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=script_args.lora_r,
-                                                 lora_alpha=script_args.lora_alpha,
-                                                 lora_dropout=script_args.lora_dropout),
-                               autocast_adapter_dtype=not zero3)
+        model = get_peft_model(model, model_args.lora_config("CAUSAL_LM"), autocast_adapter_dtype=not zero3)
     model = fp32_master_weights(model, bool(config.bf16 or config.fp16), bool(config.deepspeed))
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=resume_from(config.resume_from_checkpoint))
 
     # 3. save a model the next stages load with --model_name (LoRA merged into the weights)
-    if script_args.use_lora:
+    if model_args.use_lora:
         trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
+    return trainer
 
 
 if __name__ == "__main__":
-    main(*parse([ScriptArguments, SFTConfigSER]))
+    main(*parse(ARGUMENTS))

@@ -9,7 +9,6 @@ tokens and the wall-time ratio. Machines here are noisy: read the ratio, not the
 
 import gzip
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,14 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ser import tiny
+from ser.cli import parse
+from ser.data import encode, split_transcript
+from ser.modeling import THIS_PROCESS_ONLY, load_reward_model, load_tokenizer, score
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "data"))
-from prepare import split_transcript  # noqa: E402
-from ser.cli import parse  # noqa: E402
-from ser.data import encode  # noqa: E402
-from ser.modeling import THIS_PROCESS_ONLY, load_reward_model, load_tokenizer, score  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -70,10 +67,8 @@ def main(args: Args):
             pairs.append((q, a, b))
         if len(pairs) == args.pairs:
             break
-    import make_tiny_model
-
     with tempfile.TemporaryDirectory() as tmp:
-        make_tiny_model.build(make_tiny_model.Args(out=tmp, tokenizer=str(tok_dir)))
+        tiny.build(tiny.Args(out=tmp, tokenizer=str(tok_dir)))
         tok = load_tokenizer(tmp)
         model = load_reward_model(tmp, tok)  # a fresh score head: cost does not depend on the weights
     qs = [p[0] for p in pairs]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser.cli import parse
-from ser.data import DATA_SUFFIXES, DataError, data_files, read_records, write_json, write_records
+from ser.data import DATA_SUFFIXES, DataError, data_files, read_records, split_transcript, write_json, write_records
 
 DATASETS = ("hh-rlhf", "ultrafeedback", "summarize", "stack-exchange")
 
@@ -126,14 +126,6 @@ def json_rows(files, rows: Rows):
 
 
 # ----------------------------------------------------------------------------- formats
-
-
-def split_transcript(transcript: str):
-    """HH-RLHF: (conversation up to the last Assistant turn, that turn's text)."""
-    cut = transcript.rfind("\n\nAssistant:")
-    if cut < 0:
-        return None, None
-    return transcript[:cut].strip(), transcript[cut + len("\n\nAssistant:"):].strip()
 
 
 def parse_hh(records, rows: Rows):

@@ -27,7 +27,8 @@ import rm_training
 import sft
 from data import make_synthetic, prepare
 from experiments.report import write_report
-from scripts import get_base_model, make_tiny_model
+from scripts import get_base_model
+from ser import tiny
 from ser.cli import parse
 from ser.data import read_records, subsample, write_json, write_records
 
@@ -117,10 +118,10 @@ def prepare_synthetic(grid, seed, fraction, work: Path):
         make_synthetic.main(make_synthetic.Args(out=str(data), labeled_fraction=fraction, seed=seed, **grid["data"]))
     base = work / "base"
     if not (base / "config.json").is_file():
-        make_tiny_model.build(make_tiny_model.Args(out=str(base), seed=seed))
+        tiny.build(tiny.Args(out=str(base), seed=seed))
     sft_dir = work / "sft"
     if not (sft_dir / "model.safetensors").is_file():
-        sft.main(*parse([sft.ScriptArguments, sft.SFTConfigSER], [
+        sft.main(*parse(sft.ARGUMENTS, [
             "--model_name", str(base), "--dataset_name", str(data), "--output_dir", str(sft_dir),
             "--seed", str(seed), *grid["sft"], *CPU]))
     return data, sft_dir
@@ -164,7 +165,7 @@ def train_rm(grid, out: Path, init, sources, epochs, loss, seed, train_subset="d
     if (out / "eval_results.json").is_file():
         return json.loads((out / "eval_results.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
-    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
+    rm_training.main(*parse(rm_training.ARGUMENTS, [
         "--model_name", str(init), "--dataset_name", *map(str, sources), "--train_subset", train_subset,
         "--eval_subset", str(eval_data), "--output_dir", str(out), "--num_train_epochs", str(epochs),
         "--max_length", str(grid["max_length"]), "--loss", loss, "--seed", str(seed),

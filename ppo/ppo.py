@@ -39,9 +39,9 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from ser.cli import check_accelerator, parse, setup_wandb
 from ser.data import load_records
-from ser.modeling import THIS_PROCESS_ONLY, fp32_master_weights, load_causal_lm, load_reward_model, load_tokenizer, \
-    score_ids
-from ser.rollout import logprobs_of, lm_logprobs, position_ids_of, reward_inputs, sample
+from ser.modeling import THIS_PROCESS_ONLY, fp32_master_weights, load_causal_lm, load_reward_model, load_tokenizer, score_ids
+from ser.modeling import ModelArguments as BaseModelArguments
+from ser.rollout import lm_logprobs, logprobs_of, position_ids_of, reward_inputs, sample
 
 
 @dataclass
@@ -96,10 +96,6 @@ class ScriptArguments:
                                                      "choices": ["shared", "separate"]})
     value_init: str = field(default="rm", metadata={"help": "value head init: rm (the RM's score head) or zero",
                                                      "choices": ["rm", "zero"]})
-    use_peft: bool = field(default=True, metadata={"help": "LoRA policy; the reference is the adapter switched off"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
     rm_dtype: str = field(default="auto", metadata={"help": "RM weights dtype"})
     # bookkeeping
@@ -109,6 +105,16 @@ class ScriptArguments:
     seed: int = field(default=0, metadata={"help": "random seed"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
     deepspeed: str | None = field(default=None, metadata={"help": "not taken here: use `accelerate launch --use_deepspeed`"})
+
+
+@dataclass
+class ModelArguments(BaseModelArguments):
+    use_lora: bool = field(default=True, metadata={
+        "help": "LoRA policy, the reference being the adapter switched off (--use_peft is the old name)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (switched off in PPO's passes anyway)"})
+
+
+ARGUMENTS = (ScriptArguments, ModelArguments)
 
 
 # ----------------------------------------------------------------------------- models
@@ -133,18 +139,17 @@ class PolicyAndValue(nn.Module):
         return out.logits, values
 
 
-def build_models(args, tokenizer, deepspeed=False):
+def build_models(args, model_args, tokenizer, deepspeed=False):
     """Policy and critic with fp32 trainable weights (bf16 is for compute, under autocast) and no dropout:
     dropout would make the logprobs of the update differ from the rollout's (a detail TRL also keeps)."""
-    policy = load_causal_lm(args.model_name, tokenizer)
+    policy = load_causal_lm(args.model_name, tokenizer, model_args.dtype)
     reference = None
-    if args.use_peft:
-        from peft import LoraConfig, get_peft_model
+    if model_args.use_lora:
+        from peft import get_peft_model
 
-        policy = get_peft_model(policy, LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                   lora_dropout=args.lora_dropout))
+        policy = get_peft_model(policy, model_args.lora_config("CAUSAL_LM"))
     else:  # a frozen copy of the SFT model is the reference
-        reference = load_causal_lm(args.model_name, tokenizer).eval().requires_grad_(False)
+        reference = load_causal_lm(args.model_name, tokenizer, model_args.dtype).eval().requires_grad_(False)
     disable_dropout_in_model(policy)  # the LoRA dropout too
     policy = fp32_master_weights(policy, args.bf16, deepspeed)
     rm = load_reward_model(args.reward_model_name, tokenizer, args.rm_dtype)
@@ -291,7 +296,7 @@ def process_group_kwargs() -> dict:
     return {"cpu": True}
 
 
-def main(args: ScriptArguments):
+def main(args: ScriptArguments, model_args: ModelArguments):
     if args.deepspeed:
         raise ValueError("ppo.py takes DeepSpeed from accelerate: `accelerate launch --use_deepspeed --zero_stage 2 "
                          f"ppo/ppo.py ...` or `--deepspeed_config_file {args.deepspeed}`, not --deepspeed")
@@ -318,7 +323,7 @@ def main(args: ScriptArguments):
                                                    fields=("question",))]
 
     # 1. models, optimiser, scheduler
-    model, reference, rm = build_models(args, tokenizer, deepspeed=accelerator.state.deepspeed_plugin is not None)
+    model, reference, rm = build_models(args, model_args, tokenizer, deepspeed=accelerator.state.deepspeed_plugin is not None)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.adafactor:
         from transformers.optimization import Adafactor
@@ -350,7 +355,7 @@ def main(args: ScriptArguments):
                       f"{len(prompts)} prompts, {sum(p.numel() for p in params):,} trainable parameters")
     n_params = sum(p.numel() for p in unwrapped.policy.parameters())
     if args.log_with:
-        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config=asdict(args))
+        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config={**asdict(args), **asdict(model_args)})
 
     log = {}
     while state.step < args.steps:
@@ -531,4 +536,4 @@ def save_policy(accelerator, model, tokenizer, args):
 
 
 if __name__ == "__main__":
-    main(*parse([ScriptArguments]))
+    main(*parse(ARGUMENTS))

@@ -163,7 +163,8 @@ def write_demo_report(summary, run: Path, out: Path, policy_eval=None):
                        f"({demo['sft_gold_reward']:+.3f} -> {demo['ppo_gold_reward']:+.3f}); PPO wins "
                        f"{100 * demo['ppo_win_rate_gold']:.0f} % of {policy_eval['samples']} head-to-head samples by "
                        f"the gold reward ({100 * demo['ppo_tie_rate_gold']:.0f} % ties) and "
-                       f"{100 * demo['ppo_win_rate_rm']:.0f} % by the RM it optimised (a circular judge); KL to SFT {demo['ppo_kl_to_sft']:.1f} nats.")
+                       f"{100 * demo['ppo_win_rate_rm']:.0f} % by the RM it optimised (a circular judge); "
+                       f"KL to SFT {demo['ppo_kl_to_sft']:.1f} nats.")
         lines += ["## PPO against the final SER RM", "", *ppo_rows, "", ppo_verdict, ""]
         rows, verdict = rows + [""] + ppo_rows, verdict + [ppo_verdict]
     (out / "report.md").write_text("\n".join(lines))

@@ -18,6 +18,7 @@ RENAMED = {
     "--no_cuda": "--use_cpu",
     "--gradient_checkpointing": "--activation_checkpointing",  # deprecated alias in transformers 5
     "--seq_length": "--max_length",  # sft.py's old name for the one sequence length of every stage
+    "--use_peft": "--use_lora",  # ppo.py's old name for the one LoRA flag
 }
 # flag -> {old value -> new value}
 VALUE_MAP = {

@@ -170,6 +170,14 @@ def strip_meta(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.startswith("_")}
 
 
+def split_transcript(transcript: str):
+    """HH-RLHF: (conversation up to the last Assistant turn, that turn's text)."""
+    cut = transcript.rfind("\n\nAssistant:")
+    if cut < 0:
+        return None, None
+    return transcript[:cut].strip(), transcript[cut + len("\n\nAssistant:"):].strip()
+
+
 # ----------------------------------------------------------------------------- writing
 
 

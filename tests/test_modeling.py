@@ -57,19 +57,9 @@ def test_reward_is_read_at_eos_under_padding_and_with_eos_in_the_prompt(rm):
     assert wrong != pytest.approx(alone[:2], abs=1e-5)
 
 
-def test_left_padded_batch_reads_the_same_token(rm):
-    model, tok = rm
-    seqs = [encode(tok, "What should I bring to the office?", r, 512)["input_ids"] for r in ("Bring cup.", "Bring a very long list: hat, map, coat.")]
-    width = max(map(len, seqs))
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(s)) + s for s in seqs])
-    left = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, 0]
-    alone = [model(input_ids=torch.tensor([s])).logits[0, 0] for s in seqs]
-    assert left.tolist() == pytest.approx([a.item() for a in alone], abs=1e-4)
-
-
 def test_lora_rm_saves_its_score_head_and_reloads_to_identical_scores(sft_model, synthetic, tmp_path):
     out = tmp_path / "rm_lora"
-    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
+    rm_training.main(*parse(rm_training.ARGUMENTS, [
         "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
         "--use_lora", "True", "--num_train_epochs", "1", "--per_device_train_batch_size", "16",
         "--learning_rate", "3e-3", *CPU]))

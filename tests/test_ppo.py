@@ -13,11 +13,10 @@ from safetensors.torch import load_file
 
 import rm_training
 from conftest import CPU, ROOT
+from ppo import ppo
+from ser import tiny
 from ser.cli import parse
 from ser.rollout import truncate_after_eos
-
-sys.path.insert(0, str(ROOT / "ppo"))
-import ppo  # noqa: E402
 
 ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "WANDB_MODE": "disabled",
        "TOKENIZERS_PARALLELISM": "false"}
@@ -65,22 +64,22 @@ def test_adaptive_kl_moves_the_coefficient_toward_the_target():
 @pytest.fixture(scope="module")
 def rm(sft_model, synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo_rm")
-    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
+    rm_training.main(*parse(rm_training.ARGUMENTS, [
         "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
         "--use_lora", "False", "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--learning_rate", "2e-3", *CPU]))
     return out
 
 
 def ppo_args(sft_model, rm, synthetic, out, *extra):
-    return parse([ppo.ScriptArguments], [
+    return parse(ppo.ARGUMENTS, [
         "--model_name", str(sft_model), "--reward_model_name", str(rm), "--dataset_name", str(synthetic),
         "--output_dir", str(out), "--batch_size", "8", "--mini_batch_size", "4", "--gradient_accumulation_steps", "1",
-        "--ppo_epochs", "2", "--learning_rate", "3e-3", "--output_max_length", "12", *extra])[0]
+        "--ppo_epochs", "2", "--learning_rate", "3e-3", "--output_max_length", "12", *extra])
 
 
 @pytest.mark.slow
 def test_adaptive_kl_in_a_run(sft_model, rm, synthetic, tmp_path):
-    ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "3", "--kl_target", "0.0001",
+    ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "3", "--kl_target", "0.0001",
                       "--kl_horizon", "10", "--save_freq", "3"))
     state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["kl_coef"] > 0.2  # the policy moved more than the tiny target: the penalty grew
@@ -96,14 +95,14 @@ def test_a_nan_reward_stops_the_run_naming_the_step(sft_model, rm, synthetic, tm
     broken.save_pretrained(tmp_path / "nan_rm")
     tok.save_pretrained(tmp_path / "nan_rm")
     with pytest.raises(FloatingPointError, match=r"step 0: the reward model returned non-finite scores"):
-        ppo.main(ppo_args(sft_model, tmp_path / "nan_rm", synthetic, tmp_path / "out", "--steps", "2",
+        ppo.main(*ppo_args(sft_model, tmp_path / "nan_rm", synthetic, tmp_path / "out", "--steps", "2",
                           "--batched_gen", "False"))
 
 
 @pytest.mark.slow
 def test_separate_critic_full_policy_adafactor_and_early_stopping(sft_model, rm, synthetic, tmp_path, capsys):
-    log = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "2", "--critic", "separate",
-                      "--use_peft", "False", "--adafactor", "True", "--early_stopping", "True", "--target_kl", "1e-9",
+    log = ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "2", "--critic", "separate",
+                      "--use_lora", "False", "--adafactor", "True", "--early_stopping", "True", "--target_kl", "1e-9",
                       "--missing_eos_penalty", "1.0", "--reward_transform", "sigmoid", "--save_freq", "2"))
     assert log["ppo/early_stopped"] == 1.0  # the KL of the first update already exceeds 1.5 x target_kl
     weights = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
@@ -116,17 +115,17 @@ def test_separate_critic_full_policy_adafactor_and_early_stopping(sft_model, rm,
 
 def test_minibatches_not_a_multiple_of_accumulation_are_refused(sft_model, rm, synthetic, tmp_path):
     """batch 8, mini-batch 1, accumulation 3: the third step of an epoch would carry gradients over."""
-    args = ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "1")
+    args, model_args = ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "1")
     args.batch_size, args.mini_batch_size, args.gradient_accumulation_steps = 8, 1, 3
     with pytest.raises(ValueError, match="8 minibatches per PPO epoch is not a multiple of --gradient_accumulation"):
-        ppo.main(args)
+        ppo.main(args, model_args)
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
 def test_logged_reward_is_the_raw_rm_reward_under_reward_norm(sft_model, rm, synthetic, tmp_path):
-    plain = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "a", "--steps", "1", "--seed", "5"))
-    normed = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "b", "--steps", "1", "--seed", "5",
+    plain = ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "a", "--steps", "1", "--seed", "5"))
+    normed = ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "b", "--steps", "1", "--seed", "5",
                                "--reward_norm", "True"))
     # the same first rollout: the same raw rewards, whatever the normalisation fed to PPO
     assert normed["env/reward_mean"] == pytest.approx(plain["env/reward_mean"], abs=1e-5)
@@ -138,26 +137,25 @@ def test_update_statistics_are_averaged_over_processes(sft_model, rm, synthetic,
     """With a second process whose every figure is this one's + 1, each logged PPO statistic is the
     mean of the two (+0.5), not this process's own."""
     flags = ["--steps", "1", "--seed", "7"]
-    alone = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "a", *flags))
+    alone = ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "a", *flags))
     monkeypatch.setattr(ppo, "gather", lambda t: torch.cat([t.reshape(-1), t.reshape(-1) + 1]))
-    paired = ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "b", *flags))
+    paired = ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "b", *flags))
     for key in ("ppo/pg_loss", "ppo/vf_loss", "ppo/clipfrac", "ppo/approxkl", "ppo/entropy"):
         assert paired[key] == pytest.approx(alone[key] + 0.5, abs=1e-5), key
 
 
 def test_value_head_of_another_shape_is_an_error(sft_model, synthetic, tmp_path):
     """An RM on a backbone of another width cannot initialise the value head: say so, do not zero it."""
-    import make_tiny_model
     from transformers import AutoModelForSequenceClassification
 
     from ser.modeling import load_tokenizer
 
-    wide = make_tiny_model.build(make_tiny_model.Args(out=str(tmp_path / "wide"), hidden_size=96))
+    wide = tiny.build(tiny.Args(out=str(tmp_path / "wide"), hidden_size=96))
     tok = load_tokenizer(str(sft_model))
     AutoModelForSequenceClassification.from_pretrained(wide, num_labels=1).save_pretrained(tmp_path / "wide_rm")
     tok.save_pretrained(tmp_path / "wide_rm")
     with pytest.raises(ValueError, match=r"score head has shape \(1, 96\).*needs \(1, 64\)"):
-        ppo.main(ppo_args(sft_model, tmp_path / "wide_rm", synthetic, tmp_path / "out", "--steps", "1"))
+        ppo.main(*ppo_args(sft_model, tmp_path / "wide_rm", synthetic, tmp_path / "out", "--steps", "1"))
 
 
 def checkpoint(path):
@@ -176,7 +174,7 @@ class Crash(Exception):
 def test_resume_is_exact(sft_model, rm, synthetic, tmp_path, monkeypatch):
     flags = ["--steps", "4", "--save_freq", "2", "--lr_scheduler_type", "linear", "--reward_norm", "True",
              "--seed", "3"]
-    ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "straight", *flags))
+    ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "straight", *flags))
 
     save = ppo.save_checkpoint
 
@@ -186,9 +184,9 @@ def test_resume_is_exact(sft_model, rm, synthetic, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ppo, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash, match="after step 2"):
-        ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags))
+        ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags))
     monkeypatch.setattr(ppo, "save_checkpoint", save)
-    ppo.main(ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags,
+    ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags,
                       "--resume_from_checkpoint", str(tmp_path / "halves" / "checkpoint-2")))
     a, b = checkpoint(tmp_path / "straight" / "checkpoint-4"), checkpoint(tmp_path / "halves" / "checkpoint-4")
     assert a[0].keys() == b[0].keys()
@@ -249,7 +247,7 @@ def test_ppo_under_deepspeed_zero2(sft_model, rm, synthetic, tmp_path):
 
 
 def test_evaluation_names_its_circular_judge_and_adds_independent_ones(sft_model, rm, synthetic, tmp_path):
-    import evaluate
+    from ppo import evaluate
 
     args = parse([evaluate.Args], [
         "--base_model", str(sft_model), "--policy", str(sft_model), "--reward_model_name", str(rm),

@@ -24,7 +24,7 @@ def bf16_sft(tiny_model, tmp_path_factory):
 
 
 def train_rm(base, data, out, *flags):
-    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
+    rm_training.main(*parse(rm_training.ARGUMENTS, [
         "--model_name", str(base), "--dataset_name", str(data), "--output_dir", str(out),
         "--learning_rate", "2e-5", "--max_steps", "20", "--per_device_train_batch_size", "8",
         "--train_subset_size", "160", "--eval_subset_size", "16", "--seed", "0", *BF16, *flags],
@@ -74,17 +74,16 @@ def test_lora_rm_from_a_bf16_checkpoint_updates_adapter_and_head_like_fp32_maste
 
 
 def test_rm_defaults_are_the_papers(tiny_model):
-    script, config = parse([rm_training.ScriptArguments, rm_training.RMConfig],
-                           ["--model_name", "M", "--dataset_name", "D", "--output_dir", "o"])
+    _, model, config = parse(rm_training.ARGUMENTS, ["--model_name", "M", "--dataset_name", "D", "--output_dir", "o"])
     assert (config.learning_rate, config.max_length, config.num_train_epochs) == (2e-5, 512, 2.0)
-    assert (script.use_lora, script.lora_r, script.lora_alpha, script.lora_dropout) == (True, 8, 32, 0.1)
+    assert (model.use_lora, model.lora_r, model.lora_alpha, model.lora_dropout) == (True, 8, 32, 0.1)
 
 
 def test_lora_dropout_survives_while_the_backbone_dropout_is_off(tiny_model):
-    script, config = parse([rm_training.ScriptArguments, rm_training.RMConfig],
-                           ["--model_name", str(tiny_model), "--dataset_name", "D", "--output_dir", "o", *CPU])
+    script, model_args, config = parse(rm_training.ARGUMENTS,
+                                       ["--model_name", str(tiny_model), "--dataset_name", "D", "--output_dir", "o", *CPU])
     tok = load_tokenizer(str(tiny_model))
-    model = rm_training.load_model(script, config, tok, say=lambda *_: None)
+    model = rm_training.load_model(script, model_args, config, tok, say=lambda *_: None)
     lora = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n]
     other = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" not in n]
     assert lora and all(m.p == 0.1 for m in lora)
@@ -93,15 +92,15 @@ def test_lora_dropout_survives_while_the_backbone_dropout_is_off(tiny_model):
 
 @pytest.mark.parametrize("use_peft", ["True", "False"])
 def test_ppo_policy_trains_fp32_masters_without_dropout(bf16_sft, use_peft, monkeypatch):
-    import ppo
+    from ppo import ppo
 
-    args = parse([ppo.ScriptArguments], ["--model_name", str(bf16_sft), "--reward_model_name", "unused",
-                                         "--dataset_name", "unused", "--use_peft", use_peft, "--bf16", "True",
-                                         "--lora_dropout", "0.1", "--value_init", "zero"])[0]
+    args, model_args = parse(ppo.ARGUMENTS, ["--model_name", str(bf16_sft), "--reward_model_name", "unused",
+                                             "--dataset_name", "unused", "--use_peft", use_peft, "--bf16", "True",
+                                             "--lora_dropout", "0.1", "--value_init", "zero"])
     tok = load_tokenizer(str(bf16_sft))
     rm = rm_training.AutoModelForSequenceClassification.from_pretrained(bf16_sft, num_labels=1)
     monkeypatch.setattr(ppo, "load_reward_model", lambda *a, **k: rm)  # the RM is not under test here
-    model, reference, _ = ppo.build_models(args, tok)
+    model, reference, _ = ppo.build_models(args, model_args, tok)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-import prepare
 import rm_training
 import sft
 from conftest import CPU, shared_path
+from data import prepare
+from ser import tiny
 from ser.cli import parse
 from ser.data import DataError, load_records, read_records
 
@@ -104,7 +105,7 @@ def test_splits_are_disjoint_by_question_and_deterministic(prepared, tmp_path):
 def test_no_conversation_opening_is_shared_across_splits(prepared):
     """HH-RLHF holds several multi-turn conversations that open with the same human turn; they go to
     one split together, so no held-out pair shares its opening with a pool pair."""
-    import prepare
+    from data import prepare
 
     manifest, out = prepared["hh-rlhf"]
     assert set(manifest["root_overlap"].values()) == {0}
@@ -169,18 +170,17 @@ def test_unknown_dataset_missing_source_and_non_empty_out(tmp_path):
 @pytest.mark.slow
 def test_stages_run_on_prepared_real_data(prepared, tmp_path):
     """SFT and RM on prepared HH-RLHF and UltraFeedback, tiny model with the real Llama tokenizer."""
-    import make_tiny_model
 
     base = tmp_path / "base"
-    make_tiny_model.build(make_tiny_model.Args(
+    tiny.build(tiny.Args(
         out=str(base), tokenizer=str(shared_path("data", "models", "tinyllama-1.1b-chat-v1.0-tokenizer"))))
     for name in ("hh-rlhf", "ultrafeedback"):
         data = prepared[name][1]
-        sft.main(*parse([sft.ScriptArguments, sft.SFTConfigSER], [
+        sft.main(*parse(sft.ARGUMENTS, [
             "--model_name", str(base), "--dataset_name", str(data), "--output_dir", str(tmp_path / name / "sft"),
             "--seq_length", "256", "--train_subset_size", "32", "--max_steps", "2",
             "--per_device_train_batch_size", "8", *CPU]))
-        rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
+        rm_training.main(*parse(rm_training.ARGUMENTS, [
             "--model_name", str(tmp_path / name / "sft"), "--dataset_name", str(data),
             "--output_dir", str(tmp_path / name / "rm"), "--max_length", "256", "--train_subset", "32",
             "--eval_subset", "16", "--max_steps", "2", "--per_device_train_batch_size", "4", *CPU],

@@ -23,7 +23,7 @@ SIZES = {"finetune": 16, "reward": 20, "evaluation": 24, "unlabeled": 32, "rl": 
 
 def hh_rows(root):
     """Prepared HH-RLHF (helpful-online), each split cut to a few rows for CPU time."""
-    import prepare
+    from data import prepare
 
     raw = shared_path("data", "raw", "hh_rlhf", "helpful-online_test.jsonl.gz")
     prepare.main(prepare.Args(dataset="hh-rlhf", source=str(raw), out=str(root), labeled_fraction=0.15,

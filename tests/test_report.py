@@ -2,7 +2,7 @@
 
 import json
 
-import ser_report
+from scripts import ser_report
 from ser.data import write_json
 
 

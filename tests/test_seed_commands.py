@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-import make_synthetic
 from conftest import ROOT, shared_path
+from data import make_synthetic
+from ser import tiny
 
 
 def seed_command(script: str) -> str:
@@ -40,10 +41,9 @@ def run(command: str, placeholders: dict, tmp_path):
 
 def synthetic_task(root):
     """The synthetic task at seed-command size, with the tokenizer trained here."""
-    import make_tiny_model
 
     make_synthetic.main(make_synthetic.Args(out=str(root / "data"), n_pairs=60, n_eval=40, n_sft=64, n_rl=4, seed=3))
-    make_tiny_model.build(make_tiny_model.Args(out=str(root / "base")))
+    tiny.build(tiny.Args(out=str(root / "base")))
     return root / "data", root / "base", {"eval": 40, "train": 9}  # 15 % of 60 human-labelled pairs
 
 
@@ -52,13 +52,12 @@ def hh_rlhf_task(root):
 
     (With the 32k Llama tokenizer, the 2-process CPU SFT spends ~50 s a step on the vocabulary;
     test_prepare.py runs the stages with that tokenizer in one process instead.)"""
-    import make_tiny_model
-    import prepare
+    from data import prepare
 
     raw = shared_path("data", "raw", "hh_rlhf", "helpful-online_test.jsonl.gz")
     manifest = prepare.main(prepare.Args(dataset="hh-rlhf", source=str(raw), out=str(root / "data"),
                                          labeled_fraction=0.05, eval_fraction=0.05, finetune_fraction=0.05))
-    make_tiny_model.build(make_tiny_model.Args(
+    tiny.build(tiny.Args(
         out=str(root / "base"), corpus=[str(root / "data" / "data" / "reward_full" / "train.jsonl")], vocab_size=2000))
     return root / "data", root / "base", {"eval": manifest["counts"]["evaluation"],
                                           "train": manifest["counts"]["reward"]}

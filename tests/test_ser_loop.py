@@ -24,7 +24,7 @@ ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PA
 @pytest.fixture(scope="module")
 def rm0(sft_model, synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm0")
-    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig], [
+    rm_training.main(*parse(rm_training.ARGUMENTS, [
         "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
         "--num_train_epochs", "8", *RM_ARGS.split()]))
     return out
@@ -62,7 +62,8 @@ def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
 def driver(run, synthetic, sft_model):
     env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "2",
            "MAX_LENGTH": "96", "SEED_EPOCHS": "8", "LOOP_EPOCHS": "6",
-           "RM_ARGS": RM_ARGS, "FILTER_ARGS": "--status1_min_pairs 20 --status2_min_pairs 20 --probability pairwise", "PY": sys.executable}
+           "RM_ARGS": RM_ARGS, "FILTER_ARGS": "--status1_min_pairs 20 --status2_min_pairs 20 --probability pairwise",
+           "PY": sys.executable}
     return subprocess.Popen(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

@@ -12,29 +12,27 @@ from ser.data import load_records, write_records
 from ser.modeling import load_tokenizer
 
 
-def test_sft_loss_is_on_the_answer_only(tiny_model, synthetic):
-    tok = load_tokenizer(str(tiny_model))
-    records = load_records(str(synthetic), "data/finetune", fields=("question", "response_j"))[:8]
-    dataset, truncated = sft.build_dataset(records, tok, max_length=512)
-    _, config = parse([sft.ScriptArguments, sft.SFTConfigSER], ["--model_name", "x", "--dataset_name", "x",
-                                                              "--output_dir", "/tmp/unused", *CPU])
-    config.completion_only_loss, config.max_length = True, 512
-    from ser.modeling import load_causal_lm
-
-    trainer = sft.SFTTrainer(model=load_causal_lm(str(tiny_model), tok), args=config, train_dataset=dataset,
-                             processing_class=tok)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(records))])
-    assert truncated == 0
-    for row, r in enumerate(records):
+def test_sft_loss_is_on_the_answer_only(tiny_model, synthetic, tmp_path):
+    trainer = sft.main(*parse(sft.ARGUMENTS, [
+        "--model_name", str(tiny_model), "--dataset_name", str(synthetic), "--output_dir", str(tmp_path),
+        "--train_subset_size", "8", "--max_steps", "1", *CPU]))
+    tok = load_tokenizer(str(tmp_path))
+    by_ids = {tuple(r["input_ids"]): r for r in trainer.train_dataset}
+    records = load_records(str(synthetic), "data/finetune", fields=("question", "response_j"))
+    assert len(by_ids) == 8
+    batch = trainer.data_collator(list(by_ids.values()))
+    answers = {r["response_j"] for r in records}
+    for row in range(len(by_ids)):
         labels, ids = batch["labels"][row], batch["input_ids"][row]
         kept = ids[labels != -100].tolist()
-        # answer + eos, nothing of the question (the space after "Answer:" merges into the first answer token)
-        assert tok.decode(kept).lstrip() == r["response_j"] + tok.eos_token
+        # answer + eos, nothing of the question (the space after "Answer:" is the answer's first character)
+        text = tok.decode(kept)
+        assert text.startswith(" ") and text.endswith(tok.eos_token) and text[1:-len(tok.eos_token)] in answers
         assert (labels[:3] == -100).all()
 
 
 def run_rm(out, *flags):
-    rm_training.main(*parse([rm_training.ScriptArguments, rm_training.RMConfig],
+    rm_training.main(*parse(rm_training.ARGUMENTS,
                             ["--output_dir", str(out), "--use_lora", "False", "--per_device_train_batch_size", "16",
                              "--per_device_eval_batch_size", "64", "--learning_rate", "2e-3", *CPU, *flags],
                             counted=("--train_subset", "--eval_subset")))
