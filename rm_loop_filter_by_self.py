@@ -159,6 +159,7 @@ def statistics(pool, status, selected, remaining, counts, args, scoring=None):
     if pool and "reward_j" in pool[0]:
         rewards = [p[k] for p in pool for k in ("reward_j", "reward_k")]
         stats["reward_histogram"] = histogram(rewards, min(rewards), max(rewards) + 1e-9)
+    stats["args"] = {k: v for k, v in vars(args).items()}
     if scoring:
         stats["max_length"] = args.max_length
         stats["scoring"] = scoring  # includes the number of processes that shared the scoring

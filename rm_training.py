@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
-from ser.cli import parse, resume_from, setup_wandb
+from ser.cli import parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json, write_records
 from ser.modeling import ModelArguments as BaseModelArguments
 from ser.modeling import fp32_master_weights, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics, score_ids
@@ -212,6 +212,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
         write_records(Path(config.output_dir) / "eval_scores.jsonl",  # per pair, for paired tests and calibration
                       [{"id": r.get("id", i), "reward_j": a, "reward_k": b}
                        for i, (r, a, b) in enumerate(zip(eval_records, r_j, r_k))])
+        write_json(Path(config.output_dir) / "run_args.json", resolved_args(script_args, model_args, config))
         write_json(Path(config.output_dir) / "eval_results.json", results)  # written last: marks the stage done
         print("rm_training: held-out " + json.dumps({k: results[k] for k in ("accuracy", "tie_rate", "margin", "pairs")}))
 

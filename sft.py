@@ -10,8 +10,8 @@ from datasets import Dataset
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from ser.cli import parse, resume_from, setup_wandb
-from ser.data import encode, load_records, subsample
+from ser.cli import parse, resolved_args, resume_from, setup_wandb
+from ser.data import encode, load_records, subsample, write_json
 from ser.modeling import ModelArguments, fp32_master_weights, load_causal_lm, load_tokenizer
 
 
@@ -80,6 +80,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: SFTCo
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
+        write_json(f"{config.output_dir}/run_args.json", resolved_args(script_args, model_args, config))
     return trainer
 
 

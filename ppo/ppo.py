@@ -31,14 +31,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather, set_seed
 from transformers import get_scheduler
-from trl.trainer.utils import disable_dropout_in_model
+from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits
 
-from ser.cli import check_accelerator, parse, setup_wandb
-from ser.data import load_records
+from ser.cli import check_accelerator, parse, resolved_args, setup_wandb
+from ser.data import load_records, write_json
 from ser.modeling import THIS_PROCESS_ONLY, fp32_master_weights, load_causal_lm, load_reward_model, load_tokenizer, score_ids
 from ser.modeling import ModelArguments as BaseModelArguments
 from ser.rollout import lm_logprobs, logprobs_of, position_ids_of, reward_inputs, sample
@@ -101,6 +100,8 @@ class ScriptArguments:
     # bookkeeping
     peak_tflops: float | None = field(default=None, metadata={"help": "peak TFLOP/s of one device, to log MFU"})
     save_freq: int = field(default=200, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
+    save_total_limit: int | None = field(default=2, metadata={
+        "help": "keep this many newest checkpoints (each holds optimiser state); None keeps all"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder to continue from"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
@@ -354,6 +355,8 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     accelerator.print(f"ppo: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
                       f"{len(prompts)} prompts, {sum(p.numel() for p in params):,} trainable parameters")
     n_params = sum(p.numel() for p in unwrapped.policy.parameters())
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / "run_args.json", resolved_args(args, model_args))
     if args.log_with:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config={**asdict(args), **asdict(model_args)})
 
@@ -447,8 +450,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                     scheduler.step()
                     optimizer.zero_grad()
                 with torch.no_grad():
-                    probs = F.softmax(logits / args.temperature, dim=-1)
-                    entropy = torch.logsumexp(logits / args.temperature, -1) - (probs * logits / args.temperature).sum(-1)
+                    entropy = entropy_from_logits(logits / args.temperature)
                     stats["pg_loss"].append(pg_loss.item())
                     stats["vf_loss"].append(vf_loss.item())
                     stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > args.cliprange).float(), m).item())
@@ -520,6 +522,10 @@ def save_checkpoint(accelerator, args, state):
         (tmp / "trainer_state.json").write_text(json.dumps({**state.state_dict(), "args": asdict(args)}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        if args.save_total_limit:  # older checkpoints go only once the new one is whole
+            older = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+            for old in older[:-args.save_total_limit]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 

@@ -9,14 +9,18 @@ CPU=(--use_cpu True --bf16 False --gradient_checkpointing False --report_to none
 mkdir -p $OUT
 start=$(date +%s)
 
+# The tiny model departs from the paper's RM defaults (LoRA r 8, lr 2e-5, 2 + 5 epochs): a 100k-parameter
+# model trained from scratch learns with all weights, a large learning rate and more epochs.
+RM_ARGS="--use_lora False --per_device_train_batch_size 16 --per_device_eval_batch_size 64 --learning_rate 1e-3 ${CPU[*]}"
+force=(); if [[ ${FORCE:-0} == 1 ]]; then force=(--force); fi
+python -m ser.run_config --run $OUT "${force[@]}" DEMO=synthetic RM_ARGS="$RM_ARGS" SEED_EPOCHS=8 LOOP_EPOCHS=8 \
+  MAX_LOOPS=3 CONTINUE=0 PPO_STEPS=80
+
 [[ -f $OUT/data/manifest.json ]] || python data/make_synthetic.py --out $OUT/data
 [[ -f $OUT/base/config.json ]] || python scripts/make_tiny_model.py --out $OUT/base
 [[ -f $OUT/sft/model.safetensors ]] || python sft.py --model_name $OUT/base --dataset_name $OUT/data \
   --output_dir $OUT/sft --num_train_epochs 2 --per_device_train_batch_size 32 --learning_rate 3e-3 "${CPU[@]}"
 
-# The tiny model departs from the paper's RM defaults (LoRA r 8, lr 2e-5, 2 + 5 epochs): a 100k-parameter
-# model trained from scratch learns with all weights, a large learning rate and more epochs.
-RM_ARGS="--use_lora False --per_device_train_batch_size 16 --per_device_eval_batch_size 64 --learning_rate 1e-3 ${CPU[*]}"
 DATA=$OUT/data SFT=$OUT/sft RUN=$OUT/ser MAX_LOOPS=3 CONTINUE=0 SEED_EPOCHS=8 LOOP_EPOCHS=8 RM_ARGS="$RM_ARGS" \
   FILTER_ARGS="--status1_min_pairs 100 --status2_min_pairs 100" PY=python bash scripts/ser_loop.sh
 

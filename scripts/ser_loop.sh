@@ -22,9 +22,30 @@ LAUNCH=${LAUNCH:-python}      # e.g. "accelerate launch --multi_gpu --num_proces
 PY=${PY:-python}              # for the report
 RM_ARGS=${RM_ARGS:-}          # extra rm_training.py flags: learning rate, --use_lora False, --bf16 True, ...
 FILTER_ARGS=${FILTER_ARGS:-}  # extra rm_loop_filter_by_self.py flags: thresholds, counts, modes
+FORCE=${FORCE:-0}             # 1: continue a RUN made with other settings (see RUN/config.json)
 
+# Paths are the caller's: resolve them before moving to the repository.
+abspath() { [[ $1 == /* ]] && printf '%s' "$1" || printf '%s/%s' "$PWD" "$1"; }
+DATA=$(abspath "$DATA"); SFT=$(abspath "$SFT"); RUN=$(abspath "$RUN")
 cd "$(dirname "$0")/.."
 mkdir -p "$RUN"
+
+# One driver per RUN. The lock is held by this shell and inherited by the stages it starts, so a
+# trainer orphaned by a killed driver keeps it until it ends too.
+exec 9>"$RUN/.lock"
+if ! flock -n 9; then echo "ser: another driver (or a stage it started) is still running on $RUN" >&2; exit 4; fi
+
+# The extra flags, split as a shell would split them (quotes kept, no globbing).
+split() { $PY -c 'import shlex, sys; sys.stdout.write("\0".join(shlex.split(sys.argv[1])))' "$1"; }
+RM_EXTRA=(); FILTER_EXTRA=()
+if [[ -n $RM_ARGS ]]; then mapfile -d '' -t RM_EXTRA < <(split "$RM_ARGS"); fi
+if [[ -n $FILTER_ARGS ]]; then mapfile -d '' -t FILTER_EXTRA < <(split "$FILTER_ARGS"); fi
+
+# RUN/config.json: a re-run with other settings must not skip stages made with the old ones.
+force=(); if [[ $FORCE == 1 ]]; then force=(--force); fi
+$PY -m ser.run_config --run "$RUN" "${force[@]}" DATA="$DATA" SFT="$SFT" MAX_LOOPS="$MAX_LOOPS" \
+  KEEP_SEED="$KEEP_SEED" CONTINUE="$CONTINUE" MAX_LENGTH="$MAX_LENGTH" SEED_EPOCHS="$SEED_EPOCHS" \
+  LOOP_EPOCHS="$LOOP_EPOCHS" RM_ARGS="$RM_ARGS" FILTER_ARGS="$FILTER_ARGS"
 
 # stage NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exists (each stage writes it last)
 stage() {
@@ -39,7 +60,7 @@ stage() {
 stage loop_0.train "$RUN/loop_0/rm/eval_results.json" \
   rm_training.py --model_name "$SFT" --dataset_name "$DATA" --train_subset data/reward \
   --eval_subset data/evaluation --output_dir "$RUN/loop_0/rm" --max_length "$MAX_LENGTH" \
-  --num_train_epochs "$SEED_EPOCHS" $RM_ARGS
+  --num_train_epochs "$SEED_EPOCHS" "${RM_EXTRA[@]}"
 
 selected=()
 for ((t = 1; t <= MAX_LOOPS; t++)); do
@@ -50,7 +71,7 @@ for ((t = 1; t <= MAX_LOOPS; t++)); do
   stage "loop_$t.filter" "$loop/stats.json" \
     rm_loop_filter_by_self.py "${pool[@]}" --reward_model_name "$prev/rm" \
     --rm_next_loop_save_path "$loop/selected.jsonl" --remaining_data_save_path "$loop/remaining.jsonl" \
-    --max_length "$MAX_LENGTH" $FILTER_ARGS
+    --max_length "$MAX_LENGTH" "${FILTER_EXTRA[@]}"
 
   status=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['status'])" "$loop/stats.json")
   if [[ $status == stop ]]; then echo "ser: loop $t: Stop (the RM has converged)"; break; fi
@@ -62,7 +83,7 @@ for ((t = 1; t <= MAX_LOOPS; t++)); do
   stage "loop_$t.train" "$loop/rm/eval_results.json" \
     rm_training.py --model_name "$init" --tokenizer_name "$SFT" --dataset_name "${sources[@]}" \
     --train_subset data/reward --eval_subset "$DATA/data/evaluation" --output_dir "$loop/rm" \
-    --max_length "$MAX_LENGTH" --num_train_epochs "$LOOP_EPOCHS" $RM_ARGS
+    --max_length "$MAX_LENGTH" --num_train_epochs "$LOOP_EPOCHS" "${RM_EXTRA[@]}"
 done
 
 $PY scripts/ser_report.py --run "$RUN"

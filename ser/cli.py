@@ -89,6 +89,10 @@ def legacy_argv(argv: list[str], counted: tuple[str, ...] = ()) -> list[str]:
 
 def parse(dataclass_types, argv=None, counted=()):
     """Parse the command line into dataclasses; unknown flags are an error that names them."""
+    # Long runs are watched through a redirected log (nohup ... > log): flush it line by line.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     argv = legacy_argv(list(sys.argv[1:] if argv is None else argv), counted)
     parser = HfArgumentParser(dataclass_types)
     if not torch.accelerator.is_available() and "--use_cpu" in parser._option_string_actions \
@@ -129,6 +133,18 @@ def check_accelerator() -> None:
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"warning: {message}. On a GPU machine this means the GPUs are not usable; set "
               f"{REQUIRE_ACCELERATOR}=1 to make it an error.", file=sys.stderr, flush=True)
+
+
+def resolved_args(*configs) -> dict:
+    """Every argument a stage ran with, defaults included, for a file beside its outputs."""
+    import dataclasses
+
+    out = {}
+    for config in configs:
+        values = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
+        out[type(config).__name__] = {k: v for k, v in values.items() if not k.startswith("_")}
+    out["argv"] = sys.argv
+    return out
 
 
 def setup_wandb(report_to) -> None:

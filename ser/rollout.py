@@ -6,7 +6,7 @@ Details from "The N implementation details of RLHF with PPO" are named where the
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+from trl.trainer.utils import selective_log_softmax
 
 from ser.data import join_ids, prompt_ids
 
@@ -28,7 +28,8 @@ def position_ids_of(attention_mask):
 
 def logprobs_of(logits, tokens, temperature):
     # Detail: sample and score with the same temperature, or the ratio is off from step one.
-    return torch.gather(F.log_softmax(logits / temperature, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    # (TRL's selective_log_softmax: no full log-softmax tensor over the vocabulary is kept.)
+    return selective_log_softmax(logits, tokens, temperature=temperature)
 
 
 def lm_logprobs(lm, query_responses, attention_mask, context_length, responses, temperature):

@@ -80,7 +80,8 @@ def ppo_args(sft_model, rm, synthetic, out, *extra):
 @pytest.mark.slow
 def test_adaptive_kl_in_a_run(sft_model, rm, synthetic, tmp_path):
     ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "3", "--kl_target", "0.0001",
-                      "--kl_horizon", "10", "--save_freq", "3"))
+                       "--kl_horizon", "10", "--save_freq", "1", "--save_total_limit", "1"))
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-3"]  # older ones removed once it was whole
     state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["kl_coef"] > 0.2  # the policy moved more than the tiny target: the penalty grew
 

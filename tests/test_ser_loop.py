@@ -100,3 +100,34 @@ def test_killed_driver_resumes_to_the_same_figures(synthetic, sft_model, tmp_pat
     assert json.loads((run / "loop_1" / "stats.json").read_text())["max_length"] == 96
     loop1 = figures(run)[1]
     assert loop1["status"] == "status1" and loop1["selected"] > 0 and loop1["accuracy"] is not None
+
+
+@pytest.mark.slow
+def test_driver_records_its_settings_refuses_other_ones_and_runs_alone(synthetic, sft_model, tmp_path):
+    import fcntl
+
+    run = tmp_path / "run"
+    env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "0",
+           "RM_ARGS": RM_ARGS + ' --num_train_epochs 1 --run_name "my run" --label_names *.py', "PY": sys.executable}
+    first = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["settings"]["RM_ARGS"] == env["RM_ARGS"] and config["git_revision"] and config["versions"]["torch"]
+    # the extra flags reach the stage as a shell would split them: quotes kept, nothing globbed
+    resolved = json.loads((run / "loop_0" / "rm" / "run_args.json").read_text())["RMConfig"]
+    assert resolved["run_name"] == "my run" and resolved["label_names"] == ["*.py"]
+
+    changed = {**env, "RM_ARGS": RM_ARGS + " --num_train_epochs 2"}
+    refused = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=changed, capture_output=True, text=True,
+                             timeout=600)
+    assert refused.returncode == 3 and "RM_ARGS: was" in refused.stderr
+    assert json.loads((run / "config.json").read_text())["settings"]["RM_ARGS"] == env["RM_ARGS"]
+    forced = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env={**changed, "FORCE": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0 and "settings changed under FORCE" in forced.stdout
+
+    with open(run / ".lock", "w") as lock:  # a driver, or a stage it started, still holds the run
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        busy = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=changed, capture_output=True, text=True,
+                              timeout=600)
+    assert busy.returncode == 4 and "still running" in busy.stderr
