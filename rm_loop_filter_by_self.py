@@ -76,7 +76,7 @@ def self_label(pool, args):
     state = process_state()
     tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
     model = load_reward_model(args.reward_model_name, tokenizer, args.dtype).to(args.device or state.device)
-    r_j, r_k, stats = score_pairs(model, tokenizer, pool, args.max_length, args.batch_size, state)
+    r_j, r_k, stats = score_pairs(model, tokenizer, pool, args.max_length, args.batch_size, state, "self-labelling")
     for pair, a, b in zip(pool, r_j, r_k):
         pair["reward_j"], pair["reward_k"] = a, b
         if args.probability == "pairwise":
@@ -152,6 +152,7 @@ def statistics(pool, status, selected, remaining, counts, args, scoring=None):
                        "tau_delta": args.delta_threshold, "pairwise_easy_gap": args.pairwise_easy_gap,
                        "status1_min_pairs": args.status1_min_pairs,
                        "status2_min_pairs": args.status2_min_pairs},
+        # the self-label precision against the hidden human labels (key name kept for results files)
         "pseudo_label_precision": sum(p[GOLD] == "j" for p in gold) / len(gold) if gold else None,
         "pseudo_label_pairs_with_gold": len(gold),
         "score_histogram": histogram([p[k] for p in pool for k in ("score_j", "score_k")]),
@@ -189,7 +190,7 @@ def main(args: ScriptArguments):
     precision = stats["pseudo_label_precision"]
     print(f"filter: {status}; {len(selected)} of {len(pool)} pairs selected "
           f"(status-1 eligible {counts['status1_eligible']}, status-2 eligible {counts['status2_eligible']})"
-          + (f", pseudo-label precision {precision:.3f}" if precision is not None else ""))
+          + (f", self-label precision {precision:.3f}" if precision is not None else ""))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, TrainerCallback, set_seed
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import disable_dropout_in_model
@@ -88,7 +89,8 @@ class PairwiseRewardTrainer(RewardTrainer):
         if "chosen_ids" not in pairs.column_names:
             raise ValueError("evaluate() takes pairs tokenised by tokenize_pairs (chosen_ids/rejected_ids)")
         sequences = list(pairs["chosen_ids"]) + list(pairs["rejected_ids"])
-        rewards, stats = score_ids(self.model, self.processing_class, sequences, self.args.per_device_eval_batch_size)
+        rewards, stats = score_ids(self.model, self.processing_class, sequences, self.args.per_device_eval_batch_size,
+                                   progress=None if self.args.disable_tqdm else "evaluating")
         r_j, r_k = rewards[:len(pairs)], rewards[len(pairs):]
         self.eval_rewards = (r_j, r_k)  # the last evaluation's rewards, pair by pair
         diff = torch.tensor(r_j) - torch.tensor(r_k)
@@ -109,10 +111,10 @@ class EvalAfterFirstStep(TrainerCallback):
             control.should_evaluate = True
 
 
-def tokenize_pairs(records, tokenizer, max_length):
+def tokenize_pairs(records, tokenizer, max_length, progress=None):
     """chosen_ids/rejected_ids with questions cut from the left; the count of cut sequences."""
     rows, truncated = [], 0
-    for r in records:
+    for r in tqdm(records, desc=progress, unit="pair", disable=progress is None):
         j = encode(tokenizer, r["question"], r["response_j"], max_length)
         k = encode(tokenizer, r["question"], r["response_k"], max_length)
         rows.append({"chosen_ids": j["input_ids"], "rejected_ids": k["input_ids"]})
@@ -181,8 +183,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
             train_records += load_records(name, subset, script_args.load_from_json)
     train_records = subsample(train_records, script_args.train_subset_size, config.seed)
     eval_records = subsample(load_records(*eval_source(script_args)), script_args.eval_subset_size, config.seed)
-    train_dataset, truncated = tokenize_pairs(train_records, tokenizer, config.max_length)
-    eval_dataset, eval_truncated = tokenize_pairs(eval_records, tokenizer, config.max_length)
+    bar = None if config.disable_tqdm or config.process_index != 0 else "tokenising"
+    train_dataset, truncated = tokenize_pairs(train_records, tokenizer, config.max_length, bar)
+    eval_dataset, eval_truncated = tokenize_pairs(eval_records, tokenizer, config.max_length, bar)
     say(f"rm_training: {len(train_records)} training pairs ({truncated} sequences cut from the left), "
           f"{len(eval_records)} held-out pairs ({eval_truncated} cut)")
 

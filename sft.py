@@ -7,6 +7,7 @@ is conditioning. Runs as `python sft.py ...`, `accelerate launch sft.py ...` or 
 from dataclasses import dataclass, field
 
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
@@ -38,10 +39,10 @@ class ScriptArguments:
 ARGUMENTS = (ScriptArguments, ModelArguments, SFTConfigSER)  # the release's SFT trains all weights
 
 
-def build_dataset(records, tokenizer, max_length):
+def build_dataset(records, tokenizer, max_length, progress=None):
     """input_ids = [bos] question+answer [eos]; completion_mask marks the answer (and eos) tokens."""
     rows, truncated = [], 0
-    for r in records:
+    for r in tqdm(records, desc=progress, unit="example", disable=progress is None):
         enc = encode(tokenizer, r["question"], r["response_j"], max_length)
         n = len(enc["input_ids"])
         rows.append({"input_ids": enc["input_ids"],
@@ -59,7 +60,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: SFTCo
     records = load_records(script_args.dataset_name, script_args.subset, script_args.load_from_json,
                            fields=("question", "response_j"))
     records = subsample(records, script_args.train_subset_size, config.seed)
-    train_dataset, truncated = build_dataset(records, tokenizer, config.max_length)
+    bar = None if config.disable_tqdm or config.process_index != 0 else "tokenising"
+    train_dataset, truncated = build_dataset(records, tokenizer, config.max_length, bar)
     if config.process_index == 0:
         print(f"sft: {len(records)} demonstrations, {truncated} cut from the left to {config.max_length} tokens")
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ser.cli import check_accelerator, parse
 from ser.data import load_records, subsample, write_json
@@ -51,8 +52,9 @@ class Args:
 
 def answer(model, tokenizer, questions, args):
     """Sampled `Rollout`s, one per batch of prompts."""
+    starts = tqdm(range(0, len(questions), args.batch_size), desc="generating", unit="batch")
     return [sample(model, tokenizer, questions[i:i + args.batch_size], args.max_prompt_length, args.max_new_tokens,
-                   args.temperature, True, args.device) for i in range(0, len(questions), args.batch_size)]
+                   args.temperature, True, args.device) for i in starts]
 
 
 @torch.no_grad()

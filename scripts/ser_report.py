@@ -134,7 +134,7 @@ def write_demo_report(summary, run: Path, out: Path, policy_eval=None):
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}"
 
-    rows = ["| RM | status | self-labelled pairs | pseudo-label precision | held-out accuracy (%) | ties (%) |",
+    rows = ["| RM | status | self-labelled pairs | self-label precision | held-out accuracy (%) | ties (%) |",
             "|---|---|---|---|---|---|"]
     for lp in loops:
         name = "seed (15 % human labels)" if lp["loop"] == 0 else f"SER loop {lp['loop']}"
@@ -149,7 +149,7 @@ def write_demo_report(summary, run: Path, out: Path, policy_eval=None):
         verdict.append(f"The all-label RM is {gap:+.1f} points over the seed RM; SER closed {100 * gain / gap:.0f} % "
                        "of that gap.")
     lines = ["# SER demo (synthetic task, tiny model, CPU)", "", *rows, "", *verdict,
-             "Pseudo-label precision is measured against the pool's hidden human labels, which are noisy.",
+             "Self-label precision is measured against the pool's hidden human labels, which are noisy.",
              "", "![accuracy per loop](accuracy.png)", ""]
     if policy_eval:
         ppo_rows = ["| policy | gold reward | reward of the RM PPO optimised | response tokens | EOS rate |",

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import torch
 from accelerate import PartialState
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from ser.data import encode
@@ -122,23 +123,24 @@ def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool
 
 
 def score(model, tokenizer, questions, responses, max_length: int, batch_size: int = 32,
-          state: PartialState | None = None) -> tuple[list[float], dict]:
+          state: PartialState | None = None, progress: str | None = None) -> tuple[list[float], dict]:
     """Reward of each (question, response), in input order, on every process (see `score_ids`)."""
     encoded = [encode(tokenizer, q, r, max_length) for q, r in zip(questions, responses)]
-    rewards, stats = score_ids(model, tokenizer, [e["input_ids"] for e in encoded], batch_size, state)
+    rewards, stats = score_ids(model, tokenizer, [e["input_ids"] for e in encoded], batch_size, state, progress)
     stats["truncated"] = sum(e["truncated"] for e in encoded)
     return rewards, stats
 
 
 @torch.no_grad()
 def score_ids(model, tokenizer, sequences, batch_size: int = 32,
-              state: PartialState | None = None) -> tuple[list[float], dict]:
+              state: PartialState | None = None, progress: str | None = None) -> tuple[list[float], dict]:
     """Reward of each token sequence (already `encode`d), in input order, on every process.
 
     Sequences are sorted by length before batching (file order wastes about half of the compute on
     padding on real data). With several processes, rank r scores every world_size-th sequence of that
     order, so each sequence is scored exactly once and ranks get similar lengths; every rank runs the
     same number of forward passes (a rank short of a batch runs a one-token dummy), which ZeRO-3 needs.
+    With `progress` (a description), the main process shows a tqdm bar of the sequences it scores.
     """
     state = state or process_state()
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
@@ -149,8 +151,10 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32,
     model.eval()
     rewards, real_tokens, padded_tokens = {}, 0, 0
     start = time.perf_counter()
+    bar = tqdm(total=len(mine), desc=progress, unit="seq", disable=progress is None or state.process_index != 0)
     for b in range(n_batches):
         idx = mine[b * batch_size:(b + 1) * batch_size]
+        bar.update(len(idx))
         seqs = [sequences[i] for i in idx] or [[tokenizer.eos_token_id]]
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -164,6 +168,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32,
         real_tokens += sum(len(sequences[i]) for i in idx)
         padded_tokens += input_ids.numel() if idx else 0
     seconds = time.perf_counter() - start
+    bar.close()
     if was_training:
         model.train()
     if state.num_processes > 1:
@@ -185,12 +190,12 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32,
     return [rewards[i] for i in range(len(sequences))], stats
 
 
-def score_pairs(model, tokenizer, records, max_length: int, batch_size: int = 32, state=None):
+def score_pairs(model, tokenizer, records, max_length: int, batch_size: int = 32, state=None, progress=None):
     """(r_j, r_k, stats) for pair records: both sides scored in one length-sorted pass."""
     n = len(records)
     questions = [r["question"] for r in records] * 2
     responses = [r["response_j"] for r in records] + [r["response_k"] for r in records]
-    rewards, stats = score(model, tokenizer, questions, responses, max_length, batch_size, state)
+    rewards, stats = score(model, tokenizer, questions, responses, max_length, batch_size, state, progress)
     return rewards[:n], rewards[n:], stats
 
 

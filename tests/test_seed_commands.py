@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import ROOT, shared_path
 from data import make_synthetic
@@ -77,7 +78,11 @@ def test_seed_sft_then_rm_commands(task, tmp_path):
         "REWARD_MODEL_SAVE_PATH": rm_out}, tmp_path)
     results = json.loads((rm_out / "eval_results.json").read_text())
     assert results["pairs"] == sizes["eval"] and results["train_pairs"] == sizes["train"]
-    assert 0.0 <= results["accuracy"] <= 1.0
-    assert results["ties"] + round(results["accuracy"] * results["pairs"]) <= results["pairs"]
+    # real effects: the SFT loss fell over its 8 epochs, and the RM's adapter (LoRA by default) trained
+    last = max(sft_out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    losses = [e["loss"] for e in json.loads((last / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0], losses
+    adapter = load_file(rm_out / "adapter_model.safetensors")
+    assert sum(v.abs().sum().item() for k, v in adapter.items() if "lora_B" in k) > 0  # B starts at zero
     assert "wandb: no API key configured, logging offline" in proc.stderr
     assert list((tmp_path / "wandb").glob("offline-run-*"))
