@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup test test-fast demo bench base-model experiments-quick clean
+.PHONY: setup lint test test-fast demo bench base-model experiments-quick clean
 
 setup: $(STAMP)
 
@@ -13,6 +13,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $@
+
+lint: setup
+	$(PY) -m ruff check .
 
 test: setup
 	WANDB_MODE=disabled $(PY) -m pytest -q tests

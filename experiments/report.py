@@ -225,6 +225,34 @@ def analysis(setting, rows, summary, seeds):
     return out + [""]
 
 
+def ppo_report(setting, rows, rng):
+    """Downstream: PPO against each variant's RM, judged against SFT by the hidden gold reward."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = [f"## Setting `{setting}`: PPO against each RM", "",
+             f"Seeds: {', '.join(map(str, sorted({r['seed'] for r in rows})))}. Each policy gives "
+             f"{rows[0]['n_eval']} samples on held-out prompts (16 per prompt), as does the SFT policy with the same seed; "
+             "the gold reward of the synthetic task judges. Win rates leave ties apart.", "",
+             "| RM behind PPO | seeds | RM accuracy | gold reward, PPO − SFT | 95 % CI | gold win rate vs SFT | 95 % CI | "
+             "all-label RM's win rate | KL to SFT (nats) |", "|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for v in variants:
+        rs = [r for r in rows if r["variant"] == v]
+        gain = [r["ppo_gold_reward"] - r["sft_gold_reward"] for r in rs]
+        win = [r["gold_win_rate"] for r in rs]
+        g, gsd = mean_std(gain)
+        w, wsd = mean_std(win)
+        summary[v] = {"gold_gain": g, "gold_gain_std": gsd, "gold_win_rate": w, "gold_win_rate_std": wsd, "n": len(rs)}
+        lines.append(f"| {v.removeprefix('ppo:')} | {len(rs)} | {fmt(mean_std([r['rm_accuracy'] for r in rs])[0])} | "
+                     f"{g:+.3f} ± {gsd:.3f} | {_ci3(bootstrap_ci(gain, rng))} | {fmt(w)} ± {fmt(wsd)} | "
+                     f"{fmt_ci(bootstrap_ci(win, rng))} | {fmt(mean_std([r['full_rm_win_rate'] for r in rs])[0])} | "
+                     f"{mean_std([r['kl_to_sft'] for r in rs])[0]:.1f} |")
+    return lines + [""], summary
+
+
+def _ci3(ci):
+    return "–" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -300,8 +328,11 @@ def write_report(results_dir) -> str:
              "from its rows. Machine: 2 CPU cores, no GPU.", ""]
     summaries = {}
     for setting in dict.fromkeys(r["setting"] for r in rows):
-        part, summaries[setting] = setting_report(setting, [r for r in rows if r["setting"] == setting], rng,
-                                                  results_dir)
+        mine = [r for r in rows if r["setting"] == setting]
+        if setting.endswith("-ppo"):
+            part, summaries[setting] = ppo_report(setting, mine, rng)
+        else:
+            part, summaries[setting] = setting_report(setting, mine, rng, results_dir)
         lines += part
     text = "\n".join(lines) + "\n"
     (results_dir / "REPORT.md").write_text(text)

@@ -38,7 +38,8 @@ SHARED = ROOT.parent / "shared"
 
 @dataclass
 class Args:
-    grid: str = field(metadata={"help": "synthetic, hh-rlhf-smollm2 or quick", "choices": ["synthetic", "hh-rlhf-smollm2", "quick"]})
+    grid: str = field(metadata={"help": "synthetic, synthetic-ppo, hh-rlhf-smollm2 or quick",
+                                "choices": ["synthetic", "synthetic-ppo", "hh-rlhf-smollm2", "quick"]})
     seeds: list[int] = field(default_factory=list, metadata={"help": "data/model seeds; default: the grid's"})
     variants: list[str] = field(default_factory=list, metadata={"help": "run only these variants; default: all"})
     results: str = field(default="experiments/results", metadata={"help": "folder of results.json, REPORT.md, plots"})
@@ -104,7 +105,15 @@ HH = dict(
     filter=["--status1_min_pairs", "60", "--status2_min_pairs", "60", "--batch_size", "16"],
 )
 
-GRIDS = {"synthetic": SYNTHETIC, "quick": QUICK, "hh-rlhf-smollm2": HH}
+# Downstream: PPO of the SFT policy against the seed, ser-paper and all-label RMs of the synthetic grid
+# (the demo's PPO settings), judged by the hidden gold reward against SFT.
+SYNTHETIC_PPO = {**SYNTHETIC, "setting": "synthetic-ppo", "seeds": [0, 1, 2],
+                 "variants": {f"ppo:{k}": SYNTHETIC_VARIANTS[k] for k in ("seed", "ser-paper", "full")},
+                 "ppo": ["--steps", "80", "--batch_size", "32", "--mini_batch_size", "8", "--gradient_accumulation_steps",
+                         "1", "--ppo_epochs", "4", "--learning_rate", "3e-3", "--init_kl_coef", "0.1",
+                         "--output_max_length", "24", "--save_freq", "0"]}
+
+GRIDS = {"synthetic": SYNTHETIC, "synthetic-ppo": SYNTHETIC_PPO, "quick": QUICK, "hh-rlhf-smollm2": HH}
 CPU = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "False", "--report_to", "none",
        "--disable_tqdm", "True", "--save_strategy", "no"]
 
@@ -273,6 +282,43 @@ def run_variant(grid, name, spec, seed, work: Path, data: Path, start_model: Pat
     return rows
 
 
+def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_rms: dict):
+    """PPO against the RM of one variant, then the policy against SFT by the gold reward (one row)."""
+    from ppo import evaluate, ppo
+
+    rm_variant = name.removeprefix("ppo:")
+    rm_grid = {**grid, "setting": "synthetic"}
+    t0 = time.perf_counter()
+    rows = run_variant(rm_grid, rm_variant, spec, seed, work / "ppo-rms", data, sft_dir, seed_rms)
+    final = max((r for r in rows if r.get("accuracy") is not None), key=lambda r: r["loop"])
+    if rm_variant == "full":
+        rm_dir = work / "ppo-rms" / "full"
+    elif final["loop"] == 0:  # a seed RM, or a SER run that stopped before its first retraining
+        rm_dir = work / "ppo-rms" / f"seed-rm@{spec['fraction']}-{spec['loss']}"
+    else:
+        rm_dir = work / "ppo-rms" / rm_variant / f"loop_{final['loop']}" / "rm"
+    out = work / name.replace(":", "-")
+    shutil.rmtree(out, ignore_errors=True)
+    ppo.main(*parse(ppo.ARGUMENTS, ["--model_name", str(sft_dir), "--reward_model_name", str(rm_dir),
+                                    "--dataset_name", str(data), "--output_dir", str(out), "--seed", str(seed),
+                                    *grid["ppo"]]))
+    full_rm = work / "ppo-rms" / "full"
+    if not (full_rm / "eval_results.json").is_file():
+        run_variant(rm_grid, "full", SYNTHETIC_VARIANTS["full"], seed, work / "ppo-rms", data, sft_dir, seed_rms)
+    summary = evaluate.main(*parse([evaluate.Args], [
+        "--base_model", str(sft_dir), "--policy", str(out / "policy"), "--reward_model_name", str(rm_dir),
+        "--judge_reward_model", str(full_rm), "--dataset_name", str(data), "--gold", "synthetic",
+        "--samples_per_prompt", "16", "--seed", str(seed), "--output", str(out / "eval_policy.json")]))
+    judged = summary["judged_by"]
+    return [{"setting": grid["setting"], "variant": name, "seed": seed, "fraction": spec["fraction"], "loop": final["loop"],
+             "rm_accuracy": final["accuracy"], "accuracy": None, "tie_rate": None, "n_eval": summary["samples"],
+             "status": "ppo", "selected": None, "pseudo_label_precision": None,
+             "sft_gold_reward": summary["base"]["gold_reward"], "ppo_gold_reward": summary["policy"]["gold_reward"],
+             "gold_win_rate": judged["gold"]["win_rate"], "gold_tie_rate": judged["gold"]["tie_rate"],
+             "full_rm_win_rate": judged["judge_rm"]["win_rate"], "policy_rm_win_rate": judged["policy_rm"]["win_rate"],
+             "kl_to_sft": summary["kl_to_base"], "wall_s": time.perf_counter() - t0}]
+
+
 # ----------------------------------------------------------------------------- the grid
 
 
@@ -308,7 +354,8 @@ def main(args: Args):
             spec = grid["variants"][name]
             print(f"experiments: {grid['setting']} {name} seed {seed}", flush=True)
             data, start_model = prepare_fn(grid, seed, spec["fraction"], work)
-            new = [{**r, "git_rev": revision} for r in run_variant(grid, name, spec, seed, work, data, start_model, seed_rms)]
+            runner = run_ppo if grid["setting"] == "synthetic-ppo" else run_variant
+            new = [{**r, "git_rev": revision} for r in runner(grid, name, spec, seed, work, data, start_model, seed_rms)]
             rows = [r for r in rows if (r["setting"], r["variant"], r["seed"]) != (grid["setting"], name, seed)] + new
             write_json(path, {"rows": rows})  # after every run: an interruption loses at most the current one
             if not args.keep_checkpoints and spec["kind"] == "ser":
