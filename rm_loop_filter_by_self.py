@@ -167,21 +167,37 @@ def statistics(pool, status, selected, remaining, counts, args, scoring=None):
     return stats
 
 
+def check_scores(pool, args, keys=("score_j", "score_k")):
+    """Every score a finite number (not a boolean), before anything is written."""
+    for pair in pool:
+        for key in keys:
+            value = pair.get(key)
+            where = f"{pair.get('_source', args.dataset_name)}:{pair.get('_line', '?')}: field '{key}'"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                hint = "" if args.reward_model_name else "; pass --reward_model_name to self-label the pool"
+                said = "missing" if key not in pair else f"is {value!r}, expected a number"
+                raise ValueError(f"{where} {said}{hint}")
+            if not math.isfinite(value):
+                source = f"the reward model {args.reward_model_name} returned it" if args.reward_model_name else \
+                    "the pool holds it"
+                raise ValueError(f"{where} is {value} ({source}); nothing was written")
+
+
 def main(args: ScriptArguments):
     pool = load_records(args.dataset_name, args.subset)
+    if not pool:
+        raise ValueError(f"{args.dataset_name}: the pool is empty; there is nothing to self-label "
+                         "(an exhausted pool stops the loop before this stage)")
     out_dir = Path(args.rm_next_loop_save_path).parent
     scoring = None
     if args.reward_model_name:
         state, scoring = self_label(pool, args)
         if not state.is_main_process:
             return
+        check_scores(pool, args, ("reward_j", "reward_k"))
         write_records(args.scored_save_path or out_dir / "scored.jsonl", pool)
     else:
-        for pair in pool:
-            for key in ("score_j", "score_k"):
-                if not isinstance(pair.get(key), (int, float)):
-                    raise ValueError(f"{pair.get('_source', args.dataset_name)}:{pair['_line']}: field '{key}' "
-                                     "missing or not a number; pass --reward_model_name to self-label the pool")
+        check_scores(pool, args)
     status, selected, remaining, counts = select(pool, args)
     write_records(args.rm_next_loop_save_path, selected)
     write_records(args.remaining_data_save_path, remaining)

@@ -181,6 +181,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
         subsets = [None] if Path(name).is_file() else script_args.train_subset
         for subset in subsets:
             train_records += load_records(name, subset, script_args.load_from_json)
+    if not train_records:
+        raise DataError(f"no training pairs in {' '.join(script_args.dataset_name)} (--train_subset "
+                        f"{' '.join(script_args.train_subset)})")
     train_records = subsample(train_records, script_args.train_subset_size, config.seed)
     eval_records = subsample(load_records(*eval_source(script_args)), script_args.eval_subset_size, config.seed)
     bar = None if config.disable_tqdm or config.process_index != 0 else "tokenising"

@@ -12,7 +12,7 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from ser.cli import parse, resolved_args, resume_from, setup_wandb
-from ser.data import encode, load_records, subsample, write_json
+from ser.data import DataError, encode, load_records, subsample, write_json
 from ser.modeling import ModelArguments, fp32_master_weights, load_causal_lm, load_tokenizer
 
 
@@ -59,6 +59,8 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: SFTCo
     # 1. demonstrations: the preferred answer of each pair
     records = load_records(script_args.dataset_name, script_args.subset, script_args.load_from_json,
                            fields=("question", "response_j"))
+    if not records:
+        raise DataError(f"no demonstrations in {script_args.dataset_name} (--subset {script_args.subset})")
     records = subsample(records, script_args.train_subset_size, config.seed)
     bar = None if config.disable_tqdm or config.process_index != 0 else "tokenising"
     train_dataset, truncated = build_dataset(records, tokenizer, config.max_length, bar)

@@ -99,11 +99,44 @@ def is_lora_dir(path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def check_reward_model(path) -> None:
+    """A sequence-classification checkpoint whose `score` weight was saved (or a LoRA adapter that saved it)."""
+    folder = Path(path)
+    expected = ("expected a reward model saved by rm_training.py: a *ForSequenceClassification checkpoint with a "
+                "trained `score` head, or a LoRA adapter that saved it (modules_to_save)")
+    if is_lora_dir(folder):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        weights = folder / "adapter_model.safetensors"
+        keys = _safetensors_keys(weights) if weights.is_file() else []
+        if config.get("task_type") != "SEQ_CLS" or not any(".score." in k or k.endswith("score.weight") for k in keys):
+            raise ValueError(f"{path}: a LoRA adapter of task {config.get('task_type')!r} without a saved score head; "
+                             + expected)
+        return
+    if not (folder / "config.json").is_file():
+        return  # a hub id: from_pretrained says what is wrong with it
+    architectures = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    keys = [k for f in folder.glob("*.safetensors") for k in _safetensors_keys(f)]
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or \
+            (keys and not any(k == "score.weight" or k.endswith(".score.weight") for k in keys)):
+        raise ValueError(f"{path}: architectures {architectures} with {'a' if 'score.weight' in keys else 'no'} "
+                         f"score weight; " + expected)
+
+
+def _safetensors_keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
 def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool = False):
     """Load a reward model saved by rm_training.py: a full model, or a LoRA adapter with its score head.
 
-    This one call is how every stage (filter, PPO, evaluation) reloads an RM.
+    This one call is how every stage (filter, PPO, evaluation) reloads an RM. It refuses anything that is
+    not one: a causal LM (an SFT folder given by mistake) would get a freshly drawn, random score head
+    and every reward would be noise.
     """
+    check_reward_model(path)
     if is_lora_dir(path):
         from peft import PeftModel
 
