@@ -331,6 +331,20 @@ def git_revision() -> str:
     return (proc.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
 
 
+def save_rows(path: Path, new: list, key: tuple) -> list:
+    """Replace the rows of run `key` in results.json by `new`, under a lock: grids of other settings may
+    be writing to the same file at the same time. Returns every row."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(".results.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+        rows = [r for r in rows if (r["setting"], r["variant"], r["seed"]) != key] + new
+        write_json(path, {"rows": rows})
+    return rows
+
+
 def main(args: Args):
     grid = GRIDS[args.grid]
     revision = git_revision()
@@ -356,8 +370,7 @@ def main(args: Args):
             data, start_model = prepare_fn(grid, seed, spec["fraction"], work)
             runner = run_ppo if grid["setting"] == "synthetic-ppo" else run_variant
             new = [{**r, "git_rev": revision} for r in runner(grid, name, spec, seed, work, data, start_model, seed_rms)]
-            rows = [r for r in rows if (r["setting"], r["variant"], r["seed"]) != (grid["setting"], name, seed)] + new
-            write_json(path, {"rows": rows})  # after every run: an interruption loses at most the current one
+            save_rows(path, new, (grid["setting"], name, seed))  # after every run: an interruption loses at most it
             if not args.keep_checkpoints and spec["kind"] == "ser":
                 shutil.rmtree(work / name, ignore_errors=True)
     write_report(results_dir)
