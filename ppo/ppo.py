@@ -217,7 +217,8 @@ class RunningMoments:
 
 @dataclass
 class TrainState:
-    """Everything beyond model/optimiser/scheduler/RNG that a resume needs."""
+    """Everything beyond model/optimiser/scheduler/RNG that a resume needs. Kept as JSON
+    (trainer_state.json), not pickled: resuming must not unpickle anything it need not."""
 
     step: int = 0
     data_epoch: int = 0
@@ -230,9 +231,14 @@ class TrainState:
     def state_dict(self):
         return asdict(self)
 
-    def load_state_dict(self, state):
-        for k, v in state.items():
-            setattr(self, k, v)
+    @classmethod
+    def read(cls, checkpoint) -> "TrainState":
+        path = Path(checkpoint) / "trainer_state.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable PPO checkpoint state ({e})") from None
+        return cls(**{k: saved[k] for k in asdict(cls()) if k in saved})
 
 
 def masked_mean(x, mask):
@@ -346,9 +352,11 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     kl_ctl = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon, args.adap_kl_ctrl)
     moments = RunningMoments()
     state = TrainState(kl_coef=kl_ctl.value)
-    accelerator.register_for_checkpointing(state)
     if args.resume_from_checkpoint:
-        accelerator.load_state(args.resume_from_checkpoint)  # weights, optimiser, scheduler, RNG, TrainState
+        # weights, optimiser, scheduler and RNG states (accelerate loads these with weights_only=True);
+        # the counters, the KL coefficient and the reward moments from JSON
+        state = TrainState.read(args.resume_from_checkpoint)
+        accelerator.load_state(args.resume_from_checkpoint)
         kl_ctl.value = state.kl_coef
         moments.mean, moments.var, moments.count = state.reward_mean, state.reward_var, state.reward_count
         accelerator.print(f"ppo: resumed at step {state.step} from {args.resume_from_checkpoint}")

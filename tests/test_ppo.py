@@ -160,15 +160,27 @@ def test_value_head_of_another_shape_is_an_error(sft_model, synthetic, tmp_path)
 
 
 def checkpoint(path):
+    """A PPO checkpoint's contents, read without unpickling anything but tensors and plain data."""
+    assert not list(path.glob("custom_checkpoint_*"))  # no pickled custom state
     weights = load_file(path / "model.safetensors")
-    optim = torch.load(path / "optimizer.bin", weights_only=False)
-    sched = torch.load(path / "scheduler.bin", weights_only=False)
-    custom = torch.load(path / "custom_checkpoint_0.pkl", weights_only=False)
-    return weights, optim, sched, custom
+    optim = torch.load(path / "optimizer.bin", weights_only=True)
+    sched = torch.load(path / "scheduler.bin", weights_only=True)
+    state = json.loads((path / "trainer_state.json").read_text())
+    return weights, optim, sched, {k: v for k, v in state.items() if k != "args"}
 
 
 class Crash(Exception):
     pass
+
+
+class Planted:
+    """Unpickling it creates a file: the proof that something unpickled it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 @pytest.mark.slow
@@ -187,8 +199,12 @@ def test_resume_is_exact(sft_model, rm, synthetic, tmp_path, monkeypatch):
     with pytest.raises(Crash, match="after step 2"):
         ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags))
     monkeypatch.setattr(ppo, "save_checkpoint", save)
+    # a planted pickle in the checkpoint is never loaded: the resumable state is JSON
+    planted = tmp_path / "planted"
+    torch.save(Planted(str(planted)), tmp_path / "halves" / "checkpoint-2" / "custom_checkpoint_0.pkl")
     ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags,
                       "--resume_from_checkpoint", str(tmp_path / "halves" / "checkpoint-2")))
+    assert not planted.exists()
     a, b = checkpoint(tmp_path / "straight" / "checkpoint-4"), checkpoint(tmp_path / "halves" / "checkpoint-4")
     assert a[0].keys() == b[0].keys()
     for name in a[0]:
