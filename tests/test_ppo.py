@@ -199,9 +199,14 @@ def test_resume_is_exact(sft_model, rm, synthetic, tmp_path, monkeypatch):
     with pytest.raises(Crash, match="after step 2"):
         ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags))
     monkeypatch.setattr(ppo, "save_checkpoint", save)
-    # a planted pickle in the checkpoint is never loaded: the resumable state is JSON
-    planted = tmp_path / "planted"
-    torch.save(Planted(str(planted)), tmp_path / "halves" / "checkpoint-2" / "custom_checkpoint_0.pkl")
+    # a planted pickle in the checkpoint is refused, never unpickled: the resumable state is JSON
+    planted, bait = tmp_path / "planted", tmp_path / "halves" / "checkpoint-2" / "custom_checkpoint_0.pkl"
+    torch.save(Planted(str(planted)), bait)
+    with pytest.raises(RuntimeError, match="custom checkpoints"):
+        ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags,
+                           "--resume_from_checkpoint", str(tmp_path / "halves" / "checkpoint-2")))
+    assert not planted.exists()
+    bait.unlink()
     ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "halves", *flags,
                       "--resume_from_checkpoint", str(tmp_path / "halves" / "checkpoint-2")))
     assert not planted.exists()
