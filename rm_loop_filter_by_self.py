@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser.cli import parse
-from ser.data import load_records, write_json, write_records
+from ser.data import check_writable, load_records, write_json, write_records
 
 GOLD = "gold_preferred"
 
@@ -189,6 +189,8 @@ def main(args: ScriptArguments):
         raise ValueError(f"{args.dataset_name}: the pool is empty; there is nothing to self-label "
                          "(an exhausted pool stops the loop before this stage)")
     out_dir = Path(args.rm_next_loop_save_path).parent
+    check_writable(args.rm_next_loop_save_path, args.remaining_data_save_path,
+                   args.scored_save_path or out_dir / "scored.jsonl", args.stats_save_path or out_dir / "stats.json")
     scoring = None
     if args.reward_model_name:
         state, scoring = self_label(pool, args)

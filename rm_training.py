@@ -184,6 +184,12 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
     if not train_records:
         raise DataError(f"no training pairs in {' '.join(script_args.dataset_name)} (--train_subset "
                         f"{' '.join(script_args.train_subset)})")
+    same = sum(r["response_j"].strip() == r["response_k"].strip() for r in train_records)
+    if same == len(train_records):
+        raise DataError(f"every training pair in {' '.join(script_args.dataset_name)} has two identical responses: "
+                        "there is no preference to learn (the loss would stay at ln 2)")
+    if same:
+        say(f"rm_training: warning: {same} of {len(train_records)} training pairs have two identical responses")
     train_records = subsample(train_records, script_args.train_subset_size, config.seed)
     eval_records = subsample(load_records(*eval_source(script_args)), script_args.eval_subset_size, config.seed)
     bar = None if config.disable_tqdm or config.process_index != 0 else "tokenising"

@@ -79,6 +79,8 @@ def main(args: Args):
     tokenizer = load_tokenizer(args.base_model)
     distinct = list(dict.fromkeys(r["question"] for r in load_records(args.dataset_name, args.subset,
                                                                       fields=("question",))))
+    if not distinct:
+        raise ValueError(f"{args.dataset_name} (--subset {args.subset}): no prompts to evaluate on; nothing was written")
     distinct = subsample(distinct, args.n_prompts, args.seed)
     questions = [q for q in distinct for _ in range(args.samples_per_prompt)]
     args.device = args.device or (torch.accelerator.current_accelerator() or torch.device("cpu")).type

@@ -37,7 +37,7 @@ from transformers import get_scheduler
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits
 
 from ser.cli import check_accelerator, parse, resolved_args, setup_wandb
-from ser.data import load_records, write_json
+from ser.data import check_writable, load_records, write_json
 from ser.modeling import THIS_PROCESS_ONLY, fp32_master_weights, load_causal_lm, load_reward_model, load_tokenizer, score_ids
 from ser.modeling import ModelArguments as BaseModelArguments
 from ser.rollout import lm_logprobs, logprobs_of, position_ids_of, reward_inputs, sample
@@ -312,6 +312,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     if args.log_with:
         setup_wandb(args.log_with)
     check_accelerator()
+    check_writable(Path(args.output_dir) / "run_args.json")  # not first at step --save_freq
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision="bf16" if args.bf16 else "no", log_with=args.log_with,
                               **process_group_kwargs())

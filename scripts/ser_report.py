@@ -24,8 +24,14 @@ class Args:
 
 
 def read(path):
+    """A stage's JSON output, or None when the stage has not written it; a corrupt file names itself."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path}: not a readable JSON file ({e}); rerun the stage that writes it") from None
 
 
 def wall_ms(run, t):
@@ -94,6 +100,8 @@ def log_wandb(summary, run: Path, report_to: str):
 
 def main(args: Args):
     run = Path(args.run)
+    if not (run / "loop_0").is_dir():
+        raise SystemExit(f"error: {run}: not a SER run folder (no loop_0/); nothing was written")
     summary = collect(run)
     full = read(Path(args.full_rm) / "eval_results.json") if args.full_rm else None
     if full:

@@ -14,6 +14,7 @@ import gzip
 import json
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 PAIR_FIELDS = ("question", "response_j", "response_k")
@@ -39,23 +40,45 @@ def prompt_text(question: str) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+def _read_bytes(path: Path, skipped: list | None) -> bytes:
+    """The file's bytes, gunzipped; a truncated or corrupt gzip is an error naming the file (with a
+    `skipped` list: what could be read is kept and the loss is reported there)."""
+    if not path.name.endswith(".gz"):
+        return path.read_bytes()
+    out = bytearray()
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read1(1 << 16):
+                out += chunk
+    except (EOFError, OSError, zlib.error) as e:
+        message = f"{path}: truncated or corrupt gzip after {len(out):,} bytes ({e})"
+        if skipped is None:
+            raise DataError(message) from None
+        skipped.append(message + "; the rest of the file is skipped")
+        out = out[:out.rfind(b"\n") + 1]  # drop a partial last line
+    return bytes(out)
+
+
+def _decode(raw: bytes, path: Path, line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line += raw[:e.start].count(b"\n")
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}: {e.reason})") from None
 
 
 def read_records(path, skipped: list | None = None) -> list[dict]:
     """Read a JSON list or a JSONL file. Each record gets `_line` (1-based line, or list index + 1).
 
-    A malformed line is an error naming the file and line; with a `skipped` list it is appended there
-    as a message and the line is skipped instead.
+    A malformed line (bad JSON, not UTF-8) is an error naming the file and line; with a `skipped` list
+    it is appended there as a message and the line is skipped instead.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    with _open_text(path) as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    data = _read_bytes(path, skipped)
+    if data.lstrip().startswith(b"["):
+        text = _decode(data, path, 1)
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -69,11 +92,11 @@ def read_records(path, skipped: list | None = None) -> list[dict]:
     records = []
     # Split on "\n" only: str.splitlines() also breaks on U+2028/U+2029/U+0085, which JSON strings may
     # hold raw (the writer emits them with ensure_ascii=False).
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(_decode(raw, path, lineno))
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: record is {type(row).__name__}, expected an object")
         except (json.JSONDecodeError, DataError) as e:
@@ -97,6 +120,11 @@ def check_fields(records: list[dict], path, fields=PAIR_FIELDS) -> None:
                 raise DataError(f"{path}:{r.get('_line', '?')}: field '{field}' is {type(value).__name__}, expected a string")
             if not value.strip():
                 raise DataError(f"{path}:{r.get('_line', '?')}: field '{field}' is empty")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\\ud800") parses as JSON, but is no text
+                raise DataError(f"{path}:{r.get('_line', '?')}: field '{field}' holds an unpaired surrogate "
+                                f"{value[e.start]!r} at character {e.start}") from None
 
 
 def data_files(folder: Path, suffixes=DATA_SUFFIXES) -> list[Path]:
@@ -181,6 +209,18 @@ def split_transcript(transcript: str):
 # ----------------------------------------------------------------------------- writing
 
 
+def check_writable(*paths) -> None:
+    """Fail before any work when an output could not be written: the nearest existing folder of each
+    path must be writable (nothing is created here)."""
+    for path in paths:
+        folder = Path(path).absolute().parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path}: cannot write here ({folder} is not a writable folder); "
+                                  "nothing was computed")
+
+
 def write_records(path, records) -> None:
     """Write records atomically (a reader sees the old file or the whole new one, never half of it):
     a JSON list when the name ends in .json, JSONL otherwise."""
@@ -249,6 +289,11 @@ def encode(tokenizer, question: str, response: str, max_length: int, add_eos: bo
     the prefix it shares with `prompt_ids(question)`, so that a policy prompted with `prompt_ids` and
     writing the response's tokens produces exactly these ids. See `join_ids` for the cut.
     """
+    # A question far longer than max_length is first cut by characters (a token is rarely more than a few
+    # dozen characters), so that a 50 MB question costs no more than a long one; the cut by tokens follows.
+    keep = 32 * max_length
+    if len(question) > keep:
+        question = question[-keep:]
     full = tokenizer(format_text(question, response), add_special_tokens=False)["input_ids"]
     n_prompt = 0
     for a, b in zip(prompt_ids(tokenizer, question), full):

@@ -69,3 +69,74 @@ def test_an_empty_training_set_is_a_clear_error(sft_model, synthetic, tmp_path):
             "--model_name", str(sft_model), "--dataset_name", str(empty), "--eval_subset",
             str(synthetic / "data" / "evaluation"), "--output_dir", str(tmp_path / "rm"), *CPU]))
     assert not (tmp_path / "rm" / "eval_results.json").exists()
+
+
+def test_undecodable_and_truncated_files_name_themselves_and_honour_skip(tmp_path):
+    import gzip
+
+    good = b'{"question": "q", "response_j": "a", "response_k": "b"}\n'
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(good + b'{"question": "caf\xe9", "response_j": "a", "response_k": "b"}\n' + good)
+    with pytest.raises(DataError, match=r"latin.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        read_records(latin)
+    skipped = []
+    assert len(read_records(latin, skipped)) == 2 and "latin.jsonl:2: not UTF-8" in skipped[0]
+
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(good * 20000)[:-40])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: truncated or corrupt gzip"):
+        read_records(cut)
+    skipped = []
+    rows = read_records(cut, skipped)
+    assert 0 < len(rows) < 20000 and "the rest of the file is skipped" in skipped[0]
+
+
+def test_a_lone_surrogate_is_named_not_a_tokenizer_crash(tmp_path):
+    from ser.data import load_records
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"question": "q", "response_j": "a\\ud800b", "response_k": "b"}\n')
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'response_j' holds an unpaired surrogate"):
+        load_records(str(path))
+
+
+def test_outputs_that_cannot_be_written_fail_before_any_work(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    write_records(pool, [{"question": "q", "response_j": "a", "response_k": "b", "score_j": 0.9, "score_k": 0.1}])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="cannot write here"):
+        F.main(filter_args(pool, blocker / "out"))
+
+
+def test_a_huge_question_is_cut_by_characters_before_tokenising(tiny_model):
+    import time
+
+    from ser.data import encode
+
+    tok = load_tokenizer(str(tiny_model))
+    start = time.perf_counter()
+    e = encode(tok, "Where to? " * 2_000_000, "Bring hat.", 64)  # 20 MB of question
+    assert time.perf_counter() - start < 5 and len(e["input_ids"]) == 64 and e["truncated"]
+    assert e["input_ids"][-1] == tok.eos_token_id and tok.decode(e["input_ids"][e["prompt_length"]:-1]) == " Bring hat."
+
+
+def test_identical_pairs_only_is_not_a_training_set(sft_model, synthetic, tmp_path):
+    same = tmp_path / "same.jsonl"
+    write_records(same, [{"question": f"q{i}", "response_j": "a", "response_k": "a "} for i in range(8)])
+    with pytest.raises(DataError, match="identical responses"):
+        rm_training.main(*parse(rm_training.ARGUMENTS, [
+            "--model_name", str(sft_model), "--dataset_name", str(same), "--eval_subset",
+            str(synthetic / "data" / "evaluation"), "--output_dir", str(tmp_path / "rm"), *CPU]))
+
+
+def test_the_report_of_a_missing_or_corrupt_run_names_it(tmp_path):
+    from scripts import ser_report
+
+    with pytest.raises(SystemExit, match="not a SER run folder"):
+        ser_report.main(ser_report.Args(run=str(tmp_path / "TYPO"), report_to="none"))
+    assert not (tmp_path / "TYPO").exists()
+    (tmp_path / "run" / "loop_0" / "rm").mkdir(parents=True)
+    (tmp_path / "run" / "loop_0" / "rm" / "eval_results.json").write_text('{"accuracy": 0.6')
+    with pytest.raises(SystemExit, match=r"eval_results.json: not a readable JSON file"):
+        ser_report.main(ser_report.Args(run=str(tmp_path / "run"), report_to="none"))
