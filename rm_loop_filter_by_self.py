@@ -145,9 +145,12 @@ def histogram(values, lo=0.0, hi=1.0, bins=10):
 
 def statistics(pool, status, selected, remaining, counts, args, scoring=None):
     gold = [p for p in selected if GOLD in p]
+    seen = Counter((p["question"], frozenset((p["response_j"], p["response_k"]))) for p in pool)
     stats = {
         "status": status, "selection": args.selection, "probability": args.probability,
         "pool": len(pool), "selected": len(selected), "remaining": len(remaining), **counts,
+        # a pair that occurs twice counts twice toward the status thresholds: say how many there are
+        "duplicate_pairs": sum(n - 1 for n in seen.values() if n > 1),
         "thresholds": {"tau_low": args.left_threshold, "tau_high": args.right_threshold,
                        "tau_delta": args.delta_threshold, "pairwise_easy_gap": args.pairwise_easy_gap,
                        "status1_min_pairs": args.status1_min_pairs,
@@ -206,6 +209,9 @@ def main(args: ScriptArguments):
     stats = statistics(pool, status, selected, remaining, counts, args, scoring)
     write_json(args.stats_save_path or out_dir / "stats.json", stats)  # written last: marks the step done
     precision = stats["pseudo_label_precision"]
+    if stats["duplicate_pairs"]:
+        print(f"filter: warning: {stats['duplicate_pairs']} pool pairs repeat an earlier one (same question and "
+              "responses) and count again toward the status thresholds")
     print(f"filter: {status}; {len(selected)} of {len(pool)} pairs selected "
           f"(status-1 eligible {counts['status1_eligible']}, status-2 eligible {counts['status2_eligible']})"
           + (f", self-label precision {precision:.3f}" if precision is not None else ""))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser.cli import parse
-from ser.data import DATA_SUFFIXES, DataError, data_files, read_records, split_transcript, write_json, write_records
+from ser.data import DATA_SUFFIXES, DataError, data_files, read_records, split_transcript, umask_mode, write_json, write_records
 
 DATASETS = ("hh-rlhf", "ultrafeedback", "summarize", "stack-exchange")
 
@@ -344,6 +344,7 @@ def main(args: Args):
     # Build in a temporary sibling and move it into place: OUT is whole or absent.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(tmp, umask_mode(0o777))  # a shared cluster folder keeps the group's access
     try:
         for name, records in splits.items():
             write_records(tmp / "data" / name / "train.jsonl", records)

@@ -543,10 +543,13 @@ def save_policy(accelerator, model, tokenizer, args):
     accelerator.wait_for_everyone()
     policy = accelerator.unwrap_model(model).policy
     if accelerator.is_main_process:
-        out = Path(args.output_dir) / "policy"
+        out, tmp = Path(args.output_dir) / "policy", Path(args.output_dir) / ".policy.tmp"
         merged = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp)  # whole or absent: written aside, then renamed
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
         accelerator.print(f"ppo: wrote the policy to {out}")
 
 

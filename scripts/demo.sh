@@ -18,7 +18,8 @@ python -m ser.run_config --run $OUT "${force[@]}" DEMO=synthetic RM_ARGS="$RM_AR
 
 [[ -f $OUT/data/manifest.json ]] || python data/make_synthetic.py --out $OUT/data
 [[ -f $OUT/base/config.json ]] || python scripts/make_tiny_model.py --out $OUT/base
-[[ -f $OUT/sft/model.safetensors ]] || python sft.py --model_name $OUT/base --dataset_name $OUT/data \
+# each check is a stage's last write: sft.py writes run_args.json after the model and tokenizer
+[[ -f $OUT/sft/run_args.json ]] || python sft.py --model_name $OUT/base --dataset_name $OUT/data \
   --output_dir $OUT/sft --num_train_epochs 2 --per_device_train_batch_size 32 --learning_rate 3e-3 "${CPU[@]}"
 
 DATA=$OUT/data SFT=$OUT/sft RUN=$OUT/ser MAX_LOOPS=3 CONTINUE=0 SEED_EPOCHS=8 LOOP_EPOCHS=8 RM_ARGS="$RM_ARGS" \

@@ -194,8 +194,18 @@ def subsample(records: list, n: int | None, seed: int) -> list:
     return [records[i] for i in keep]
 
 
+META = ("_line", "_source")  # where a record came from; added by the readers, never written
+
+
 def strip_meta(record: dict) -> dict:
-    return {k: v for k, v in record.items() if not k.startswith("_")}
+    return {k: v for k, v in record.items() if k not in META}
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` as the user's umask leaves it (mkstemp and mkdtemp would give 0600/0700 whatever it is)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def split_transcript(transcript: str):
@@ -235,6 +245,9 @@ def write_records(path, records) -> None:
             else:
                 for r in records:
                     f.write(json.dumps(strip_meta(r), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -245,7 +258,10 @@ def write_json(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -4,6 +4,7 @@ The trained tokenizer is a byte-level BPE learnt on the synthetic task's text pl
 (JSON/JSONL pairs); or a tokenizer folder is reused, with pad != eos fixed by `load_tokenizer`.
 """
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,8 +62,12 @@ def build(args: Args) -> Path:
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    tmp = out.with_name(f".{out.name}.tmp")  # whole or absent: written aside, then renamed
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: Llama {args.num_layers}x{args.hidden_size}, {n_params:,} parameters, vocab {len(tokenizer)}")
     return out
