@@ -1,5 +1,6 @@
 """Bad input and careless use: a clear error that names what is wrong, and nothing half-written."""
 
+import json
 
 import pytest
 
@@ -140,3 +141,26 @@ def test_the_report_of_a_missing_or_corrupt_run_names_it(tmp_path):
     (tmp_path / "run" / "loop_0" / "rm" / "eval_results.json").write_text('{"accuracy": 0.6')
     with pytest.raises(SystemExit, match=r"eval_results.json: not a readable JSON file"):
         ser_report.main(ser_report.Args(run=str(tmp_path / "run"), report_to="none"))
+
+
+def test_written_files_respect_the_umask_and_keep_user_fields(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_records(tmp_path / "pairs.jsonl", [{"question": "q", "_note": "mine", "_line": 7}])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "pairs.jsonl").stat().st_mode) == 0o644  # not 0600 on a shared cluster
+    (row,) = read_records(tmp_path / "pairs.jsonl")
+    assert row["_note"] == "mine" and row["_line"] == 1  # the reader's own bookkeeping is not written
+
+
+def test_duplicate_pool_pairs_are_counted(tmp_path, capsys):
+    pool = tmp_path / "pool.jsonl"
+    pair = {"question": "q", "response_j": "a", "response_k": "b", "score_j": 0.9, "score_k": 0.1}
+    write_records(pool, [pair, {**pair, "response_j": "b", "response_k": "a"}, {**pair, "question": "other"}])
+    F.main(filter_args(pool, tmp_path / "out", "--status1_min_pairs", "1"))
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["duplicate_pairs"] == 1
+    assert "1 pool pairs repeat an earlier one" in capsys.readouterr().out
