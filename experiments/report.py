@@ -218,6 +218,23 @@ def analysis(setting, rows, summary, seeds):
         out.append(f"* Against the synthetic gold reward the same self-labels are right {fmt(g)} % of the time "
                    f"({'more' if g > p else 'less'} often than they match the human labels, which are themselves "
                    "samples from the gold reward).")
+    by_fraction = [(f, ser[v]["delta"]) for f, v in ((0.05, "ser-paper@0.05"), (0.15, "ser-paper"), (0.30, "ser-paper@0.30"))
+                   if v in ser]
+    if len(by_fraction) > 1:
+        out.append("* By labelled fraction, `ser-paper` against its own seed RM: " + ", ".join(
+            f"{100 * f:.0f} % → {fmt(d, sign=True)} points" for f, d in by_fraction)
+            + " (the intervals are in the table above).")
+    ece = {}
+    for r in rows:
+        if r["variant"] == "ser-paper" and r.get("ece") is not None:
+            ece.setdefault(r["loop"], []).append(r["ece"])
+    if len(ece) > 1:
+        out.append("* Calibration of `ser-paper` on held-out pairs (expected calibration error, mean over seeds) by "
+                   "loop: " + ", ".join(f"loop {t} {fmt(statistics.fmean(v))}" for t, v in sorted(ece.items()))
+                   + ". Retraining on its own confident labels makes the RM more sure of itself whether or not it "
+                   "is more often right." if ece[max(ece)] and statistics.fmean(ece[max(ece)]) > statistics.fmean(ece[0])
+                   else "* Calibration of `ser-paper` by loop: " + ", ".join(
+                       f"loop {t} {fmt(statistics.fmean(v))}" for t, v in sorted(ece.items())) + ".")
     agree = [r.get("seed_rm_agreement") for r in rows if r["variant"] == "ser-paper" and r["loop"] >= 1
              and r.get("seed_rm_agreement") is not None]
     if agree:
@@ -279,7 +296,8 @@ def plot_setting(setting, rows, variants, seeds, folder: Path):
     ax.set_xlabel("loop (0 = the seed RM)")
     ax.set_ylabel("held-out accuracy, % (mean ± std over seeds)")
     ax.set_title(f"{setting}: accuracy per SER loop")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     acc_png = folder / f"{setting}-accuracy.png"
     fig.savefig(acc_png, dpi=110)
@@ -308,7 +326,8 @@ def plot_setting(setting, rows, variants, seeds, folder: Path):
         ax.set_xlabel("RM confidence sigmoid(|r_j - r_k|)")
         ax.set_ylabel("accuracy" if ax is a1 else "precision")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.suptitle(f"{setting}, ser-paper, pooled over seeds", fontsize=9)
     fig.tight_layout()
     cal_png = folder / f"{setting}-calibration.png"
