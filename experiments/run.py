@@ -31,6 +31,7 @@ from scripts import get_base_model
 from ser import tiny
 from ser.cli import parse
 from ser.data import read_records, subsample, write_json, write_records
+from ser.run_config import git_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -322,15 +323,6 @@ def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_
 # ----------------------------------------------------------------------------- the grid
 
 
-def git_revision() -> str:
-    import subprocess
-
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return (proc.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
-
-
 def save_rows(path: Path, new: list, key: tuple) -> list:
     """Replace the rows of run `key` in results.json by `new`, under a lock: grids of other settings may
     be writing to the same file at the same time. Returns every row."""
@@ -347,7 +339,7 @@ def save_rows(path: Path, new: list, key: tuple) -> list:
 
 def main(args: Args):
     grid = GRIDS[args.grid]
-    revision = git_revision()
+    revision = git_revision(ROOT) or "unknown"
     results_dir = Path(args.results)
     path = results_dir / "results.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
