@@ -16,7 +16,6 @@ it stopped. RESULTS/REPORT.md and the plots are then regenerated from results.js
 """
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -166,8 +165,10 @@ def prepare_hh(grid, seed, fraction, work: Path):
 # ----------------------------------------------------------------------------- one run
 
 
-def sigmoid(x):
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+def confidence_bin(reward_gap: float) -> tuple[float, int]:
+    """The RM's confidence sigmoid(|r_j - r_k|) in [0.5, 1] and its bin of ten."""
+    conf = F.sigmoid(abs(reward_gap))
+    return conf, min(9, int((conf - 0.5) * 20))
 
 
 def train_rm(grid, out: Path, init, sources, epochs, loss, seed, train_subset="data/reward", eval_data=None,
@@ -190,8 +191,7 @@ def eval_row(rm_dir: Path) -> dict:
     diffs = [r["reward_j"] - r["reward_k"] for r in scores]
     bins = [[0, 0, 0.0] for _ in range(10)]  # pairs, correct, summed confidence; confidence in [0.5, 1]
     for d in diffs:
-        conf = sigmoid(abs(d))
-        b = min(9, int((conf - 0.5) * 20))
+        conf, b = confidence_bin(d)
         bins[b][0] += 1
         bins[b][1] += d > 0
         bins[b][2] += conf
@@ -211,8 +211,7 @@ def selection_row(loop_dir: Path, seed_scores: dict, gold_fn) -> dict:
     bins = [[0, 0] for _ in range(10)]
     gold_hits = seed_hits = seed_n = 0
     for s in selected:
-        conf = sigmoid(abs(s["reward_j"] - s["reward_k"]))
-        b = min(9, int((conf - 0.5) * 20))
+        _, b = confidence_bin(s["reward_j"] - s["reward_k"])
         if "gold_preferred" in s:
             bins[b][0] += 1
             bins[b][1] += s["gold_preferred"] == "j"
