@@ -23,10 +23,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ser.cli import parse
+from ser.cli import get_logger, parse
 from ser.data import check_writable, load_records, write_json, write_records
 
 GOLD = "gold_preferred"
+logger = get_logger("filter")
 
 
 @dataclass
@@ -202,6 +203,9 @@ def main(args: ScriptArguments):
         check_scores(pool, args, ("reward_j", "reward_k"))
         write_records(args.scored_save_path or out_dir / "scored.jsonl", pool)
     else:
+        from ser.modeling import process_state
+
+        process_state()  # the scores come from the file; the state is the logger's
         check_scores(pool, args)
     status, selected, remaining, counts = select(pool, args)
     write_records(args.rm_next_loop_save_path, selected)
@@ -210,11 +214,11 @@ def main(args: ScriptArguments):
     write_json(args.stats_save_path or out_dir / "stats.json", stats)  # written last: marks the step done
     precision = stats["pseudo_label_precision"]
     if stats["duplicate_pairs"]:
-        print(f"filter: warning: {stats['duplicate_pairs']} pool pairs repeat an earlier one (same question and "
-              "responses) and count again toward the status thresholds")
-    print(f"filter: {status}; {len(selected)} of {len(pool)} pairs selected "
-          f"(status-1 eligible {counts['status1_eligible']}, status-2 eligible {counts['status2_eligible']})"
-          + (f", self-label precision {precision:.3f}" if precision is not None else ""))
+        logger.warning(f"filter: warning: {stats['duplicate_pairs']} pool pairs repeat an earlier one (same question "
+                       "and responses) and count again toward the status thresholds")
+    logger.info(f"filter: {status}; {len(selected)} of {len(pool)} pairs selected "
+                f"(status-1 eligible {counts['status1_eligible']}, status-2 eligible {counts['status2_eligible']})"
+                + (f", self-label precision {precision:.3f}" if precision is not None else ""))
 
 
 if __name__ == "__main__":

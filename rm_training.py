@@ -23,10 +23,22 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, Trainer
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
-from ser.cli import parse, resolved_args, resume_from, setup_wandb
+from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json, write_records
 from ser.modeling import ModelArguments as BaseModelArguments
-from ser.modeling import fp32_master_weights, is_lora_dir, load_reward_model, load_tokenizer, pair_metrics, score_ids
+from ser.modeling import (
+    fit_embeddings,
+    fp32_master_weights,
+    is_lora_dir,
+    load_reward_model,
+    load_tokenizer,
+    lora_base,
+    pair_metrics,
+    record_lora_base,
+    score_ids,
+)
+
+logger = get_logger("rm_training")
 
 
 @dataclass
@@ -133,7 +145,7 @@ def eval_source(script_args):
                     "nor as a file or folder")
 
 
-def load_model(script_args, model_args, config, tokenizer, say=print):
+def load_model(script_args, model_args, config, tokenizer):
     """A previous RM (full or LoRA) continues training; an SFT model gets a fresh score head.
 
     Trainable weights end in fp32 (see `fp32_master_weights`). LoRA is applied here, not by the trainer:
@@ -144,17 +156,15 @@ def load_model(script_args, model_args, config, tokenizer, say=print):
     deepspeed = bool(config.deepspeed)
     mixed = bool(config.bf16 or config.fp16)
     if is_lora_dir(path):
-        say(f"rm_training: continuing the LoRA reward model in {path}")
+        logger.info(f"rm_training: continuing the LoRA reward model in {path}")
         model = load_reward_model(path, tokenizer, model_args.dtype, trainable=True)
         return fp32_master_weights(model, mixed, deepspeed)
     is_rm = any(a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(path).architectures or [])
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=model_args.dtype)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    say(f"rm_training: {'continuing the reward model' if is_rm else 'new score head on'} {path}"
-        + (f" (LoRA r {model_args.lora_r}, alpha {model_args.lora_alpha}, dropout {model_args.lora_dropout})"
-           if model_args.use_lora else " (all weights trained)"))
+    model = fit_embeddings(model, tokenizer)
+    logger.info(f"rm_training: {'continuing the reward model' if is_rm else 'new score head on'} {path}"
+                + (f" (LoRA r {model_args.lora_r}, alpha {model_args.lora_alpha}, dropout {model_args.lora_dropout})"
+                   if model_args.use_lora else " (all weights trained)"))
     if config.disable_dropout:
         disable_dropout_in_model(model)
     if model_args.use_lora:
@@ -170,7 +180,6 @@ def load_model(script_args, model_args, config, tokenizer, say=print):
 
 def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMConfig):
     setup_wandb(config.report_to)
-    say = print if config.process_index == 0 else (lambda *_: None)
     if Path(script_args.model_name).is_dir():  # a LoRA adapter records its base by this path
         script_args.model_name = str(Path(script_args.model_name).resolve())
 
@@ -189,18 +198,18 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
         raise DataError(f"every training pair in {' '.join(script_args.dataset_name)} has two identical responses: "
                         "there is no preference to learn (the loss would stay at ln 2)")
     if same:
-        say(f"rm_training: warning: {same} of {len(train_records)} training pairs have two identical responses")
+        logger.warning(f"rm_training: warning: {same} of {len(train_records)} training pairs have two identical responses")
     train_records = subsample(train_records, script_args.train_subset_size, config.seed)
     eval_records = subsample(load_records(*eval_source(script_args)), script_args.eval_subset_size, config.seed)
     bar = None if config.disable_tqdm or config.process_index != 0 else "tokenising"
     train_dataset, truncated = tokenize_pairs(train_records, tokenizer, config.max_length, bar)
     eval_dataset, eval_truncated = tokenize_pairs(eval_records, tokenizer, config.max_length, bar)
-    say(f"rm_training: {len(train_records)} training pairs ({truncated} sequences cut from the left), "
-          f"{len(eval_records)} held-out pairs ({eval_truncated} cut)")
+    logger.info(f"rm_training: {len(train_records)} training pairs ({truncated} sequences cut from the left), "
+                f"{len(eval_records)} held-out pairs ({eval_truncated} cut)")
 
     # 2. model and trainer
     set_seed(config.seed)  # the score head is initialised at load time
-    model = load_model(script_args, model_args, config, tokenizer, say)
+    model = load_model(script_args, model_args, config, tokenizer)
     config.disable_dropout = False  # done in load_model, without touching the LoRA dropout
     trainer = PairwiseRewardTrainer(
         model=model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -215,6 +224,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
+        if is_lora_dir(config.output_dir):  # its base: the SFT model, or the base of the RM it continued
+            base = lora_base(script_args.model_name) if is_lora_dir(script_args.model_name) else script_args.model_name
+            record_lora_base(config.output_dir, base)
         results = {k.removeprefix("eval_"): v for k, v in metrics.items()}
         results.update(train_pairs=len(train_records), train_truncated=truncated, eval_truncated=eval_truncated,
                        loss_type=script_args.loss, model_name=script_args.model_name, max_length=config.max_length,
@@ -226,7 +238,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
                        for i, (r, a, b) in enumerate(zip(eval_records, r_j, r_k))])
         write_json(Path(config.output_dir) / "run_args.json", resolved_args(script_args, model_args, config))
         write_json(Path(config.output_dir) / "eval_results.json", results)  # written last: marks the stage done
-        print("rm_training: held-out " + json.dumps({k: results[k] for k in ("accuracy", "tie_rate", "margin", "pairs")}))
+        logger.info("rm_training: held-out " + json.dumps({k: results[k] for k in ("accuracy", "tie_rate", "margin", "pairs")}))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ from tqdm.auto import tqdm
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from ser.cli import parse, resolved_args, resume_from, setup_wandb
+from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json
 from ser.modeling import ModelArguments, fp32_master_weights, load_causal_lm, load_tokenizer
+
+logger = get_logger("sft")
 
 
 @dataclass
@@ -64,8 +66,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: SFTCo
     records = subsample(records, script_args.train_subset_size, config.seed)
     bar = None if config.disable_tqdm or config.process_index != 0 else "tokenising"
     train_dataset, truncated = build_dataset(records, tokenizer, config.max_length, bar)
-    if config.process_index == 0:
-        print(f"sft: {len(records)} demonstrations, {truncated} cut from the left to {config.max_length} tokens")
+    logger.info(f"sft: {len(records)} demonstrations, {truncated} cut from the left to {config.max_length} tokens")
 
     # 2. model (trainable weights in fp32 master copies), trainer (loss on the answer only), train
     model = load_causal_lm(script_args.model_name, tokenizer, model_args.dtype)

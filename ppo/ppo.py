@@ -36,11 +36,21 @@ from accelerate.utils import gather, set_seed
 from transformers import get_scheduler
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits
 
-from ser.cli import check_accelerator, parse, resolved_args, setup_wandb
+from ser.cli import check_accelerator, get_logger, parse, resolved_args, setup_wandb
 from ser.data import check_writable, load_records, write_json
-from ser.modeling import THIS_PROCESS_ONLY, fp32_master_weights, load_causal_lm, load_reward_model, load_tokenizer, score_ids
+from ser.modeling import (
+    THIS_PROCESS_ONLY,
+    fp32_master_weights,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    save_whole,
+    score_ids,
+)
 from ser.modeling import ModelArguments as BaseModelArguments
 from ser.rollout import lm_logprobs, logprobs_of, position_ids_of, reward_inputs, sample
+
+logger = get_logger("ppo")
 
 
 @dataclass
@@ -98,7 +108,8 @@ class ScriptArguments:
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
     rm_dtype: str = field(default="auto", metadata={"help": "RM weights dtype"})
     # bookkeeping
-    peak_tflops: float | None = field(default=None, metadata={"help": "peak TFLOP/s of one device, to log MFU"})
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "peak TFLOP/s of one device, for MFU; default: the listed peak of this GPU/TPU in the compute dtype"})
     save_freq: int = field(default=200, metadata={"help": "checkpoint every this many steps (0: only at the end)"})
     save_total_limit: int | None = field(default=2, metadata={
         "help": "keep this many newest checkpoints (each holds optimiser state); None keeps all"})
@@ -360,10 +371,13 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         accelerator.load_state(args.resume_from_checkpoint)
         kl_ctl.value = state.kl_coef
         moments.mean, moments.var, moments.count = state.reward_mean, state.reward_var, state.reward_count
-        accelerator.print(f"ppo: resumed at step {state.step} from {args.resume_from_checkpoint}")
-    accelerator.print(f"ppo: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
-                      f"{len(prompts)} prompts, {sum(p.numel() for p in params):,} trainable parameters")
+        logger.info(f"ppo: resumed at step {state.step} from {args.resume_from_checkpoint}")
+    logger.info(f"ppo: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
+                f"{len(prompts)} prompts, {sum(p.numel() for p in params):,} trainable parameters")
     n_params = sum(p.numel() for p in unwrapped.policy.parameters())
+    peak_tflops = args.peak_tflops or device_peak_tflops(accelerator)
+    if not peak_tflops:
+        logger.info(f"ppo: MFU is not logged: the peak FLOP/s of {accelerator.device} is not known (--peak_tflops sets it)")
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / "run_args.json", resolved_args(args, model_args))
     if args.log_with:
@@ -498,16 +512,16 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                "env/eos_rate": gather(has_eos.float()).mean().item(),
                "perf/tokens_per_second": n_tokens / seconds, "perf/step_seconds": seconds,
                "perf/model_tflops": tflops}
-        if args.peak_tflops:
-            log["perf/mfu"] = tflops / (args.peak_tflops * accelerator.num_processes)
+        if peak_tflops:
+            log["perf/mfu"] = tflops / (peak_tflops * accelerator.num_processes)
         for key in ("ppo/pg_loss", "ppo/vf_loss", "objective/kl"):
             if key in log and not math.isfinite(log[key]):
                 raise FloatingPointError(f"step {state.step}: {key} is {log[key]}")
         accelerator.log(log, step=state.step)
-        accelerator.print(f"ppo step {state.step}: reward {log['env/reward_mean']:+.3f} kl {seq_kl:.3f} "
-                          f"kl_coef {kl_ctl.value:.4f} len {log['env/response_length']:.1f} "
-                          f"eos {log['env/eos_rate']:.2f} {log['perf/tokens_per_second']:.0f} tok/s"
-                          + (f" mfu {100 * log['perf/mfu']:.2f}%" if "perf/mfu" in log else ""))
+        logger.info(f"ppo step {state.step}: reward {log['env/reward_mean']:+.3f} kl {seq_kl:.3f} "
+                    f"kl_coef {kl_ctl.value:.4f} len {log['env/response_length']:.1f} "
+                    f"eos {log['env/eos_rate']:.2f} {log['perf/tokens_per_second']:.0f} tok/s"
+                    + (f" mfu {100 * log['perf/mfu']:.2f}%" if "perf/mfu" in log else ""))
         if args.save_freq and state.step % args.save_freq == 0:
             save_checkpoint(accelerator, args, state)
 
@@ -516,6 +530,16 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     save_policy(accelerator, model, tokenizer, args)
     accelerator.end_training()
     return log  # the last step's figures
+
+
+def device_peak_tflops(accelerator) -> float | None:
+    """The device's theoretical peak TFLOP/s in the compute dtype (Lightning's table of GPUs and TPUs);
+    None on a CPU or an unlisted device."""
+    from lightning_fabric.utilities.throughput import get_available_flops
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    flops = get_available_flops(accelerator.device, dtype) if accelerator.device.type in ("cuda", "xla") else None
+    return flops / 1e12 if flops else None
 
 
 def save_checkpoint(accelerator, args, state):
@@ -543,14 +567,9 @@ def save_policy(accelerator, model, tokenizer, args):
     accelerator.wait_for_everyone()
     policy = accelerator.unwrap_model(model).policy
     if accelerator.is_main_process:
-        out, tmp = Path(args.output_dir) / "policy", Path(args.output_dir) / ".policy.tmp"
         merged = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_pretrained(tmp)  # whole or absent: written aside, then renamed
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        accelerator.print(f"ppo: wrote the policy to {out}")
+        out = save_whole(Path(args.output_dir) / "policy", merged, tokenizer)
+        logger.info(f"ppo: wrote the policy to {out}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ versions; `legacy_argv` maps them onto today's names before `HfArgumentParser` s
 flag that cannot be honoured is an error, never silently ignored.
 """
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -116,6 +117,34 @@ def parse(dataclass_types, argv=None, counted=()):
 
 
 REQUIRE_ACCELERATOR = "SER_REQUIRE_ACCELERATOR"
+
+
+class _Stdout(logging.StreamHandler):
+    """Writes each record to the current sys.stdout and flushes it (a redirected log fills line by line)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def get_logger(stage: str):
+    """The stage scripts' one logger: accelerate's, which logs on the main process only unless a call
+    passes `main_process_only=False` (it needs the process state: an Accelerator, a PartialState or the
+    Trainer's arguments exist first). Records are plain lines on stdout, under the `ser` logger."""
+    from accelerate.logging import get_logger as accelerate_logger
+
+    root = logging.getLogger("ser")
+    if not root.handlers:
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    return accelerate_logger(f"ser.{stage}")
 
 
 def check_accelerator() -> None:

@@ -22,6 +22,19 @@ ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PA
        "TOKENIZERS_PARALLELISM": "false"}
 
 
+def test_mfu_peak_is_the_devices_own_without_a_flag(monkeypatch):
+    from types import SimpleNamespace
+
+    cpu = SimpleNamespace(device=torch.device("cpu"), mixed_precision="bf16")
+    assert ppo.device_peak_tflops(cpu) is None  # no listed peak: MFU is not logged, and the log says why
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
+    h100 = SimpleNamespace(device=torch.device("cuda", 0), mixed_precision="bf16")
+    assert ppo.device_peak_tflops(h100) == pytest.approx(989.4)  # H100 SXM datasheet, dense bf16
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A100-SXM4-80GB")
+    assert ppo.device_peak_tflops(SimpleNamespace(device=torch.device("cuda", 0), mixed_precision="bf16")) == \
+        pytest.approx(312.0)
+
+
 def test_gae_matches_the_textbook_recursion():
     torch.manual_seed(0)
     rewards, values = torch.randn(3, 6), torch.randn(3, 6)

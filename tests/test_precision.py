@@ -83,7 +83,7 @@ def test_lora_dropout_survives_while_the_backbone_dropout_is_off(tiny_model):
     script, model_args, config = parse(rm_training.ARGUMENTS,
                                        ["--model_name", str(tiny_model), "--dataset_name", "D", "--output_dir", "o", *CPU])
     tok = load_tokenizer(str(tiny_model))
-    model = rm_training.load_model(script, model_args, config, tok, say=lambda *_: None)
+    model = rm_training.load_model(script, model_args, config, tok)
     lora = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n]
     other = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" not in n]
     assert lora and all(m.p == 0.1 for m in lora)
