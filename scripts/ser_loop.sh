@@ -23,6 +23,9 @@ PY=${PY:-python}              # for the report
 RM_ARGS=${RM_ARGS:-}          # extra rm_training.py flags: learning rate, --use_lora False, --bf16 True, ...
 FILTER_ARGS=${FILTER_ARGS:-}  # extra rm_loop_filter_by_self.py flags: thresholds, counts, modes
 FORCE=${FORCE:-0}             # 1: continue a RUN made with other settings (see RUN/config.json)
+POOL_FROM=${POOL_FROM:-data}  # data: DATA/data/unlabeled; generate: two answers sampled by SFT per question
+POOL_PROMPTS=${POOL_PROMPTS:-data/unlabeled} # with POOL_FROM=generate: the split of DATA whose questions are used
+GENERATE_ARGS=${GENERATE_ARGS:-} # extra data/generate_pairs.py flags: --model_b, --max_tokens, --temperature, ...
 
 # Paths are the caller's: resolve them before moving to the repository.
 abspath() { [[ $1 == /* ]] && printf '%s' "$1" || printf '%s/%s' "$PWD" "$1"; }
@@ -40,21 +43,34 @@ split() { $PY -c 'import shlex, sys; sys.stdout.write("\0".join(shlex.split(sys.
 RM_EXTRA=(); FILTER_EXTRA=()
 if [[ -n $RM_ARGS ]]; then mapfile -d '' -t RM_EXTRA < <(split "$RM_ARGS"); fi
 if [[ -n $FILTER_ARGS ]]; then mapfile -d '' -t FILTER_EXTRA < <(split "$FILTER_ARGS"); fi
+GENERATE_EXTRA=(); if [[ -n $GENERATE_ARGS ]]; then mapfile -d '' -t GENERATE_EXTRA < <(split "$GENERATE_ARGS"); fi
 
 # RUN/config.json: a re-run with other settings must not skip stages made with the old ones.
 force=(); if [[ $FORCE == 1 ]]; then force=(--force); fi
 $PY -m ser.run_config --run "$RUN" "${force[@]}" DATA="$DATA" SFT="$SFT" MAX_LOOPS="$MAX_LOOPS" \
   KEEP_SEED="$KEEP_SEED" CONTINUE="$CONTINUE" MAX_LENGTH="$MAX_LENGTH" SEED_EPOCHS="$SEED_EPOCHS" \
-  LOOP_EPOCHS="$LOOP_EPOCHS" RM_ARGS="$RM_ARGS" FILTER_ARGS="$FILTER_ARGS"
+  LOOP_EPOCHS="$LOOP_EPOCHS" RM_ARGS="$RM_ARGS" FILTER_ARGS="$FILTER_ARGS" POOL_FROM="$POOL_FROM" \
+  POOL_PROMPTS="$POOL_PROMPTS" GENERATE_ARGS="$GENERATE_ARGS"
+
+# A stage's wall time runs from its start (recorded before launch) to its done file's mtime, so a kill
+# between the two still leaves a wall time: the next run records it from the same files.
+record_wall() {
+  local name=$1 done_file=$2 start_file="$RUN/.wall.$1.start"
+  [[ -f $start_file && ! -f "$RUN/.wall.$name.json" ]] || return 0
+  local ms=$((($(date -r "$done_file" +%s%N) - $(cat "$start_file")) / 1000000))
+  echo "{\"stage\": \"$name\", \"ms\": $ms}" > "$RUN/.wall.$name.json.tmp"
+  mv "$RUN/.wall.$name.json.tmp" "$RUN/.wall.$name.json"
+}
 
 # stage NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exists (each stage writes it last)
 stage() {
   local name=$1 done_file=$2; shift 2
-  if [[ -f $done_file ]]; then echo "ser: $name already done"; return; fi
+  if [[ -f $done_file ]]; then record_wall "$name" "$done_file"; echo "ser: $name already done"; return; fi
   echo "ser: $name"
-  local start; start=$(date +%s%N)
+  rm -f "$RUN/.wall.$name.json"
+  date +%s%N > "$RUN/.wall.$name.start"
   $LAUNCH "$@"
-  echo "{\"stage\": \"$name\", \"ms\": $((($(date +%s%N) - start) / 1000000))}" > "$RUN/.wall.$name.json"
+  record_wall "$name" "$done_file"
 }
 
 stage loop_0.train "$RUN/loop_0/rm/eval_results.json" \
@@ -62,11 +78,22 @@ stage loop_0.train "$RUN/loop_0/rm/eval_results.json" \
   --eval_subset data/evaluation --output_dir "$RUN/loop_0/rm" --max_length "$MAX_LENGTH" \
   --num_train_epochs "$SEED_EPOCHS" "${RM_EXTRA[@]}"
 
+# The unlabelled pool: the prepared one, or answers sampled from the SFT model (no labels either way).
+case $POOL_FROM in
+  data) first_pool=(--dataset_name "$DATA" --subset data/unlabeled) ;;
+  generate)
+    stage pool.generate "$RUN/pool/train.stats.json" \
+      data/generate_pairs.py --prompts "$DATA" --subset "$POOL_PROMPTS" --model "$SFT" \
+      --out "$RUN/pool/train.jsonl" --max_prompt_length "$MAX_LENGTH" "${GENERATE_EXTRA[@]}"
+    first_pool=(--dataset_name "$RUN/pool/train.jsonl") ;;
+  *) echo "ser: POOL_FROM=$POOL_FROM: expected data or generate" >&2; exit 2 ;;
+esac
+
 selected=()
 for ((t = 1; t <= MAX_LOOPS; t++)); do
   prev="$RUN/loop_$((t - 1))"
   loop="$RUN/loop_$t"
-  if ((t == 1)); then pool=(--dataset_name "$DATA" --subset data/unlabeled); else pool=(--dataset_name "$prev/remaining.jsonl"); fi
+  if ((t == 1)); then pool=("${first_pool[@]}"); else pool=(--dataset_name "$prev/remaining.jsonl"); fi
 
   stage "loop_$t.filter" "$loop/stats.json" \
     rm_loop_filter_by_self.py "${pool[@]}" --reward_model_name "$prev/rm" \

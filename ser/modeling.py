@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from ser.data import encode
+from ser.data import encode, write_json
 
 
 @dataclass
@@ -63,7 +64,8 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.accelerator.is_available())
 
 
-def _fit_embeddings(model, tokenizer):
+def fit_embeddings(model, tokenizer):
+    """Room for every token of the tokenizer (a pad token added to a Llama one), and its pad id."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -72,7 +74,7 @@ def _fit_embeddings(model, tokenizer):
 
 def load_causal_lm(name: str, tokenizer, dtype: str = "auto"):
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    return _fit_embeddings(model, tokenizer)
+    return fit_embeddings(model, tokenizer)
 
 
 def fp32_master_weights(model, mixed_precision: bool, deepspeed: bool = False):
@@ -129,6 +131,45 @@ def _safetensors_keys(path) -> list[str]:
         return list(f.keys())
 
 
+def save_whole(out, model, tokenizer) -> Path:
+    """save_pretrained of a model and its tokenizer into a temporary folder, then renamed: whole or absent."""
+    import shutil
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def lora_base(adapter) -> str:
+    """The base model of a LoRA adapter. A relative record ("../../sft") is relative to the adapter's folder."""
+    base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if base.startswith(("../", "./")):
+        resolved = (Path(adapter) / base).resolve()
+        if not resolved.is_dir():
+            raise FileNotFoundError(f"{adapter}: the LoRA adapter's base model {base} (that is, {resolved}) is missing; "
+                                    "a run folder moves whole, with the base it was trained on")
+        return str(resolved)
+    return base
+
+
+def record_lora_base(adapter, base) -> None:
+    """Write the adapter's base into its adapter_config.json: relative to the adapter when the base lies in
+    the same run (RUN/sft for RUN/loop_t/rm), so the run folder can move; else absolute (or a hub id)."""
+    config_path = Path(adapter) / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if Path(base).is_dir():
+        adapter, base = Path(adapter).resolve(), Path(base).resolve()
+        run = adapter.parent.parent
+        base = os.path.relpath(base, adapter) if base.is_relative_to(run) else str(base)
+    config["base_model_name_or_path"] = str(base)
+    write_json(config_path, config)
+
+
 def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool = False):
     """Load a reward model saved by rm_training.py: a full model, or a LoRA adapter with its score head.
 
@@ -140,13 +181,14 @@ def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool
     if is_lora_dir(path):
         from peft import PeftModel
 
-        base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = lora_base(path)
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
-        model = _fit_embeddings(model, tokenizer)
+        model = fit_embeddings(model, tokenizer)
         model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
+        model.peft_config["default"].base_model_name_or_path = base  # resolved: PEFT reads it from the cwd
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-        model = _fit_embeddings(model, tokenizer)
+        model = fit_embeddings(model, tokenizer)
     if not trainable:
         model.eval()
     return model
@@ -157,16 +199,32 @@ def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool
 
 def score(model, tokenizer, questions, responses, max_length: int, batch_size: int = 32,
           state: PartialState | None = None, progress: str | None = None) -> tuple[list[float], dict]:
-    """Reward of each (question, response), in input order, on every process (see `score_ids`)."""
-    encoded = [encode(tokenizer, q, r, max_length) for q, r in zip(questions, responses)]
-    rewards, stats = score_ids(model, tokenizer, [e["input_ids"] for e in encoded], batch_size, state, progress)
-    stats["truncated"] = sum(e["truncated"] for e in encoded)
-    return rewards, stats
+    """Reward of each (question, response), in input order, on every process (see `score_ids`).
+
+    Each process tokenises only its own share: the pairs are dealt out by character length (a close proxy
+    for token length) before tokenising, so memory per process does not grow with the whole pool.
+    """
+    state = state or process_state()
+    order = sorted(range(len(questions)), key=lambda i: len(questions[i]) + len(responses[i]))
+    mine = order[state.process_index::state.num_processes]
+    encoded = [encode(tokenizer, questions[i], responses[i], max_length) for i in mine]
+    n_batches = math.ceil(math.ceil(len(order) / state.num_processes) / batch_size)  # the same on every process
+    rewards, stats = score_ids(model, tokenizer, [e["input_ids"] for e in encoded], batch_size, THIS_PROCESS_ONLY,
+                               progress if state.process_index == 0 else None, pad_batches_to=n_batches)
+    parts = [(dict(zip(mine, rewards)), sum(e["truncated"] for e in encoded))]
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object(parts)
+    merged = {i: r for part, _ in parts for i, r in part.items()}
+    stats.update(sequences=len(questions), processes=state.num_processes, scored_here=len(mine),
+                 tokenised_here=len(mine), truncated=sum(t for _, t in parts))
+    return [merged[i] for i in range(len(questions))], stats
 
 
 @torch.no_grad()
-def score_ids(model, tokenizer, sequences, batch_size: int = 32,
-              state: PartialState | None = None, progress: str | None = None) -> tuple[list[float], dict]:
+def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialState | None = None,
+              progress: str | None = None, pad_batches_to: int = 0) -> tuple[list[float], dict]:
     """Reward of each token sequence (already `encode`d), in input order, on every process.
 
     Sequences are sorted by length before batching (file order wastes about half of the compute on
@@ -178,7 +236,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32,
     state = state or process_state()
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     mine = order[state.process_index::state.num_processes]
-    n_batches = math.ceil(math.ceil(len(order) / state.num_processes) / batch_size)
+    n_batches = max(pad_batches_to, math.ceil(math.ceil(len(order) / state.num_processes) / batch_size))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

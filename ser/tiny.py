@@ -4,7 +4,6 @@ The trained tokenizer is a byte-level BPE learnt on the synthetic task's text pl
 (JSON/JSONL pairs); or a tokenizer folder is reused, with pad != eos fixed by `load_tokenizer`.
 """
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from ser.data import format_text, load_records
-from ser.modeling import load_tokenizer
+from ser.modeling import load_tokenizer, save_whole
 from ser.synthetic import corpus as synthetic_corpus
 
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -62,12 +61,7 @@ def build(args: Args) -> Path:
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = out.with_name(f".{out.name}.tmp")  # whole or absent: written aside, then renamed
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    save_whole(out, model, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: Llama {args.num_layers}x{args.hidden_size}, {n_params:,} parameters, vocab {len(tokenizer)}")
     return out

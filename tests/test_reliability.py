@@ -62,6 +62,37 @@ def test_a_model_without_a_score_head_is_not_a_reward_model(sft_model, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+def test_a_lora_run_folder_moves_whole(sft_model, synthetic, tmp_path):
+    """A LoRA RM records its base relative to itself when the base is in the same run (RUN/sft), so the
+    run can move; the RM of the next loop, continued from it, records the same base."""
+    import shutil
+
+    from ser.modeling import score_pairs
+
+    run = tmp_path / "run"
+    shutil.copytree(sft_model, run / "sft")
+    common = ["--dataset_name", str(synthetic), "--use_lora", "True", "--num_train_epochs", "1",
+              "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--max_length", "96", *CPU]
+    rm_training.main(*parse(rm_training.ARGUMENTS, [
+        "--model_name", str(run / "sft"), "--output_dir", str(run / "loop_0" / "rm"), *common]))
+    rm_training.main(*parse(rm_training.ARGUMENTS, [
+        "--model_name", str(run / "loop_0" / "rm"), "--output_dir", str(run / "loop_1" / "rm"), *common]))
+    for loop in ("loop_0", "loop_1"):
+        config = json.loads((run / loop / "rm" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "../../sft", config["base_model_name_or_path"]
+    pairs = read_records(synthetic / "data" / "evaluation" / "train.jsonl")[:16]
+    tok = load_tokenizer(str(run / "loop_1" / "rm"))
+    before = score_pairs(load_reward_model(str(run / "loop_1" / "rm"), tok), tok, pairs, 96)[:2]
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(run, moved)
+    after = score_pairs(load_reward_model(str(moved / "loop_1" / "rm"), tok), tok, pairs, 96)[:2]
+    assert after == before
+    shutil.rmtree(moved / "sft")
+    with pytest.raises(FileNotFoundError, match=r"loop_1/rm: the LoRA adapter's base model \.\./\.\./sft .* is missing"):
+        load_reward_model(str(moved / "loop_1" / "rm"), tok)
+
+
 def test_an_empty_training_set_is_a_clear_error(sft_model, synthetic, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

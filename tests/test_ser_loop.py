@@ -57,6 +57,7 @@ def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
     stats = json.loads((two / "stats.json").read_text())
     assert stats["scoring"]["sequences"] == 1020 and stats["scoring"]["processes"] == 2
     assert stats["scoring"]["scored_here"] == 510 and stats["status"] != "stop", stats
+    assert stats["scoring"]["tokenised_here"] == 510  # each process tokenised its own half of the pool only
 
 
 def driver(run, synthetic, sft_model):
@@ -141,3 +142,34 @@ def test_driver_records_its_settings_refuses_other_ones_and_runs_alone(synthetic
         busy = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=changed, capture_output=True, text=True,
                               timeout=600)
     assert busy.returncode == 4 and "still running" in busy.stderr
+
+
+STUB_STAGE = """
+import os, pathlib, signal, sys, time
+argv = sys.argv[1:]
+if "--output_dir" not in argv:
+    sys.exit("stub: only the training stage is stubbed")
+time.sleep(0.3)
+done = pathlib.Path(argv[argv.index("--output_dir") + 1]) / "eval_results.json"
+done.parent.mkdir(parents=True, exist_ok=True)
+done.write_text("{}")
+if os.environ.get("KILL_DRIVER"):  # the stage finished; its driver dies before noting the wall time
+    os.kill(os.getppid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_a_driver_killed_after_a_stage_still_gets_its_wall_time(tmp_path):
+    stub = tmp_path / "stub.py"
+    stub.write_text(STUB_STAGE)
+    run = tmp_path / "run"
+    env = {**ENV, "DATA": str(tmp_path), "SFT": str(tmp_path), "RUN": str(run), "PY": sys.executable,
+           "LAUNCH": f"{sys.executable} {stub}"}
+    killed = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env={**env, "KILL_DRIVER": "1"},
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL and (run / "loop_0" / "rm" / "eval_results.json").is_file()
+    assert not (run / ".wall.loop_0.train.json").exists()
+    rerun = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "ser: loop_0.train already done" in rerun.stdout
+    wall = json.loads((run / ".wall.loop_0.train.json").read_text())
+    assert wall["stage"] == "loop_0.train" and 300 <= wall["ms"] < 60_000, wall
