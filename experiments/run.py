@@ -4,11 +4,11 @@
     python -m experiments.run --grid hh-rlhf-smollm2         # SmolLM2 + LoRA RM on HH-RLHF rows
     python -m experiments.run --grid quick --results experiments/results-quick   # CI-sized smoke test
 
-(run from the repository's root, so that the stage scripts import as modules).
+(run from the repository's root).
 
-Each run calls the stage scripts' `main` in this process (a SER run is rm_training.py for Loop 0,
-then rm_loop_filter_by_self.py and rm_training.py per loop, exactly as scripts/ser_loop.sh chains
-them), so the tiny model's grid is not dominated by Python start-up. Checkpoints go to --workdir
+Each run launches the stage scripts as a user would (a SER run is rm_training.py for Loop 0, then
+rm_loop_filter_by_self.py and rm_training.py per loop, exactly as scripts/ser_loop.sh chains them),
+one process per stage (each writes its resolved arguments beside its outputs). Checkpoints go to --workdir
 (not committed); the rows go to RESULTS/results.json, rewritten atomically after every run. A rerun
 skips every (setting, variant, seed) already in results.json, so an interrupted grid resumes where
 it stopped. RESULTS/REPORT.md and the plots are then regenerated from results.json alone
@@ -16,17 +16,16 @@ it stopped. RESULTS/REPORT.md and the plots are then regenerated from results.js
 """
 
 import json
+import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import rm_loop_filter_by_self as F
-import rm_training
-import sft
-from data import make_synthetic, prepare
 from experiments.report import write_report
-from scripts import get_base_model
 from ser import tiny
 from ser.cli import parse
 from ser.data import read_records, subsample, write_json, write_records
@@ -121,18 +120,27 @@ CPU = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "Fals
 # ----------------------------------------------------------------------------- data and models per seed
 
 
+def stage(script: str, *args) -> None:
+    """Run one stage script in its own process, from the repository's root, as the loop driver does."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if proc.returncode:
+        raise SystemExit(f"experiments: {script} exited with {proc.returncode}: {' '.join(cmd)}")
+
+
 def prepare_synthetic(grid, seed, fraction, work: Path):
     data = work / f"data@{fraction}"
     if not (data / "manifest.json").is_file():
-        make_synthetic.main(make_synthetic.Args(out=str(data), labeled_fraction=fraction, seed=seed, **grid["data"]))
+        sizes = [a for k, v in grid["data"].items() for a in (f"--{k}", v)]
+        stage("data/make_synthetic.py", "--out", data, "--labeled_fraction", fraction, "--seed", seed, *sizes)
     base = work / "base"
     if not (base / "config.json").is_file():
         tiny.build(tiny.Args(out=str(base), seed=seed))
     sft_dir = work / "sft"
-    if not (sft_dir / "model.safetensors").is_file():
-        sft.main(*parse(sft.ARGUMENTS, [
-            "--model_name", str(base), "--dataset_name", str(data), "--output_dir", str(sft_dir),
-            "--seed", str(seed), *grid["sft"], *CPU]))
+    if not (sft_dir / "run_args.json").is_file():  # sft.py writes it last
+        stage("sft.py", "--model_name", base, "--dataset_name", data, "--output_dir", sft_dir, "--seed", seed,
+              *grid["sft"], *CPU)
     return data, sft_dir
 
 
@@ -143,9 +151,9 @@ def prepare_hh(grid, seed, fraction, work: Path):
     if not (data / "manifest.json").is_file():
         tmp = work / f"prepared@{fraction}"
         shutil.rmtree(tmp, ignore_errors=True)
-        prepare.main(prepare.Args(dataset="hh-rlhf", source=str(SHARED / "data" / "raw" / "hh_rlhf"), out=str(tmp),
-                                  labeled_fraction=fraction, eval_fraction=0.12, finetune_fraction=0.0,
-                                  rl_fraction=0.0, seed=seed))
+        stage("data/prepare.py", "--dataset", "hh-rlhf", "--source", SHARED / "data" / "raw" / "hh_rlhf", "--out", tmp,
+              "--labeled_fraction", fraction, "--eval_fraction", 0.12, "--finetune_fraction", 0.0,
+              "--rl_fraction", 0.0, "--seed", seed)
         pool = read_records(tmp / "data" / "reward_full" / "train.jsonl")
         keep = {r["id"] for r in subsample(pool, grid["data"]["pool"], seed)}
         for split in ("reward", "unlabeled", "reward_full"):
@@ -157,9 +165,9 @@ def prepare_hh(grid, seed, fraction, work: Path):
         write_json(data / "manifest.json", {**json.loads((tmp / "manifest.json").read_text()),
                                             "cut_to": grid["data"]})
         shutil.rmtree(tmp)
-    model = get_base_model.build(get_base_model.Args(out=str(ROOT / "models" / "smollm2-135m-instruct"),
-                                                     cache=str(ROOT / "models" / ".downloads")))
-    return data, Path(model)
+    model = ROOT / "models" / "smollm2-135m-instruct"
+    stage("scripts/get_base_model.py", "--out", model, "--cache", ROOT / "models" / ".downloads")
+    return data, model
 
 
 # ----------------------------------------------------------------------------- one run
@@ -167,7 +175,7 @@ def prepare_hh(grid, seed, fraction, work: Path):
 
 def confidence_bin(reward_gap: float) -> tuple[float, int]:
     """The RM's confidence sigmoid(|r_j - r_k|) in [0.5, 1] and its bin of ten."""
-    conf = F.sigmoid(abs(reward_gap))
+    conf = 1 / (1 + math.exp(-abs(reward_gap)))
     return conf, min(9, int((conf - 0.5) * 20))
 
 
@@ -176,11 +184,10 @@ def train_rm(grid, out: Path, init, sources, epochs, loss, seed, train_subset="d
     if (out / "eval_results.json").is_file():
         return json.loads((out / "eval_results.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
-    rm_training.main(*parse(rm_training.ARGUMENTS, [
-        "--model_name", str(init), "--dataset_name", *map(str, sources), "--train_subset", train_subset,
-        "--eval_subset", str(eval_data), "--output_dir", str(out), "--num_train_epochs", str(epochs),
-        "--max_length", str(grid["max_length"]), "--loss", loss, "--seed", str(seed),
-        *(["--tokenizer_name", str(tokenizer)] if tokenizer else []), *CPU, *grid["rm"]]))  # the later flag wins
+    stage("rm_training.py", "--model_name", init, "--dataset_name", *sources, "--train_subset", train_subset,
+          "--eval_subset", eval_data, "--output_dir", out, "--num_train_epochs", epochs,
+          "--max_length", grid["max_length"], "--loss", loss, "--seed", seed,
+          *(["--tokenizer_name", tokenizer] if tokenizer else []), *CPU, *grid["rm"])  # the later flag wins
     return json.loads((out / "eval_results.json").read_text())
 
 
@@ -259,10 +266,9 @@ def run_variant(grid, name, spec, seed, work: Path, data: Path, start_model: Pat
         loop = run / f"loop_{t}"
         pool = [str(data), "--subset", "data/unlabeled"] if t == 1 else [str(run / f"loop_{t - 1}" / "remaining.jsonl")]
         if not (loop / "stats.json").is_file():
-            F.main(*parse([F.ScriptArguments], [
-                "--dataset_name", *pool, "--reward_model_name", str(prev), "--tokenizer_name", str(start_model),
-                "--rm_next_loop_save_path", str(loop / "selected.jsonl"),
-                "--remaining_data_save_path", str(loop / "remaining.jsonl"), *filter_args]))
+            stage("rm_loop_filter_by_self.py", "--dataset_name", *pool, "--reward_model_name", prev,
+                  "--tokenizer_name", start_model, "--rm_next_loop_save_path", loop / "selected.jsonl",
+                  "--remaining_data_save_path", loop / "remaining.jsonl", *filter_args)
         if t == 1:  # RM_0's scores of the whole pool: did the seed RM already prefer what later loops select?
             seed_scores = {r["id"]: {r["response_j"]: r["reward_j"], r["response_k"]: r["reward_k"]}
                            for r in read_records(loop / "scored.jsonl")}
@@ -284,8 +290,6 @@ def run_variant(grid, name, spec, seed, work: Path, data: Path, start_model: Pat
 
 def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_rms: dict):
     """PPO against the RM of one variant, then the policy against SFT by the gold reward (one row)."""
-    from ppo import evaluate, ppo
-
     rm_variant = name.removeprefix("ppo:")
     rm_grid = {**grid, "setting": "synthetic"}
     t0 = time.perf_counter()
@@ -299,16 +303,15 @@ def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_
         rm_dir = work / "ppo-rms" / rm_variant / f"loop_{final['loop']}" / "rm"
     out = work / name.replace(":", "-")
     shutil.rmtree(out, ignore_errors=True)
-    ppo.main(*parse(ppo.ARGUMENTS, ["--model_name", str(sft_dir), "--reward_model_name", str(rm_dir),
-                                    "--dataset_name", str(data), "--output_dir", str(out), "--seed", str(seed),
-                                    *grid["ppo"]]))
+    stage("ppo/ppo.py", "--model_name", sft_dir, "--reward_model_name", rm_dir, "--dataset_name", data,
+          "--output_dir", out, "--seed", seed, *grid["ppo"])
     full_rm = work / "ppo-rms" / "full"
     if not (full_rm / "eval_results.json").is_file():
         run_variant(rm_grid, "full", SYNTHETIC_VARIANTS["full"], seed, work / "ppo-rms", data, sft_dir, seed_rms)
-    summary = evaluate.main(*parse([evaluate.Args], [
-        "--base_model", str(sft_dir), "--policy", str(out / "policy"), "--reward_model_name", str(rm_dir),
-        "--judge_reward_model", str(full_rm), "--dataset_name", str(data), "--gold", "synthetic",
-        "--samples_per_prompt", "16", "--seed", str(seed), "--output", str(out / "eval_policy.json")]))
+    stage("ppo/evaluate.py", "--base_model", sft_dir, "--policy", out / "policy", "--reward_model_name", rm_dir,
+          "--judge_reward_model", full_rm, "--dataset_name", data, "--gold", "synthetic",
+          "--samples_per_prompt", 16, "--seed", seed, "--output", out / "eval_policy.json")
+    summary = json.loads((out / "eval_policy.json").read_text())
     judged = summary["judged_by"]
     return [{"setting": grid["setting"], "variant": name, "seed": seed, "fraction": spec["fraction"], "loop": final["loop"],
              "rm_accuracy": final["accuracy"], "accuracy": None, "tie_rate": None, "n_eval": summary["samples"],
