@@ -47,8 +47,13 @@ def truncate_after_eos(responses, eos_id, pad_id):
     return responses.masked_fill(after, pad_id), mask, is_eos.any(dim=1)
 
 
-def sample(policy, tokenizer, questions, max_prompt_length, max_new_tokens, temperature, batched, device) -> Rollout:
-    """Left-padded prompts (`[bos] prompt_ids`, cut from the left) and sampled responses."""
+def sample(policy, tokenizer, questions, max_prompt_length, max_new_tokens, temperature, batched, device,
+           **sampling) -> Rollout:
+    """Left-padded prompts (`[bos] prompt_ids`, cut from the left) and sampled responses.
+
+    By default plain sampling at `temperature`: no top-k/top-p, so the logprobs scored later are those
+    of the sampling distribution (PPO needs that). `sampling` overrides it for data generation (top_k,
+    top_p, logits_processor, ...: any `generate` argument)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompts = [prompt_ids(tokenizer, q) for q in questions]  # the same boundary as training's `encode`
@@ -56,9 +61,8 @@ def sample(policy, tokenizer, questions, max_prompt_length, max_new_tokens, temp
     width = max(map(len, enc))
     query = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)  # detail: pad on the left
     query_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
-    # Plain sampling: no top-k/top-p, so the logprobs scored later are those of the sampling distribution.
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=True, top_k=0, top_p=1.0, temperature=temperature,
-               pad_token_id=pad, eos_token_id=eos)
+    gen = {"max_new_tokens": max_new_tokens, "do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": temperature,
+           "pad_token_id": pad, "eos_token_id": eos, **sampling}
     if batched:
         out = policy.generate(input_ids=query, attention_mask=query_mask, **gen)[:, width:]
     else:

@@ -1,0 +1,52 @@
+"""Merge a LoRA adapter into its base model and save an ordinary model folder.
+
+    python scripts/merge_lora.py --adapter runs/demo/ser/loop_3/rm --out runs/demo/rm-merged
+
+A reward-model adapter (task SEQ_CLS, saved by rm_training.py with its trained `score` head) becomes a
+sequence-classification model with that head; a causal-LM adapter (SFT, policy) becomes a causal LM.
+The base is the one the adapter records (a path relative to the adapter resolves against it). The
+tokenizer is the adapter folder's when it has one, else the base's. The output is written whole or
+not at all, in --dtype, and loads with `from_pretrained` and as any stage's --model_name or
+--reward_model_name.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peft import PeftModel
+
+from ser.cli import parse
+from ser.modeling import is_lora_dir, load_causal_lm, load_reward_model, load_tokenizer, lora_base, save_whole
+
+
+@dataclass
+class Args:
+    adapter: str = field(metadata={"help": "a LoRA adapter folder (adapter_config.json and its weights)"})
+    out: str = field(metadata={"help": "the merged model's folder"})
+    dtype: str = field(default="auto", metadata={"help": "weights dtype of the merged model: auto (the base's), "
+                                                          "bfloat16, float16, float32"})
+
+
+def main(args: Args) -> Path:
+    if not is_lora_dir(args.adapter):
+        raise SystemExit(f"--adapter {args.adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    task = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("task_type")
+    base = lora_base(args.adapter)
+    has_tokenizer = (Path(args.adapter) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(args.adapter if has_tokenizer else base)
+    if task == "SEQ_CLS":  # refuses an adapter without its trained score head
+        model = load_reward_model(args.adapter, tokenizer, args.dtype)
+    elif task == "CAUSAL_LM":
+        model = PeftModel.from_pretrained(load_causal_lm(base, tokenizer, args.dtype), args.adapter)
+    else:
+        raise SystemExit(f"--adapter {args.adapter}: task_type {task!r}; expected SEQ_CLS (a reward model) or CAUSAL_LM")
+    merged = model.merge_and_unload()
+    merged.name_or_path = args.out
+    out = save_whole(args.out, merged, tokenizer)
+    print(f"merge_lora: {args.adapter} ({task}) merged into {base}: wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main(*parse([Args]))

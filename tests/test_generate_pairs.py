@@ -1,0 +1,69 @@
+"""data/generate_pairs.py: a pool of sampled pairs from prompts, reproducible, duplicates counted,
+accepted by the loop driver."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from data import generate_pairs as G
+from ser.data import read_records
+
+
+def generate(sft_model, synthetic, out, **kw):
+    settings = {"max_tokens": 24, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "batch_size": 8, "device": "cpu", **kw}
+    args = G.Args(prompts=str(synthetic), model=str(sft_model), out=str(out), subset="data/rl", **settings)
+    return G.main(args)
+
+
+def test_presence_penalty_is_vllms_on_generated_tokens_only():
+    penalty = G.PresencePenalty(1.5)
+    prompt = torch.tensor([[3, 4, 5]])
+    scores = torch.zeros(1, 8)
+    assert torch.equal(penalty(prompt, scores), scores)  # first call: the prompt alone, nothing generated
+    after = penalty(torch.tensor([[3, 4, 5, 6, 6, 2]]), scores)
+    want = torch.zeros(1, 8)
+    want[0, [6, 2]] = -1.5  # once per distinct generated token (presence, not frequency); 3-5 are the prompt's
+    assert torch.equal(after, want)
+
+
+def test_same_seed_same_pool_and_every_prompt_accounted_for(sft_model, synthetic, tmp_path):
+    a = generate(sft_model, synthetic, tmp_path / "a.jsonl", seed=3)
+    b = generate(sft_model, synthetic, tmp_path / "b.jsonl", seed=3)
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    pool = read_records(tmp_path / "a.jsonl")
+    assert a["pairs"] == len(pool) > 0 and a["pairs"] + a["dropped_identical"] + a["dropped_empty"] == a["prompts"] == 32
+    assert all(set(r) == {"id", "question", "response_j", "response_k", "_line"} for r in pool)  # nobody's label
+    assert all(r["response_j"].strip() != r["response_k"].strip() for r in pool)
+    prompts = {r["id"]: r["question"] for r in read_records(synthetic / "data" / "rl" / "train.jsonl")}
+    kept = [r["id"] for r in pool]
+    assert kept == [i for i in prompts if i in set(kept)] and all(prompts[r["id"]] == r["question"] for r in pool)
+    c = generate(sft_model, synthetic, tmp_path / "c.jsonl", seed=4)
+    assert (tmp_path / "c.jsonl").read_text() != (tmp_path / "a.jsonl").read_text() and c["prompts"] == 32
+    assert json.loads((tmp_path / "a.stats.json").read_text())["pairs"] == a["pairs"]
+
+
+def test_identical_answers_are_dropped_and_counted(sft_model, synthetic, tmp_path):
+    stats = generate(sft_model, synthetic, tmp_path / "pool.jsonl", top_k=1)  # greedy: both answers are the same
+    assert stats["dropped_identical"] + stats["dropped_empty"] == 32 and stats["pairs"] == 0
+    assert read_records(tmp_path / "pool.jsonl") == []
+
+
+@pytest.mark.slow
+def test_the_driver_builds_its_pool_by_generation(synthetic, sft_model, tmp_path):
+    from test_ser_loop import ENV, RM_ARGS
+
+    run = tmp_path / "run"
+    env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "1", "MAX_LENGTH": "96",
+           "SEED_EPOCHS": "4", "LOOP_EPOCHS": "2", "RM_ARGS": RM_ARGS, "POOL_FROM": "generate", "POOL_PROMPTS": "data/rl",
+           "GENERATE_ARGS": "--max_tokens 24 --temperature 1.0 --top_k 0 --top_p 1.0 --device cpu",
+           "FILTER_ARGS": "--status1_min_pairs 1 --status2_min_pairs 1 --probability pairwise", "PY": sys.executable}
+    proc = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    generated = json.loads((run / "pool" / "train.stats.json").read_text())
+    stats = json.loads((run / "loop_1" / "stats.json").read_text())
+    assert stats["pool"] == generated["pairs"] > 0, stats  # loop 1 self-labelled the generated pool
+    assert stats["pseudo_label_precision"] is None  # no human label exists for generated pairs
