@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser.cli import parse
-
-N_BOOT = 2000
+from ser.stats import N_BOOT, bootstrap_ci
 
 
 @dataclass
@@ -39,14 +38,6 @@ def mean_std(xs):
     if not xs:
         return None, None
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
-def bootstrap_ci(xs, rng, n=N_BOOT):
-    xs = [x for x in xs if x is not None]
-    if len(xs) < 2:
-        return None
-    means = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) for _ in range(n))
-    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
 def paired_bootstrap_ci(pairs_by_seed, rng, n=N_BOOT):

@@ -9,8 +9,11 @@ over the base (ties apart) by each judge:
   * `policy_rm`: the RM that PPO optimised. This judge is circular (the policy was trained to please
     it), so it measures how far PPO got on its own objective, not whether answers got better;
   * `judge_rm`: an independent RM given by --judge_reward_model (for example the all-label RM);
-  * `gold`: with --gold synthetic, the synthetic task's hidden gold reward.
-Results go to --output (JSON) and stdout.
+  * `gold`: with --gold synthetic, the synthetic task's hidden gold reward;
+  * `llm`: with --llm_judge_model, an LLM judge (ser/judge.py: the paper's 5-point additive rubric per
+    answer, through any OpenAI-compatible API; win/tie/lose with bootstrap intervals).
+Results go to --output (JSON) and stdout; both systems' answers go beside it (OUTPUT.base.jsonl,
+OUTPUT.policy.jsonl), in the form ppo/judge.py compares against any other system's.
 """
 
 import json
@@ -21,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ser.cli import check_accelerator, parse
-from ser.data import load_records, subsample, write_json
+from ser.data import load_records, subsample, write_json, write_records
 from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score_ids
 from ser.rollout import lm_logprobs, response_texts, reward_inputs, sample
 
@@ -48,6 +51,10 @@ class Args:
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str | None = field(default=None, metadata={"help": "where the models run; default: the accelerator, else cpu"})
     dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
+    llm_judge_model: str | None = field(default=None, metadata={"help": "also judge with this LLM (OpenAI-compatible API; "
+                                                                        "key in $OPENAI_API_KEY)"})
+    llm_judge_base_url: str | None = field(default=None, metadata={"help": "the LLM judge's API; default: $OPENAI_BASE_URL"})
+    llm_judge_cache: str | None = field(default=None, metadata={"help": "the LLM judge's reply cache; default: beside --output"})
 
 
 def answer(model, tokenizer, questions, args):
@@ -127,6 +134,15 @@ def main(args: Args):
     summary["examples"] = [{"question": q, "base": a, "policy": b}
                            for q, a, b in list(zip(questions, texts["base"], texts["policy"]))[:5]]
     out = Path(args.output) if args.output else Path(args.policy).parent / "eval_policy.json"
+    if args.llm_judge_model:
+        from ser.judge import JudgeArgs, judge_pair
+
+        cache = args.llm_judge_cache or str(out.with_suffix(".judge_cache.jsonl"))
+        llm = judge_pair(questions, texts["policy"], texts["base"], JudgeArgs(
+            model=args.llm_judge_model, base_url=args.llm_judge_base_url, cache=cache), ("policy", "base"), args.seed)
+        judged["llm"] = {k: v for k, v in llm.items() if k not in ("scores", "table")}
+    for name in ("base", "policy"):
+        write_records(out.with_suffix(f".{name}.jsonl"), [{"question": q, "response": t} for q, t in zip(questions, texts[name])])
     write_json(out, summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=1))
     return summary

@@ -32,7 +32,7 @@ def test_presence_penalty_is_vllms_on_generated_tokens_only():
 
 def test_same_seed_same_pool_and_every_prompt_accounted_for(sft_model, synthetic, tmp_path):
     a = generate(sft_model, synthetic, tmp_path / "a.jsonl", seed=3)
-    b = generate(sft_model, synthetic, tmp_path / "b.jsonl", seed=3)
+    generate(sft_model, synthetic, tmp_path / "b.jsonl", seed=3)
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     pool = read_records(tmp_path / "a.jsonl")
     assert a["pairs"] == len(pool) > 0 and a["pairs"] + a["dropped_identical"] + a["dropped_empty"] == a["prompts"] == 32

@@ -16,6 +16,7 @@ from conftest import CPU, ROOT
 from ppo import ppo
 from ser import tiny
 from ser.cli import parse
+from ser.data import read_records
 from ser.rollout import truncate_after_eos
 
 ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "WANDB_MODE": "disabled",
@@ -281,15 +282,27 @@ def test_ppo_under_deepspeed_zero2(sft_model, rm, synthetic, tmp_path):
     assert (tmp_path / "checkpoint-2" / "pytorch_model").is_dir()  # a DeepSpeed (ZeRO) checkpoint
 
 
-def test_evaluation_names_its_circular_judge_and_adds_independent_ones(sft_model, rm, synthetic, tmp_path):
+def test_evaluation_names_its_circular_judge_and_adds_independent_ones(sft_model, rm, synthetic, tmp_path, monkeypatch):
+    from test_judge import Server
+
     from ppo import evaluate
 
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    server = Server()
     args = parse([evaluate.Args], [
         "--base_model", str(sft_model), "--policy", str(sft_model), "--reward_model_name", str(rm),
         "--judge_reward_model", str(rm), "--dataset_name", str(synthetic), "--gold", "synthetic",
-        "--n_prompts", "12", "--max_new_tokens", "8", "--output", str(tmp_path / "eval.json")])[0]
-    summary = evaluate.main(args)
-    assert set(summary["judged_by"]) == {"policy_rm", "judge_rm", "gold"}
+        "--n_prompts", "12", "--max_new_tokens", "8", "--output", str(tmp_path / "eval.json"),
+        "--llm_judge_model", "judge-model", "--llm_judge_base_url", server.url])[0]
+    try:
+        summary = evaluate.main(args)
+    finally:
+        server.close()
+    assert set(summary["judged_by"]) == {"policy_rm", "judge_rm", "gold", "llm"}
+    assert 0 < server.requests <= 12  # identical answers are asked about once
+    assert summary["judged_by"]["llm"]["compared"] == 12 and summary["judged_by"]["llm"]["counts"]["policy"]["failed"] == 0
+    answers = read_records(tmp_path / "eval.policy.jsonl")  # for ppo/judge.py against any other system later
+    assert [r["response"] for r in answers] == [r["response"] for r in read_records(tmp_path / "eval.base.jsonl")]
     assert "circular" in summary["judged_by"]["policy_rm"]["note"]
     assert summary["prompts"] == 12
     # the same model sampled with the same seed: identical answers, so every judge sees ties only

@@ -1,0 +1,157 @@
+"""The LLM judge (ser/judge.py, ppo/judge.py) against a real HTTP server on 127.0.0.1 that speaks the chat-completions API."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ppo import judge as cli
+from ser import judge
+
+QUESTIONS = [f"question {i}" for i in range(6)]
+
+
+class Server:
+    """Grades an answer "...score N" with "Score: N", any other with "Score: 3". Answers may ask for trouble: "malformed" gets a
+    reply without a score, "rate-once" a 429 on its first request, "rate-always" a 429 every time,
+    "slow" a reply after 2 s."""
+
+    def __init__(self):
+        self.requests, self.seen, self.lock = 0, {}, threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][0]["content"]
+                answer = prompt.split("Response:\n", 1)[1].split("\n", 1)[0]
+                with server.lock:
+                    server.requests += 1
+                    server.seen[answer] = server.seen.get(answer, 0) + 1
+                    first = server.seen[answer] == 1
+                assert self.path == "/v1/chat/completions" and body["model"] == "judge-model"
+                assert self.headers["Authorization"] == "Bearer test-key"
+                if "rate-always" in answer or ("rate-once" in answer and first):
+                    return self.reply(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "10"})
+                if "slow" in answer:
+                    time.sleep(2)
+                last = answer.rsplit(" ", 1)[-1]
+                text = "It rambles." if "malformed" in answer else f"Fine.\nScore: {last if last.isdigit() else 3}"
+                self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}],
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+            def reply(self, status, payload, headers=()):
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in dict(headers).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    s = Server()
+    yield s
+    s.close()
+
+
+def judge_args(server, tmp_path, **kw):
+    return judge.JudgeArgs(**{"model": "judge-model", "base_url": server.url, "cache": str(tmp_path / "cache.jsonl"),
+                              "concurrency": 3, "timeout": 0.5, "max_retries": 1, **kw})
+
+
+def test_scores_compare_per_question_and_a_rerun_asks_nothing(server, tmp_path):
+    a = [f"answer a{i} score {s}" for i, s in enumerate([5, 4, 3, 3, 2, 5])]
+    b = [f"answer b{i} score {s}" for i, s in enumerate([1, 4, 1, 3, 5, 0])]
+    result = judge.judge_pair(QUESTIONS, a, b, judge_args(server, tmp_path), ("PPO", "SFT"))
+    assert result["scores"] == {"PPO": [5, 4, 3, 3, 2, 5], "SFT": [1, 4, 1, 3, 5, 0]}
+    assert (result["win_rate"], result["tie_rate"], result["lose_rate"]) == (3 / 6, 2 / 6, 1 / 6)
+    lo, hi = result["win_ci"]
+    assert 0 <= lo < 0.5 < hi <= 1
+    assert "| PPO vs SFT | PPO wins | tie | SFT wins |" in result["table"] and "| 50.0 % [" in result["table"]
+    assert server.requests == 12 and result["counts"]["PPO"]["requests"] == 6
+
+    again = judge.judge_pair(QUESTIONS, a, b, judge_args(server, tmp_path), ("PPO", "SFT"))
+    assert server.requests == 12  # all from the cache
+    assert again["counts"]["PPO"]["cached"] == 6 and again["counts"]["PPO"]["requests"] == 0
+    assert again["scores"] == result["scores"]
+    other = judge.judge_pair(QUESTIONS, a, b, judge_args(server, tmp_path, model="judge-model-2"), ("PPO", "SFT"))
+    assert other["counts"]["PPO"]["cached"] == 0  # the key holds the model: another judge is asked afresh
+
+
+def test_malformed_replies_are_counted_never_guessed(server, tmp_path):
+    a = ["a0 score 4", "a1 malformed score 5", "a2 score 1"]
+    b = ["b0 score 2", "b1 score 2", "b2 score 3"]
+    result = judge.judge_pair(QUESTIONS[:3], a, b, judge_args(server, tmp_path))
+    assert result["scores"]["A"] == [4, None, 1] and result["counts"]["A"]["unparseable"] == 1
+    assert (result["compared"], result["left_out"], result["win_rate"], result["lose_rate"]) == (2, 1, 0.5, 0.5)
+    assert judge.parse_score("Score: 3\nScore: 4") == 4 and judge.parse_score("Score: 6") is None
+    assert judge.parse_score("I'd say 4/5") is None and judge.parse_score("Score: 3 or 4") is None
+
+
+def test_rate_limits_are_retried_and_what_still_fails_is_reported(server, tmp_path):
+    a = ["a0 rate-once score 5", "a1 rate-always score 5", "a2 slow score 5"]
+    b = ["b0 score 1", "b1 score 1", "b2 score 1"]
+    result = judge.judge_pair(QUESTIONS[:3], a, b, judge_args(server, tmp_path))
+    counts = result["counts"]["A"]
+    assert result["scores"]["A"] == [5, None, None]  # the 429 once was retried; the others failed
+    assert counts["failed"] == 2 and counts["unparseable"] == 0
+    assert any("RateLimitError" in e for e in counts["first_errors"])
+    assert any("Timeout" in e for e in counts["first_errors"])
+    assert server.seen["a0 rate-once score 5"] == 2 and server.seen["a1 rate-always score 5"] == 2  # 1 + max_retries
+    assert (result["compared"], result["left_out"]) == (1, 2)
+    # failures are not cached: a re-run asks them again (and only them)
+    before = server.requests
+    judge.judge_pair(QUESTIONS[:3], a, b, judge_args(server, tmp_path))
+    assert server.requests - before == 4  # two failing answers, each tried twice
+
+
+def test_a_torn_cache_line_is_ignored_and_said(server, tmp_path):
+    a, b = ["a score 3"], ["b score 2"]
+    judge.judge_pair(QUESTIONS[:1], a, b, judge_args(server, tmp_path))
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text(cache.read_text() + '{"key": "abc", "rep')  # a kill during a write
+    result = judge.judge_pair(QUESTIONS[:1], a, b, judge_args(server, tmp_path))
+    assert result["counts"]["A"]["cache_torn_lines"] == 1 and result["counts"]["A"]["cached"] == 1
+    cache.write_text('not json\n' + cache.read_text())
+    with pytest.raises(ValueError, match=r"cache.jsonl:1: not a JSON line"):
+        judge.judge_pair(QUESTIONS[:1], a, b, judge_args(server, tmp_path))
+
+
+def test_the_cli_reads_answer_files_and_writes_a_table(server, tmp_path):
+    from ser.data import write_records
+
+    write_records(tmp_path / "a.jsonl", [{"question": q, "response": f"x score {i % 6}"} for i, q in enumerate(QUESTIONS)])
+    write_records(tmp_path / "b.jsonl", [{"question": q, "response": "y score 2"} for q in QUESTIONS])
+    out = tmp_path / "judge.json"
+    result = cli.main(cli.Args(answers_a=str(tmp_path / "a.jsonl"), answers_b=str(tmp_path / "b.jsonl"),
+                                   names=["PPO", "SFT"], output=str(out)), judge_args(server, tmp_path))
+    assert json.loads(out.read_text())["win_rate"] == result["win_rate"] == 3 / 6
+    assert (tmp_path / "judge.md").read_text() == result["table"]
+    write_records(tmp_path / "c.jsonl", [{"question": "other", "response": "z"}] * 6)
+    with pytest.raises(SystemExit, match=r"a.jsonl:1 and .*c.jsonl:1: different questions"):
+        cli.main(cli.Args(answers_a=str(tmp_path / "a.jsonl"), answers_b=str(tmp_path / "c.jsonl")),
+                   judge_args(server, tmp_path))
