@@ -67,3 +67,20 @@ def test_the_driver_builds_its_pool_by_generation(synthetic, sft_model, tmp_path
     stats = json.loads((run / "loop_1" / "stats.json").read_text())
     assert stats["pool"] == generated["pairs"] > 0, stats  # loop 1 self-labelled the generated pool
     assert stats["pseudo_label_precision"] is None  # no human label exists for generated pairs
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_prompts(synthetic, sft_model, tmp_path):
+    from test_ser_loop import ENV
+
+    out = tmp_path / "pool.jsonl"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "data/generate_pairs.py", "--prompts", str(synthetic),
+           "--model", str(sft_model), "--out", str(out), "--max_tokens", "16", "--temperature", "1.0", "--top_k", "0",
+           "--batch_size", "8"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stats = json.loads((tmp_path / "pool.stats.json").read_text())
+    assert stats["processes"] == 2 and stats["pairs"] + stats["dropped_identical"] + stats["dropped_empty"] == 32
+    ids = [r["id"] for r in read_records(out)]
+    assert len(ids) == len(set(ids)) == stats["pairs"] > 0  # every prompt answered once, by one of the two
