@@ -30,6 +30,7 @@ def test_presence_penalty_is_vllms_on_generated_tokens_only():
     assert torch.equal(after, want)
 
 
+@pytest.mark.slow
 def test_same_seed_same_pool_and_every_prompt_accounted_for(sft_model, synthetic, tmp_path):
     a = generate(sft_model, synthetic, tmp_path / "a.jsonl", seed=3)
     generate(sft_model, synthetic, tmp_path / "b.jsonl", seed=3)

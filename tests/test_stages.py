@@ -59,6 +59,7 @@ def toy_task(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_rm_learns_a_toy_signal(sft_model, toy_task, tmp_path):
     res = run_rm(tmp_path / "rm", "--model_name", str(sft_model), "--dataset_name", str(toy_task),
                  "--num_train_epochs", "2")
@@ -66,12 +67,14 @@ def test_rm_learns_a_toy_signal(sft_model, toy_task, tmp_path):
     assert res["accuracy"] >= 0.95, res
 
 
+@pytest.mark.slow
 def test_hinge_loss_learns_too(sft_model, toy_task, tmp_path):
     res = run_rm(tmp_path / "rm", "--model_name", str(sft_model), "--dataset_name", str(toy_task),
                  "--num_train_epochs", "2", "--loss", "hinge")
     assert res["loss_type"] == "hinge" and res["accuracy"] >= 0.95, res
 
 
+@pytest.mark.slow
 def test_union_of_sources_and_continuing_from_a_previous_rm(sft_model, synthetic, tmp_path):
     extra = tmp_path / "selected.jsonl"
     write_records(extra, load_records(str(synthetic), "data/reward")[:7])
