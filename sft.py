@@ -13,7 +13,7 @@ from trl import SFTConfig, SFTTrainer
 
 from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json
-from ser.modeling import ModelArguments, fp32_master_weights, load_causal_lm, load_tokenizer
+from ser.modeling import ModelArguments, fp32_master_weights, load_causal_lm, load_tokenizer, merge_lora, record_lora_base
 
 logger = get_logger("sft")
 
@@ -79,10 +79,16 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: SFTCo
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=resume_from(config.resume_from_checkpoint))
 
-    # 3. save a model the next stages load with --model_name (LoRA merged into the weights)
+    # 3. save a model the next stages load with --model_name. With LoRA the adapter is saved to
+    #    OUTPUT/adapter, then merged into the base read from disk (under ZeRO-3 every process holds only
+    #    a shard of each weight: a merge of the trained module would merge shards).
     if model_args.use_lora:
-        trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
-    trainer.save_model(config.output_dir)
+        trainer.save_model(f"{config.output_dir}/adapter")
+        if trainer.is_world_process_zero():
+            record_lora_base(f"{config.output_dir}/adapter", script_args.model_name)
+            merge_lora(f"{config.output_dir}/adapter", tokenizer, model_args.dtype).save_pretrained(config.output_dir)
+    else:
+        trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
         write_json(f"{config.output_dir}/run_args.json", resolved_args(script_args, model_args, config))

@@ -10,14 +10,11 @@ not at all, in --dtype, and loads with `from_pretrained` and as any stage's --mo
 --reward_model_name.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft import PeftModel
-
 from ser.cli import parse
-from ser.modeling import is_lora_dir, load_causal_lm, load_reward_model, load_tokenizer, lora_base, save_whole
+from ser.modeling import is_lora_dir, load_tokenizer, lora_base, merge_lora, save_whole
 
 
 @dataclass
@@ -31,20 +28,16 @@ class Args:
 def main(args: Args) -> Path:
     if not is_lora_dir(args.adapter):
         raise SystemExit(f"--adapter {args.adapter}: not a LoRA adapter folder (no adapter_config.json)")
-    task = json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("task_type")
     base = lora_base(args.adapter)
     has_tokenizer = (Path(args.adapter) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(args.adapter if has_tokenizer else base)
-    if task == "SEQ_CLS":  # refuses an adapter without its trained score head
-        model = load_reward_model(args.adapter, tokenizer, args.dtype)
-    elif task == "CAUSAL_LM":
-        model = PeftModel.from_pretrained(load_causal_lm(base, tokenizer, args.dtype), args.adapter)
-    else:
-        raise SystemExit(f"--adapter {args.adapter}: task_type {task!r}; expected SEQ_CLS (a reward model) or CAUSAL_LM")
-    merged = model.merge_and_unload()
+    try:
+        merged = merge_lora(args.adapter, tokenizer, args.dtype)
+    except ValueError as e:
+        raise SystemExit(f"--adapter {e}") from e
     merged.name_or_path = args.out
     out = save_whole(args.out, merged, tokenizer)
-    print(f"merge_lora: {args.adapter} ({task}) merged into {base}: wrote {out}")
+    print(f"merge_lora: {args.adapter} merged into {base}: wrote {out}")
     return out
 
 

@@ -170,6 +170,30 @@ def record_lora_base(adapter, base) -> None:
     write_json(config_path, config)
 
 
+def merge_lora(adapter, tokenizer, dtype: str = "auto"):
+    """A LoRA adapter merged into its base, both read from disk: a reward model (task SEQ_CLS, with its
+    trained score head) or a causal LM. Reading from disk, not from the trained module, is what makes it
+    right under ZeRO-3, where each process holds a shard of every weight."""
+    from peft import PeftModel
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    task = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("task_type")
+    if task not in ("SEQ_CLS", "CAUSAL_LM"):
+        raise ValueError(f"{adapter}: a LoRA adapter of task_type {task!r}; expected SEQ_CLS (a reward model) or CAUSAL_LM")
+    # Loaded whole in this one process: inside a ZeRO-3 run, from_pretrained would partition the weights
+    # at load time, a collective the other processes are not part of.
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        if task == "SEQ_CLS":  # refuses an adapter without its trained score head
+            model = load_reward_model(str(adapter), tokenizer, dtype)
+        else:
+            model = PeftModel.from_pretrained(load_causal_lm(lora_base(adapter), tokenizer, dtype), str(adapter))
+        return model.merge_and_unload()
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = active
+
+
 def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool = False):
     """Load a reward model saved by rm_training.py: a full model, or a LoRA adapter with its score head.
 

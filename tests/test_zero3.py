@@ -1,0 +1,69 @@
+"""ZeRO-3 in the stages that train or score, with 2 CPU processes under DeepSpeed: what is saved
+reloads to what was trained, and what is scored equals one process's scores."""
+
+import subprocess
+
+import pytest
+import torch
+from peft import PeftModel
+from test_ser_loop import ENV
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+ACCELERATE_ZERO3 = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
+                    "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "--zero3_save_16bit_model", "true"]
+
+
+def launch(cmd):
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_sft_with_lora_under_zero3_saves_the_merge_of_what_it_trained(tiny_model, synthetic, tmp_path):
+    out = tmp_path / "sft"
+    launch([*ACCELERATE_ZERO3, "sft.py", "--model_name", str(tiny_model), "--dataset_name", str(synthetic),
+            "--output_dir", str(out), "--use_lora", "True", "--lora_r", "8", "--num_train_epochs", "1",
+            "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--use_cpu", "True", "--bf16", "False",
+            "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True"])
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25]])
+    with torch.no_grad():
+        want, got = adapted(ids).logits, merged(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)(ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(plain, want, atol=1e-3)  # the adapter trained (its B is no longer zero)
+
+
+@pytest.mark.parametrize("lora", ["True", "False"])
+def test_rm_training_under_zero3_saves_what_it_evaluated(sft_model, synthetic, tmp_path, lora):
+    import json
+
+    from ser.data import load_records
+    from ser.modeling import load_reward_model, load_tokenizer, score_pairs
+
+    out = tmp_path / "rm"
+    launch([*ACCELERATE_ZERO3, "rm_training.py", "--model_name", str(sft_model), "--dataset_name", str(synthetic),
+            "--output_dir", str(out), "--use_lora", lora, "--num_train_epochs", "2", "--max_length", "96",
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32", "--learning_rate", "2e-3",
+            "--use_cpu", "True", "--bf16", "False", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True"])
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["accuracy"] > (0.6 if lora == "False" else 0.5), results  # it learned (LoRA more slowly)
+    tok = load_tokenizer(str(out))
+    pairs = load_records(str(synthetic), "data/evaluation")
+    r_j, r_k, _ = score_pairs(load_reward_model(str(out), tok), tok, pairs, 96)
+    saved = read_scores(out)
+    assert r_j == pytest.approx([s["reward_j"] for s in saved], abs=1e-4)  # the saved RM is the one evaluated
+    assert r_k == pytest.approx([s["reward_k"] for s in saved], abs=1e-4)
+
+
+def read_scores(out):
+    from ser.data import read_records
+
+    return read_records(out / "eval_scores.jsonl")
