@@ -46,6 +46,7 @@ from ser.modeling import (
     load_tokenizer,
     save_whole,
     score_ids,
+    whole_weights,
 )
 from ser.modeling import ModelArguments as BaseModelArguments
 from ser.rollout import lm_logprobs, logprobs_of, position_ids_of, reward_inputs, sample
@@ -342,7 +343,12 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                                                    fields=("question",))]
 
     # 1. models, optimiser, scheduler
-    model, reference, rm = build_models(args, model_args, tokenizer, deepspeed=accelerator.state.deepspeed_plugin is not None)
+    # Loaded whole in every process, also under ZeRO-3 (whose zero.Init would partition them at load): the RM
+    # scores each process's own samples, and the value head starts as a copy of the RM's head. Preparing
+    # the policy below is what partitions it.
+    plugin = accelerator.state.deepspeed_plugin
+    with whole_weights():
+        model, reference, rm = build_models(args, model_args, tokenizer, deepspeed=plugin is not None)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.adafactor:
         from transformers.optimization import Adafactor
@@ -383,6 +389,10 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     if args.log_with:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config={**asdict(args), **asdict(model_args)})
 
+    # ZeRO-3 gathers each layer's weights from every process during a forward pass: all processes keep
+    # generating until the last one is done (synced_gpus), or a finished one would leave the others waiting.
+    zero3 = plugin is not None and plugin.zero_stage == 3 and accelerator.num_processes > 1
+
     log = {}
     while state.step < args.steps:
         t0 = time.perf_counter()
@@ -393,7 +403,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         policy.eval()
         with torch.no_grad(), accelerator.autocast():
             rollout = sample(policy, tokenizer, questions, args.max_prompt_length, args.output_max_length,
-                             args.temperature, args.batched_gen, device)
+                             args.temperature, args.batched_gen, device, synced_gpus=zero3)
         query, query_mask, responses, response_mask, has_eos = rollout[:5]
         query_responses = torch.cat([query, responses], 1)
         attention_mask = torch.cat([query_mask, response_mask], 1)

@@ -1,5 +1,6 @@
 """Model flags, tokenizer and model loading, batched reward scoring, and pairwise metrics."""
 
+import contextlib
 import json
 import math
 import os
@@ -175,21 +176,29 @@ def merge_lora(adapter, tokenizer, dtype: str = "auto"):
     trained score head) or a causal LM. Reading from disk, not from the trained module, is what makes it
     right under ZeRO-3, where each process holds a shard of every weight."""
     from peft import PeftModel
-    from transformers.integrations import deepspeed as hf_deepspeed
 
     task = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("task_type")
     if task not in ("SEQ_CLS", "CAUSAL_LM"):
         raise ValueError(f"{adapter}: a LoRA adapter of task_type {task!r}; expected SEQ_CLS (a reward model) or CAUSAL_LM")
-    # Loaded whole in this one process: inside a ZeRO-3 run, from_pretrained would partition the weights
-    # at load time, a collective the other processes are not part of.
-    active = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
+    with whole_weights():  # in this one process, also inside a ZeRO-3 run
         if task == "SEQ_CLS":  # refuses an adapter without its trained score head
             model = load_reward_model(str(adapter), tokenizer, dtype)
         else:
             model = PeftModel.from_pretrained(load_causal_lm(lora_base(adapter), tokenizer, dtype), str(adapter))
         return model.merge_and_unload()
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """`from_pretrained` loads whole weights, also inside a ZeRO-3 run, where transformers would otherwise
+    partition them at load time (zero.Init: a collective of all processes, and a shape-(0,) tensor on
+    each). For what one process uses alone (a merge, a frozen scorer) or copies from before preparing."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    active = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps the ZeRO-3 switch here
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = active
 
