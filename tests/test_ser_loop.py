@@ -173,3 +173,56 @@ def test_a_driver_killed_after_a_stage_still_gets_its_wall_time(tmp_path):
     assert "ser: loop_0.train already done" in rerun.stdout
     wall = json.loads((run / ".wall.loop_0.train.json").read_text())
     assert wall["stage"] == "loop_0.train" and 300 <= wall["ms"] < 60_000, wall
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(script_and_flags, tmp_path):
+    """Two "machines" of one process each on 127.0.0.1, as `accelerate launch` runs them on a cluster."""
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+         "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
+         "--dynamo_backend", "no", *script_and_flags], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_score_the_pool_like_one_process(synthetic, rm0, tmp_path):
+    one, nodes = tmp_path / "one", tmp_path / "nodes"
+    F.main(*parse([F.ScriptArguments], filter_flags(synthetic, rm0, one)))
+    outs = two_nodes(["rm_loop_filter_by_self.py", *filter_flags(synthetic, rm0, nodes)], tmp_path)
+    a, b = read_records(one / "scored.jsonl"), read_records(nodes / "scored.jsonl")
+    assert [x["id"] for x in a] == [y["id"] for y in b]
+    assert [x["reward_j"] for x in a] == pytest.approx([y["reward_j"] for y in b], abs=1e-5)
+    assert [r["id"] for r in read_records(one / "selected.jsonl")] == [r["id"] for r in read_records(nodes / "selected.jsonl")]
+    stats = json.loads((nodes / "stats.json").read_text())
+    assert stats["scoring"]["processes"] == 2 and stats["scoring"]["tokenised_here"] == 510
+    assert "filter:" in outs[0] and "filter:" not in outs[1]  # the global main process writes and reports
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_the_rm_like_one_node(synthetic, sft_model, tmp_path):
+    def flags(out):
+        return ["rm_training.py", "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir",
+                str(out), "--num_train_epochs", "2", "--max_length", "96", "--seed", "5", *RM_ARGS.split()]
+
+    node = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", *flags(tmp_path / "node")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert node.returncode == 0, node.stderr[-4000:]
+    two_nodes(flags(tmp_path / "nodes"), tmp_path)
+    a, b = (json.loads((tmp_path / d / "eval_results.json").read_text()) for d in ("node", "nodes"))
+    assert a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    sa, sb = (read_records(tmp_path / d / "eval_scores.jsonl") for d in ("node", "nodes"))
+    assert [s["reward_j"] for s in sa] == pytest.approx([s["reward_j"] for s in sb], abs=1e-4)
