@@ -184,13 +184,13 @@ def free_port() -> int:
 
 
 def two_nodes(script_and_flags, tmp_path):
-    """Two "machines" of one process each on 127.0.0.1, as `accelerate launch` runs them on a cluster."""
-    port = str(free_port())
-    procs = [subprocess.Popen(
-        ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
-         "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
-         "--dynamo_backend", "no", *script_and_flags], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True) for rank in (0, 1)]
+    """Two "machines" of one process each on 127.0.0.1, started by the cluster recipe's per-node launcher
+    (scripts/cluster/launch.sh) as srun would start it on each node of a 2-node allocation."""
+    env = {**ENV, "SLURM_NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "ACCELERATE_FLAGS": "--multi_gpu --mixed_precision no --dynamo_backend no"}
+    procs = [subprocess.Popen(["bash", "scripts/cluster/launch.sh", *script_and_flags], cwd=ROOT,
+                              env={**env, "SLURM_NODEID": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (0, 1)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
