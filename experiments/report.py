@@ -180,6 +180,12 @@ def analysis(setting, rows, summary, seeds):
         out.append(f"* The all-label RM is {fmt(gap, sign=True)} points over the 15 % seed RM; `ser-paper` moves "
                    f"{fmt(gain, sign=True)} points, i.e. {100 * gain / gap:.0f} % of that gap "
                    "(the paper: +7.9 points on average, 0.3 from the all-label RM)." if gap else "")
+    for v in ser:  # a run that stops before any retraining keeps its seed RM: SER did nothing there
+        first = [r for r in rows if r["variant"] == v and r["loop"] == 1]
+        idle = [r for r in first if r["status"] == "stop"]
+        if idle:
+            out.append(f"* `{v}` reached Stop at loop 1, having selected nothing, in {len(idle)} of {len(first)} seeds: "
+                       "no pool pair passed its status thresholds, so its final RM there is the seed RM.")
     # the paper's condition: above 50 % initial accuracy, training on confident self-labels improves
     runs = []
     for r in rows:
