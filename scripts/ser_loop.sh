@@ -47,10 +47,12 @@ GENERATE_EXTRA=(); if [[ -n $GENERATE_ARGS ]]; then mapfile -d '' -t GENERATE_EX
 
 # RUN/config.json: a re-run with other settings must not skip stages made with the old ones.
 force=(); if [[ $FORCE == 1 ]]; then force=(--force); fi
+# the pool's settings are recorded only when generating, so runs made before they existed still match
+pool_settings=(); if [[ $POOL_FROM != data ]]; then
+  pool_settings=(POOL_FROM="$POOL_FROM" POOL_PROMPTS="$POOL_PROMPTS" GENERATE_ARGS="$GENERATE_ARGS"); fi
 $PY -m ser.run_config --run "$RUN" "${force[@]}" DATA="$DATA" SFT="$SFT" MAX_LOOPS="$MAX_LOOPS" \
   KEEP_SEED="$KEEP_SEED" CONTINUE="$CONTINUE" MAX_LENGTH="$MAX_LENGTH" SEED_EPOCHS="$SEED_EPOCHS" \
-  LOOP_EPOCHS="$LOOP_EPOCHS" RM_ARGS="$RM_ARGS" FILTER_ARGS="$FILTER_ARGS" POOL_FROM="$POOL_FROM" \
-  POOL_PROMPTS="$POOL_PROMPTS" GENERATE_ARGS="$GENERATE_ARGS"
+  LOOP_EPOCHS="$LOOP_EPOCHS" RM_ARGS="$RM_ARGS" FILTER_ARGS="$FILTER_ARGS" "${pool_settings[@]}"
 
 # A stage's wall time runs from its start (recorded before launch) to its done file's mtime, so a kill
 # between the two still leaves a wall time: the next run records it from the same files.

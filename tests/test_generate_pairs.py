@@ -68,6 +68,7 @@ def test_the_driver_builds_its_pool_by_generation(synthetic, sft_model, tmp_path
     stats = json.loads((run / "loop_1" / "stats.json").read_text())
     assert stats["pool"] == generated["pairs"] > 0, stats  # loop 1 self-labelled the generated pool
     assert stats["pseudo_label_precision"] is None  # no human label exists for generated pairs
+    assert json.loads((run / "config.json").read_text())["settings"]["POOL_FROM"] == "generate"
 
 
 @pytest.mark.slow
