@@ -30,7 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, set_seed
 
 from ser.cli import check_accelerator, get_logger, parse
 from ser.data import DataError, check_writable, load_records, write_json, write_records
-from ser.modeling import load_causal_lm, load_tokenizer, process_state
+from ser.modeling import deal_out, gather_parts, load_causal_lm, load_tokenizer, process_state
 from ser.rollout import response_texts, sample
 
 logger = get_logger("generate_pairs")
@@ -80,18 +80,15 @@ class PresencePenalty(LogitsProcessor):
 
 
 def answers_hf(model, tokenizer, questions, args, device, bar) -> list[str]:
-    """One sampled answer per question, in length-sorted batches (the result in question order)."""
-    order = sorted(range(len(questions)), key=lambda i: len(questions[i]))
-    out = [""] * len(questions)
-    for b in range(0, len(order), args.batch_size):
-        idx = order[b:b + args.batch_size]
-        rollout = sample(model, tokenizer, [questions[i] for i in idx], args.max_prompt_length, args.max_tokens,
+    """One sampled answer per question, in batches of consecutive questions (given in length order)."""
+    out = []
+    for b in range(0, len(questions), args.batch_size):
+        rollout = sample(model, tokenizer, questions[b:b + args.batch_size], args.max_prompt_length, args.max_tokens,
                          args.temperature, True, device, top_k=args.top_k, top_p=args.top_p,
                          repetition_penalty=args.repetition_penalty,
                          logits_processor=LogitsProcessorList([PresencePenalty(args.presence_penalty)]))
-        for i, text in zip(idx, response_texts(tokenizer, rollout)):
-            out[i] = text
-        bar.update(len(idx))
+        out += response_texts(tokenizer, rollout)
+        bar.update(len(rollout.prompts))
     return out
 
 
@@ -122,9 +119,8 @@ def main(args: Args):
     check_writable(args.out)
     models = [args.model, args.model_b or args.model]
 
-    # 1. each process answers its share of the questions (dealt out by length), twice
-    order = sorted(range(len(records)), key=lambda i: len(records[i]["question"]))
-    mine = order[state.process_index::state.num_processes]
+    # 1. each process answers its share of the questions (dealt out by length, so in length order), twice
+    mine = deal_out([len(r["question"]) for r in records], state)
     questions = [records[i]["question"] for i in mine]
     tokenizer = load_tokenizer(args.model)
     if args.engine == "vllm":
@@ -141,11 +137,8 @@ def main(args: Args):
                 model = load_causal_lm(name, tokenizer, args.dtype).to(device).eval()
             answers.append(answers_hf(model, tokenizer, questions, args, device, bar))
         bar.close()
-    rows = {i: (a, b) for i, a, b in zip(mine, *answers)}
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        rows = {i: ab for part in gather_object([rows]) for i, ab in part.items()}
+    part = {i: (a, b) for i, a, b in zip(mine, *answers)}
+    rows = {i: ab for shard in gather_parts(part, state) for i, ab in shard.items()}
     if not state.is_main_process:
         return None
 

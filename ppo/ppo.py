@@ -359,8 +359,8 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     updates_per_step = args.ppo_epochs * minibatches // args.gradient_accumulation_steps
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0,
                               num_training_steps=args.steps * updates_per_step * accelerator.num_processes)
-    if accelerator.state.deepspeed_plugin is not None:  # no dataloader to infer it from
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.mini_batch_size
+    if plugin is not None:  # no dataloader to infer it from
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.mini_batch_size
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     device = accelerator.device
     rm.to(device)

@@ -230,6 +230,22 @@ def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool
 # ----------------------------------------------------------------------------- scoring
 
 
+def deal_out(lengths, state) -> list[int]:
+    """This process's share of items of these lengths: every item in length order, then each
+    world_size-th from this rank, so each item goes to exactly one process and shares have similar lengths."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return order[state.process_index::state.num_processes]
+
+
+def gather_parts(part, state) -> list:
+    """Every process's `part`, in rank order (this one's alone in a single process)."""
+    if state.num_processes == 1:
+        return [part]
+    from accelerate.utils import gather_object
+
+    return gather_object([part])
+
+
 def score(model, tokenizer, questions, responses, max_length: int, batch_size: int = 32,
           state: PartialState | None = None, progress: str | None = None) -> tuple[list[float], dict]:
     """Reward of each (question, response), in input order, on every process (see `score_ids`).
@@ -238,17 +254,12 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
     for token length) before tokenising, so memory per process does not grow with the whole pool.
     """
     state = state or process_state()
-    order = sorted(range(len(questions)), key=lambda i: len(questions[i]) + len(responses[i]))
-    mine = order[state.process_index::state.num_processes]
+    mine = deal_out([len(q) + len(r) for q, r in zip(questions, responses)], state)
     encoded = [encode(tokenizer, questions[i], responses[i], max_length) for i in mine]
-    n_batches = math.ceil(math.ceil(len(order) / state.num_processes) / batch_size)  # the same on every process
+    n_batches = math.ceil(math.ceil(len(questions) / state.num_processes) / batch_size)  # the same on every process
     rewards, stats = score_ids(model, tokenizer, [e["input_ids"] for e in encoded], batch_size, THIS_PROCESS_ONLY,
                                progress if state.process_index == 0 else None, pad_batches_to=n_batches)
-    parts = [(dict(zip(mine, rewards)), sum(e["truncated"] for e in encoded))]
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        parts = gather_object(parts)
+    parts = gather_parts((dict(zip(mine, rewards)), sum(e["truncated"] for e in encoded)), state)
     merged = {i: r for part, _ in parts for i, r in part.items()}
     stats.update(sequences=len(questions), processes=state.num_processes, scored_here=len(mine),
                  tokenised_here=len(mine), truncated=sum(t for _, t in parts))
@@ -267,9 +278,8 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
     With `progress` (a description), the main process shows a tqdm bar of the sequences it scores.
     """
     state = state or process_state()
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    mine = order[state.process_index::state.num_processes]
-    n_batches = max(pad_batches_to, math.ceil(math.ceil(len(order) / state.num_processes) / batch_size))
+    mine = deal_out([len(s) for s in sequences], state)
+    n_batches = max(pad_batches_to, math.ceil(math.ceil(len(sequences) / state.num_processes) / batch_size))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -295,13 +305,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
     bar.close()
     if was_training:
         model.train()
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        merged = {}
-        for part in gather_object([rewards]):
-            merged.update(part)
-        rewards = merged
+    rewards = {i: r for part in gather_parts(rewards, state) for i, r in part.items()}
     stats = {
         "sequences": len(sequences), "processes": state.num_processes, "scored_here": len(mine),
         "padding_share": 1 - real_tokens / padded_tokens if padded_tokens else 0.0,
