@@ -70,14 +70,16 @@ def sigmoid(x: float) -> float:
 def self_label(pool, args):
     """Add reward_j/reward_k (raw RM scores) and score_j/score_k (probabilities) to every pair."""
     from ser.cli import check_accelerator
-    from ser.modeling import load_reward_model, load_tokenizer, process_state, score_pairs
+    from ser.modeling import load_reward_model, load_tokenizer, process_state, score_pairs, shard_for_scoring
 
     if not args.device:
         check_accelerator()
     state = process_state()
     tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
-    model = load_reward_model(args.reward_model_name, tokenizer, args.dtype).to(args.device or state.device)
+    model = load_reward_model(args.reward_model_name, tokenizer, args.dtype)
+    model = shard_for_scoring(model, args.device or state.device)
     r_j, r_k, stats = score_pairs(model, tokenizer, pool, args.max_length, args.batch_size, state, "self-labelling")
+    stats["rm_partitioned"] = getattr(model, "zero_optimization_stage", lambda: 0)() == 3  # ZeRO-3 shards
     for pair, a, b in zip(pool, r_j, r_k):
         pair["reward_j"], pair["reward_k"] = a, b
         if args.probability == "pairwise":

@@ -227,6 +227,29 @@ def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool
     return model
 
 
+def shard_for_scoring(model, device):
+    """The RM on `device`, or, under `accelerate launch --use_deepspeed --zero_stage 3`, partitioned over
+    the processes for inference (TRL's `prepare_deepspeed`): for RMs too large to load whole on one GPU.
+    Every process must then run the same number of forward passes, which `score_ids` guarantees."""
+    from accelerate import Accelerator
+    from accelerate.utils import parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return model.to(device)
+    accelerator = Accelerator()  # (`cpu=True` would drop the DeepSpeed plugin; DeepSpeed runs on CPUs too)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return model.to(device)
+    from trl.models.utils import prepare_deepspeed
+
+    config = plugin.deepspeed_config  # no training here: the batch-size fields only need to be consistent
+    for key, value in {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                       "train_batch_size": accelerator.num_processes, "gradient_clipping": 0.0}.items():
+        if config.get(key) in (None, "auto"):
+            config[key] = value
+    return prepare_deepspeed(model, accelerator)
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -296,7 +319,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
         for row, s in enumerate(seqs):
             input_ids[row, :len(s)] = torch.tensor(s)
             attention_mask[row, :len(s)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
         for i, value in zip(idx, logits[:, 0].float().cpu().tolist()):
             rewards[i] = value
         real_tokens += sum(len(sequences[i]) for i in idx)

@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 import rm_loop_filter_by_self as F
 import rm_training
@@ -226,3 +228,74 @@ def test_two_nodes_on_loopback_train_the_rm_like_one_node(synthetic, sft_model, 
     assert a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     sa, sb = (read_records(tmp_path / d / "eval_scores.jsonl") for d in ("node", "nodes"))
     assert [s["reward_j"] for s in sa] == pytest.approx([s["reward_j"] for s in sb], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_two_nodes_with_the_deepspeed_launcher_train_sft_like_one_node(tiny_model, synthetic, tmp_path):
+    """ZeRO-3 SFT (the seed's DeepSpeed config) started by DeepSpeed's launcher: one node of 2 processes,
+    and two "nodes" of one from a hostfile (scripts/cluster/deepspeed_launch.sh, as srun would start it)."""
+    from safetensors.torch import load_file
+
+    def flags(out):
+        return ["sft.py", "--model_name", str(tiny_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
+                "--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3",
+                "--deepspeed", "sft/deepspeed_config.json", "--logging_steps", "1", *CPU]
+
+    node = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), *flags(tmp_path / "node")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    env = {**ENV, "SLURM_NNODES": "2", "GPUS_PER_NODE": "1", "HOSTFILE": str(hostfile), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen(["bash", "scripts/cluster/deepspeed_launch.sh", *flags(tmp_path / "nodes")], cwd=ROOT,
+                              env={**env, "SLURM_NODEID": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    assert "nnodes=2" in outs[0] and "node_rank=1" in outs[1]
+
+    def losses(text):
+        return [float(x) for x in re.findall(r"'loss': '?([0-9.e+-]+)", text)]
+
+    assert losses(node.stdout + node.stderr) and losses(outs[0]) == pytest.approx(losses(node.stdout + node.stderr), rel=1e-4)
+    one, two = load_file(tmp_path / "node" / "model.safetensors"), load_file(tmp_path / "nodes" / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_two_nodes_on_loopback_run_sft_and_ppo_like_one_node(stage, tiny_model, sft_model, rm0, synthetic, tmp_path):
+    """The stages not covered above, as two accelerate "machines" of one process against one of two:
+    the same logged losses and the same saved weights."""
+    from safetensors.torch import load_file
+
+    def flags(out):
+        if stage == "sft":
+            return ["sft.py", "--model_name", str(tiny_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
+                    "--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3",
+                    "--logging_steps", "1", *CPU]
+        return ["ppo/ppo.py", "--model_name", str(sft_model), "--reward_model_name", str(rm0), "--dataset_name",
+                str(synthetic), "--output_dir", str(out), "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2",
+                "--gradient_accumulation_steps", "1", "--ppo_epochs", "1", "--learning_rate", "3e-3",
+                "--output_max_length", "8", "--save_freq", "0"]
+
+    node = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", *flags(tmp_path / "node")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert node.returncode == 0, node.stdout[-3000:] + node.stderr[-3000:]
+    outs = two_nodes(flags(tmp_path / "nodes"), tmp_path)
+    pattern = r"'loss': '?([0-9.e+-]+)" if stage == "sft" else r"ppo step \d+: reward \S+ kl \S+ kl_coef \S+ len \S+ eos \S+"
+
+    def logged(text):
+        return re.findall(pattern, text)
+
+    assert logged(node.stdout) and logged(outs[0]) == logged(node.stdout)
+    weights = "model.safetensors" if stage == "sft" else "policy/model.safetensors"
+    one, two = load_file(tmp_path / "node" / weights), load_file(tmp_path / "nodes" / weights)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=1e-5), name

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 from peft import PeftModel
-from test_ser_loop import ENV
+from test_ser_loop import ENV, filter_flags, rm0  # noqa: F401 (rm0: a fixture)
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT
@@ -94,3 +94,22 @@ def test_ppo_under_zero3_generates_in_step_and_resumes_exactly(sft_model, synthe
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     base = load_file(sft_model / "model.safetensors")
     assert any(not torch.equal(a[k], base[k]) for k in base if k in a)  # it trained
+
+
+def test_pool_scoring_with_a_zero3_sharded_rm_equals_one_process(synthetic, rm0, tmp_path):  # noqa: F811
+    import json
+
+    import rm_loop_filter_by_self as F
+    from ser.cli import parse
+    from ser.data import read_records
+
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    F.main(*parse([F.ScriptArguments], filter_flags(synthetic, rm0, one)))
+    launch([*ACCELERATE_ZERO3, "rm_loop_filter_by_self.py", *filter_flags(synthetic, rm0, sharded)])
+    stats = json.loads((sharded / "stats.json").read_text())["scoring"]
+    assert stats["rm_partitioned"] and stats["processes"] == 2
+    a, b = read_records(one / "scored.jsonl"), read_records(sharded / "scored.jsonl")
+    assert [x["id"] for x in a] == [y["id"] for y in b]
+    assert [x["reward_j"] for x in a] == pytest.approx([y["reward_j"] for y in b], abs=1e-5)
+    assert [x["reward_k"] for x in a] == pytest.approx([y["reward_k"] for y in b], abs=1e-5)
+    assert [r["id"] for r in read_records(one / "selected.jsonl")] == [r["id"] for r in read_records(sharded / "selected.jsonl")]
