@@ -38,6 +38,7 @@ experiments-quick: setup
 
 bench: setup
 	$(PY) bench/bench_scoring.py
+	$(PY) bench/bench_plan.py --readme README.md
 
 clean:
 	rm -rf runs models data/generated
