@@ -56,6 +56,8 @@ class ScriptArguments:
     max_length: int = field(default=512, metadata={
         "help": "tokens per scored sequence, questions cut from the left (as rm_training.py's --max_length)"})
     batch_size: int = field(default=32, metadata={"help": "sequences per scoring batch and process"})
+    shared_prefix: bool = field(default=False, metadata={
+        "help": "run each pair's question once and reuse its KV cache for both responses (same scores)"})
     dtype: str = field(default="auto", metadata={"help": "RM weights dtype: auto, float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "scoring device; default: the process's accelerator or cpu"})
 
@@ -78,7 +80,8 @@ def self_label(pool, args):
     tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
     model = load_reward_model(args.reward_model_name, tokenizer, args.dtype)
     model = shard_for_scoring(model, args.device or state.device)
-    r_j, r_k, stats = score_pairs(model, tokenizer, pool, args.max_length, args.batch_size, state, "self-labelling")
+    r_j, r_k, stats = score_pairs(model, tokenizer, pool, args.max_length, args.batch_size, state, "self-labelling",
+                                  shared_prefix=args.shared_prefix)
     stats["rm_partitioned"] = getattr(model, "zero_optimization_stage", lambda: 0)() == 3  # ZeRO-3 shards
     for pair, a, b in zip(pool, r_j, r_k):
         pair["reward_j"], pair["reward_k"] = a, b

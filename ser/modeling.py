@@ -341,13 +341,98 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
     return [rewards[i] for i in range(len(sequences))], stats
 
 
-def score_pairs(model, tokenizer, records, max_length: int, batch_size: int = 32, state=None, progress=None):
-    """(r_j, r_k, stats) for pair records: both sides scored in one length-sorted pass."""
+def score_pairs(model, tokenizer, records, max_length: int, batch_size: int = 32, state=None, progress=None,
+                shared_prefix: bool = False):
+    """(r_j, r_k, stats) for pair records: both sides scored in one length-sorted pass, or, with
+    `shared_prefix`, by `score_pairs_shared` (the question run once per pair)."""
     n = len(records)
+    if shared_prefix:
+        state = state or process_state()
+        mine = deal_out([len(r["question"]) + len(r["response_j"]) + len(r["response_k"]) for r in records], state)
+        encoded = {i: (encode(tokenizer, records[i]["question"], records[i]["response_j"], max_length)["input_ids"],
+                       encode(tokenizer, records[i]["question"], records[i]["response_k"], max_length)["input_ids"])
+                   for i in mine}
+        n_batches = math.ceil(math.ceil(n / state.num_processes) / batch_size)
+        r_j, r_k, stats = score_pairs_shared(model, tokenizer, encoded, batch_size, progress if state.process_index == 0
+                                             else None, n_batches)
+        merged = {i: rs for part in gather_parts(dict(zip(encoded, zip(r_j, r_k))), state) for i, rs in part.items()}
+        stats.update(pairs=n, processes=state.num_processes, scored_here=len(mine))
+        return [merged[i][0] for i in range(n)], [merged[i][1] for i in range(n)], stats
     questions = [r["question"] for r in records] * 2
     responses = [r["response_j"] for r in records] + [r["response_k"] for r in records]
     rewards, stats = score(model, tokenizer, questions, responses, max_length, batch_size, state, progress)
     return rewards[:n], rewards[n:], stats
+
+
+def common_prefix(a, b) -> int:
+    """Tokens the two sequences share at the start, leaving each at least its last token."""
+    n, limit = 0, min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _right_padded(rows, pad_id):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, progress: str | None = None,
+                       n_batches: int = 0) -> tuple[list[float], list[float], dict]:
+    """Rewards of both sides of each pair of token sequences ({key: (ids_j, ids_k)}, scored on this process
+    only), running the prefix they share (the question) once and reusing its KV cache for each side.
+
+    Pairs are sorted by length and batched: one pass over the right-padded prefixes, then one pass per side
+    over the right-padded continuations, with the prefixes' padding masked out and positions continuing
+    from each prefix's own length; the reward is read at each continuation's last token (its eos). The
+    scores equal `score_ids`'s on the whole sequences up to float rounding. Runs `n_batches` batches at
+    least (dummy ones when short), so that ZeRO-3-partitioned processes stay in step.
+    """
+    keys = sorted(pairs, key=lambda k: (common_prefix(*pairs[k]), len(pairs[k][0]) + len(pairs[k][1])))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rewards, plain_tokens, run_tokens = {}, 0, 0
+    dummy = ([tokenizer.eos_token_id] * 2, [tokenizer.eos_token_id] * 2)
+    bar = tqdm(total=len(keys), desc=progress, unit="pair", disable=progress is None)
+    for b in range(max(n_batches, math.ceil(len(keys) / batch_size))):
+        batch = keys[b * batch_size:(b + 1) * batch_size]
+        rows = [pairs[k] for k in batch] or [dummy]
+        splits = [common_prefix(a, c) for a, c in rows]
+        if min(splits) == 0:  # nothing shared by some pair (no bos, and the two sides cut differently): plain
+            flat, _ = _right_padded([s for pair in rows for s in pair], tokenizer.pad_token_id)
+            out = model(input_ids=flat.to(device), attention_mask=(flat != tokenizer.pad_token_id).long().to(device),
+                        use_cache=False).logits[:, 0].float().view(-1, 2).cpu().tolist()
+            ran = sum(len(s) for pair in rows for s in pair)
+        else:
+            prefix, prefix_mask = _right_padded([a[:n] for (a, _), n in zip(rows, splits)], tokenizer.pad_token_id)
+            cache = model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device), use_cache=True).past_key_values
+            out = [[0.0, 0.0] for _ in rows]
+            for side in (0, 1):
+                rest, rest_mask = _right_padded([pair[side][n:] for pair, n in zip(rows, splits)], tokenizer.pad_token_id)
+                positions = torch.tensor(splits).unsqueeze(1) + torch.arange(rest.shape[1]).unsqueeze(0)
+                logits = model(input_ids=rest.to(device), attention_mask=torch.cat([prefix_mask, rest_mask], 1).to(device),
+                               position_ids=positions.to(device), past_key_values=cache, use_cache=True).logits
+                cache.crop(-rest.shape[1])  # back to the prefix for the other side
+                for row, value in enumerate(logits[:, 0].float().cpu().tolist()):
+                    out[row][side] = value
+            ran = sum(len(a) + len(c) - n for (a, c), n in zip(rows, splits))
+        if batch:  # (a dummy batch counts in neither figure)
+            rewards.update(zip(batch, out))
+            run_tokens, plain_tokens = run_tokens + ran, plain_tokens + sum(len(a) + len(c) for a, c in rows)
+            bar.update(len(batch))
+    bar.close()
+    if was_training:
+        model.train()
+    stats = {"shared_prefix": True, "tokens_run": run_tokens, "tokens_plain": plain_tokens,
+             "shared_prefix_token_saving": 1 - run_tokens / plain_tokens if plain_tokens else 0.0}
+    return [rewards[k][0] for k in pairs], [rewards[k][1] for k in pairs], stats
 
 
 def pair_metrics(r_j, r_k) -> dict:

@@ -75,3 +75,18 @@ def test_lora_rm_saves_its_score_head_and_reloads_to_identical_scores(sft_model,
     fresh = AutoModelForSequenceClassification.from_pretrained(str(sft_model), num_labels=1)
     fresh.config.pad_token_id = tok.pad_token_id
     assert not torch.allclose(fresh.score.weight, model.base_model.model.score.modules_to_save["default"].weight)
+
+
+@pytest.mark.parametrize("max_length,batch_size", [(512, 8), (24, 3)])  # 24: questions cut from the left
+def test_shared_prefix_scores_equal_plain_scores(sft_model, synthetic, max_length, batch_size):
+    tok = load_tokenizer(str(sft_model))
+    model = AutoModelForSequenceClassification.from_pretrained(str(sft_model), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    pairs = load_records(str(synthetic), "data/evaluation")[:50]
+    r_j, r_k, plain = score_pairs(model, tok, pairs, max_length, batch_size)
+    s_j, s_k, shared = score_pairs(model, tok, pairs, max_length, batch_size, shared_prefix=True)
+    assert s_j == pytest.approx(r_j, abs=1e-5) and s_k == pytest.approx(r_k, abs=1e-5)
+    assert len(set(r_j)) > 40  # distinct scores: a mix-up between pairs would show
+    assert shared["tokens_plain"] == sum(len(encode(tok, p["question"], p[side], max_length)["input_ids"])
+                                         for p in pairs for side in ("response_j", "response_k"))
+    assert 0 < shared["shared_prefix_token_saving"] < 1 and shared["tokens_run"] < shared["tokens_plain"]

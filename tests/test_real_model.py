@@ -93,3 +93,22 @@ def test_seed_commands_on_smollm2_in_bf16(smollm2, tmp_path):
     ids = tok("Question: What is the capital of France?\n\nAnswer:", return_tensors="pt")
     out = policy.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1] and tok.decode(out[0, ids["input_ids"].shape[1]:]).strip()
+
+
+@pytest.mark.parametrize("max_length", [512, 96])  # 96: most questions cut from the left, by different amounts
+def test_shared_prefix_scores_equal_plain_scores_on_smollm2(smollm2, tmp_path, max_length):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from ser.modeling import load_tokenizer, score_pairs
+
+    data = hh_rows(tmp_path / "data")
+    pairs = read_records(data / "data" / "evaluation" / "train.jsonl")
+    tok = load_tokenizer(str(smollm2))
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(smollm2), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    r_j, r_k, _ = score_pairs(model, tok, pairs, max_length, 8)
+    s_j, s_k, shared = score_pairs(model, tok, pairs, max_length, 8, shared_prefix=True)
+    assert s_j == pytest.approx(r_j, abs=1e-4) and s_k == pytest.approx(r_k, abs=1e-4)
+    assert shared["shared_prefix_token_saving"] > 0  # the figure on 1,000+ pairs is the bench's
