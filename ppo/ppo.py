@@ -295,6 +295,13 @@ def prompt_batches(n, args, state, world, rank):
             raise ValueError(f"batch_size x processes = {per_step} exceeds the {n} prompts")
 
 
+def clock() -> float:
+    """Seconds, after the device has finished what was queued (so phases are timed, not launched)."""
+    if torch.accelerator.is_available():
+        torch.accelerator.synchronize()
+    return time.perf_counter()
+
+
 def forward(model, query_responses, attention_mask, context_length):
     """Policy logits and critic values at the positions that predict the response tokens."""
     logits, values = model(query_responses, attention_mask, position_ids_of(attention_mask))
@@ -395,7 +402,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
 
     log = {}
     while state.step < args.steps:
-        t0 = time.perf_counter()
+        t0 = clock()
         # 2. rollout: left-padded prompts, sampled responses truncated after EOS
         questions = [prompts[i] for i in prompt_batches(len(prompts), args, state, accelerator.num_processes,
                                                         accelerator.process_index)]
@@ -405,6 +412,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
             rollout = sample(policy, tokenizer, questions, args.max_prompt_length, args.output_max_length,
                              args.temperature, args.batched_gen, device, synced_gpus=zero3)
         query, query_mask, responses, response_mask, has_eos = rollout[:5]
+        t_generated = clock()
         query_responses = torch.cat([query, responses], 1)
         attention_mask = torch.cat([query_mask, response_mask], 1)
 
@@ -416,6 +424,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         if not torch.isfinite(scores).all():
             raise FloatingPointError(f"step {state.step}: the reward model returned non-finite scores {raw}")
         raw_scores = scores.clone()  # logged as env/reward_mean whatever the transforms below
+        t_scored = clock()
         if args.reward_transform == "sigmoid":
             scores = torch.sigmoid(scores)
         scores = scores - args.reward_baseline
@@ -449,6 +458,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         rewards[torch.arange(len(last), device=device), last] += scores  # detail: the score on the last token
         advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
         advantages = masked_whiten(advantages, mask)  # detail: advantage whitening
+        t_forwarded = clock()
 
         # 5. PPO epochs over minibatches
         model.train()
@@ -505,7 +515,10 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         state.step += 1
         state.kl_coef = kl_ctl.value
         state.reward_mean, state.reward_var, state.reward_count = moments.mean, moments.var, moments.count
-        seconds = time.perf_counter() - t0
+        t_updated = clock()
+        seconds = t_updated - t0
+        phases = {"generation": t_generated - t0, "scoring": t_scored - t_generated,
+                  "policy_reference_value": t_forwarded - t_scored, "update": t_updated - t_forwarded}
         n_tokens = gather(attention_mask.sum()).sum().item()
         # model FLOPs of the step: generation + policy/reference/critic forwards (2N per token each) and the
         # updates (6N per token per epoch); an estimate that ignores attention and the RM.
@@ -521,16 +534,21 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                "env/response_length": gather(response_mask.sum(1).float()).mean().item(),
                "env/eos_rate": gather(has_eos.float()).mean().item(),
                "perf/tokens_per_second": n_tokens / seconds, "perf/step_seconds": seconds,
-               "perf/model_tflops": tflops}
+               "perf/model_tflops": tflops, "perf/generation_share": phases["generation"] / seconds,
+               **{f"perf/seconds_{k}": v for k, v in phases.items()}}
         if peak_tflops:
             log["perf/mfu"] = tflops / (peak_tflops * accelerator.num_processes)
         for key in ("ppo/pg_loss", "ppo/vf_loss", "objective/kl"):
             if key in log and not math.isfinite(log[key]):
                 raise FloatingPointError(f"step {state.step}: {key} is {log[key]}")
         accelerator.log(log, step=state.step)
+        if accelerator.is_main_process:  # the same figures without a tracker, one JSON line per step
+            with open(Path(args.output_dir) / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": state.step, **log}) + "\n")
         logger.info(f"ppo step {state.step}: reward {log['env/reward_mean']:+.3f} kl {seq_kl:.3f} "
                     f"kl_coef {kl_ctl.value:.4f} len {log['env/response_length']:.1f} "
-                    f"eos {log['env/eos_rate']:.2f} {log['perf/tokens_per_second']:.0f} tok/s"
+                    f"eos {log['env/eos_rate']:.2f} {log['perf/tokens_per_second']:.0f} tok/s "
+                    f"(generation {100 * log['perf/generation_share']:.0f} %)"
                     + (f" mfu {100 * log['perf/mfu']:.2f}%" if "perf/mfu" in log else ""))
         if args.save_freq and state.step % args.save_freq == 0:
             save_checkpoint(accelerator, args, state)

@@ -98,6 +98,12 @@ def test_adaptive_kl_in_a_run(sft_model, rm, synthetic, tmp_path):
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-3"]  # older ones removed once it was whole
     state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["kl_coef"] > 0.2  # the policy moved more than the tiny target: the penalty grew
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # one line per step, without a tracker
+    for r in rows:  # the phases account for the step's wall time
+        phases = [r[f"perf/seconds_{p}"] for p in ("generation", "scoring", "policy_reference_value", "update")]
+        assert min(phases) > 0 and sum(phases) == pytest.approx(r["perf/step_seconds"], rel=1e-6)
+        assert r["perf/generation_share"] == pytest.approx(phases[0] / r["perf/step_seconds"])
 
 
 def test_a_nan_reward_stops_the_run_naming_the_step(sft_model, rm, synthetic, tmp_path):
