@@ -117,8 +117,7 @@ def main(args: Args):
                  for p in pairs for s in ("response_j", "response_k"))
     result = {
         "config": config, "runs": runs, "best_seconds": best, "tokens": tokens,
-        "padding_share": {"released": stats["released"]["padding_share"],
-                          "length-sorted": stats["length-sorted"]["padding_share"]},
+        "padding_share": {m: stats[m]["padding_share"] for m in METHODS},
         "scoring_speedup_vs_original": best["released"] / best[ours], "ours": ours,
         "speedup_length_sorted": best["released"] / best["length-sorted"],
         "speedup_shared_prefix": best["released"] / best["shared prefix"],

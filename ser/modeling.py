@@ -398,7 +398,7 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    rewards, plain_tokens, run_tokens = {}, 0, 0
+    rewards, plain_tokens, run_tokens, padded_tokens = {}, 0, 0, 0
     dummy = ([tokenizer.eos_token_id] * 2, [tokenizer.eos_token_id] * 2)
     bar = tqdm(total=len(keys), desc=progress, unit="pair", disable=progress is None)
     for b in range(max(n_batches, math.ceil(len(keys) / batch_size))):
@@ -409,29 +409,32 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
             flat, _ = _right_padded([s for pair in rows for s in pair], tokenizer.pad_token_id)
             out = model(input_ids=flat.to(device), attention_mask=(flat != tokenizer.pad_token_id).long().to(device),
                         use_cache=False).logits[:, 0].float().view(-1, 2).cpu().tolist()
-            ran = sum(len(s) for pair in rows for s in pair)
+            ran, padded = sum(len(s) for pair in rows for s in pair), flat.numel()
         else:
             prefix, prefix_mask = _right_padded([a[:n] for (a, _), n in zip(rows, splits)], tokenizer.pad_token_id)
             cache = model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device), use_cache=True).past_key_values
-            out = [[0.0, 0.0] for _ in rows]
+            out, padded = [[0.0, 0.0] for _ in rows], prefix.numel()
             for side in (0, 1):
                 rest, rest_mask = _right_padded([pair[side][n:] for pair, n in zip(rows, splits)], tokenizer.pad_token_id)
                 positions = torch.tensor(splits).unsqueeze(1) + torch.arange(rest.shape[1]).unsqueeze(0)
                 logits = model(input_ids=rest.to(device), attention_mask=torch.cat([prefix_mask, rest_mask], 1).to(device),
                                position_ids=positions.to(device), past_key_values=cache, use_cache=True).logits
                 cache.crop(-rest.shape[1])  # back to the prefix for the other side
+                padded += rest.numel()
                 for row, value in enumerate(logits[:, 0].float().cpu().tolist()):
                     out[row][side] = value
             ran = sum(len(a) + len(c) - n for (a, c), n in zip(rows, splits))
         if batch:  # (a dummy batch counts in neither figure)
             rewards.update(zip(batch, out))
             run_tokens, plain_tokens = run_tokens + ran, plain_tokens + sum(len(a) + len(c) for a, c in rows)
+            padded_tokens += padded
             bar.update(len(batch))
     bar.close()
     if was_training:
         model.train()
     stats = {"shared_prefix": True, "tokens_run": run_tokens, "tokens_plain": plain_tokens,
-             "shared_prefix_token_saving": 1 - run_tokens / plain_tokens if plain_tokens else 0.0}
+             "shared_prefix_token_saving": 1 - run_tokens / plain_tokens if plain_tokens else 0.0,
+             "padding_share": 1 - run_tokens / padded_tokens if padded_tokens else 0.0}
     return [rewards[k][0] for k in pairs], [rewards[k][1] for k in pairs], stats
 
 

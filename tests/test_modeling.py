@@ -90,3 +90,4 @@ def test_shared_prefix_scores_equal_plain_scores(sft_model, synthetic, max_lengt
     assert shared["tokens_plain"] == sum(len(encode(tok, p["question"], p[side], max_length)["input_ids"])
                                          for p in pairs for side in ("response_j", "response_k"))
     assert 0 < shared["shared_prefix_token_saving"] < 1 and shared["tokens_run"] < shared["tokens_plain"]
+    assert 0 <= shared["padding_share"] < 1
