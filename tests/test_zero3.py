@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 from peft import PeftModel
-from test_ser_loop import ENV, filter_flags, rm0  # noqa: F401 (rm0: a fixture)
+from test_ser_loop import ENV, filter_flags, free_port, rm0  # noqa: F401 (rm0: a fixture)
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT
@@ -41,15 +41,20 @@ def test_sft_with_lora_under_zero3_saves_the_merge_of_what_it_trained(tiny_model
     assert not torch.allclose(plain, want, atol=1e-3)  # the adapter trained (its B is no longer zero)
 
 
-@pytest.mark.parametrize("lora", ["True", "False"])
-def test_rm_training_under_zero3_saves_what_it_evaluated(sft_model, synthetic, tmp_path, lora):
+
+
+@pytest.mark.parametrize("lora,launcher", [("True", "accelerate"), ("False", "accelerate"), ("True", "deepspeed")])
+def test_rm_training_under_zero3_saves_what_it_evaluated(sft_model, synthetic, tmp_path, lora, launcher):
     import json
 
     from ser.data import load_records
     from ser.modeling import load_reward_model, load_tokenizer, score_pairs
 
     out = tmp_path / "rm"
-    launch([*ACCELERATE_ZERO3, "rm_training.py", "--model_name", str(sft_model), "--dataset_name", str(synthetic),
+    head = [*ACCELERATE_ZERO3, "rm_training.py"] if launcher == "accelerate" else \
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "rm_training.py",
+         "--deepspeed", "sft/deepspeed_config.json"]  # the DeepSpeed launcher, the seed's ZeRO-3 config
+    launch([*head, "--model_name", str(sft_model), "--dataset_name", str(synthetic),
             "--output_dir", str(out), "--use_lora", lora, "--num_train_epochs", "2", "--max_length", "96",
             "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32", "--learning_rate", "2e-3",
             "--use_cpu", "True", "--bf16", "False", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True"])
