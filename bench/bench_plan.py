@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ser import tiny
 from ser.cli import parse
+from ser.data import replace_between
 from ser.plan import GB, PlanArgs, Shape, measure, model_states, plan, table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,12 +127,7 @@ def main(args: Args):
     (out / "plan.md").write_text(text + "\n")
     print(text)
     if args.readme:
-        readme = Path(args.readme)
-        body = readme.read_text()
-        if BEGIN not in body:
-            raise SystemExit(f"{readme}: no '{BEGIN}' marker")
-        head, rest = body.split(BEGIN, 1)
-        readme.write_text(head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+        replace_between(args.readme, BEGIN, END, text)
 
 
 if __name__ == "__main__":

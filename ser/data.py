@@ -265,6 +265,16 @@ def write_json(path, obj) -> None:
     os.replace(tmp, path)
 
 
+def replace_between(path, begin: str, end: str, text: str) -> None:
+    """Put `text` between the `begin` and `end` marker lines of a generated block (a README's tables)."""
+    path = Path(path)
+    body = path.read_text()
+    if begin not in body or end not in body.split(begin, 1)[1]:
+        raise SystemExit(f"{path}: no '{begin}' ... '{end}' block")
+    head, rest = body.split(begin, 1)
+    path.write_text(head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1])
+
+
 # ----------------------------------------------------------------------------- tokenisation
 
 
