@@ -313,12 +313,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
         idx = mine[b * batch_size:(b + 1) * batch_size]
         bar.update(len(idx))
         seqs = [sequences[i] for i in idx] or [[tokenizer.eos_token_id]]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, s in enumerate(seqs):
-            input_ids[row, :len(s)] = torch.tensor(s)
-            attention_mask[row, :len(s)] = 1
+        input_ids, attention_mask = _right_padded(seqs, tokenizer.pad_token_id)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
         for i, value in zip(idx, logits[:, 0].float().cpu().tolist()):
             rewards[i] = value
@@ -406,8 +401,8 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
         rows = [pairs[k] for k in batch] or [dummy]
         splits = [common_prefix(a, c) for a, c in rows]
         if min(splits) == 0:  # nothing shared by some pair (no bos, and the two sides cut differently): plain
-            flat, _ = _right_padded([s for pair in rows for s in pair], tokenizer.pad_token_id)
-            out = model(input_ids=flat.to(device), attention_mask=(flat != tokenizer.pad_token_id).long().to(device),
+            flat, flat_mask = _right_padded([s for pair in rows for s in pair], tokenizer.pad_token_id)
+            out = model(input_ids=flat.to(device), attention_mask=flat_mask.to(device),
                         use_cache=False).logits[:, 0].float().view(-1, 2).cpu().tolist()
             ran, padded = sum(len(s) for pair in rows for s in pair), flat.numel()
         else:
