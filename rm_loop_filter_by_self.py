@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ser.cli import get_logger, parse
 from ser.data import check_writable, load_records, write_json, write_records
+from ser.modeling import end_processes
 
 GOLD = "gold_preferred"
 logger = get_logger("filter")
@@ -58,6 +59,8 @@ class ScriptArguments:
     batch_size: int = field(default=32, metadata={"help": "sequences per scoring batch and process"})
     shared_prefix: bool = field(default=False, metadata={
         "help": "run each pair's question once and reuse its KV cache for both responses (same scores)"})
+    shared_prefix_chunk: int = field(default=0, metadata={
+        "help": "pairs whose question caches are held at once with --shared_prefix; default 16 batches"})
     dtype: str = field(default="auto", metadata={"help": "RM weights dtype: auto, float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "scoring device; default: the process's accelerator or cpu"})
 
@@ -81,7 +84,7 @@ def self_label(pool, args):
     model = load_reward_model(args.reward_model_name, tokenizer, args.dtype)
     model = shard_for_scoring(model, args.device or state.device)
     r_j, r_k, stats = score_pairs(model, tokenizer, pool, args.max_length, args.batch_size, state, "self-labelling",
-                                  shared_prefix=args.shared_prefix)
+                                  shared_prefix=args.shared_prefix, chunk_pairs=args.shared_prefix_chunk)
     stats["rm_partitioned"] = getattr(model, "zero_optimization_stage", lambda: 0)() == 3  # ZeRO-3 shards
     for pair, a, b in zip(pool, r_j, r_k):
         pair["reward_j"], pair["reward_k"] = a, b
@@ -204,7 +207,7 @@ def main(args: ScriptArguments):
     if args.reward_model_name:
         state, scoring = self_label(pool, args)
         if not state.is_main_process:
-            return
+            return end_processes()  # the main process selects and writes
         check_scores(pool, args, ("reward_j", "reward_k"))
         write_records(args.scored_save_path or out_dir / "scored.jsonl", pool)
     else:
@@ -224,6 +227,7 @@ def main(args: ScriptArguments):
     logger.info(f"filter: {status}; {len(selected)} of {len(pool)} pairs selected "
                 f"(status-1 eligible {counts['status1_eligible']}, status-2 eligible {counts['status2_eligible']})"
                 + (f", self-label precision {precision:.3f}" if precision is not None else ""))
+    end_processes()
 
 
 if __name__ == "__main__":

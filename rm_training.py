@@ -27,6 +27,7 @@ from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json, write_records
 from ser.modeling import ModelArguments as BaseModelArguments
 from ser.modeling import (
+    end_processes,
     fit_embeddings,
     fp32_master_weights,
     is_lora_dir,
@@ -239,6 +240,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
         write_json(Path(config.output_dir) / "run_args.json", resolved_args(script_args, model_args, config))
         write_json(Path(config.output_dir) / "eval_results.json", results)  # written last: marks the stage done
         logger.info("rm_training: held-out " + json.dumps({k: results[k] for k in ("accuracy", "tie_rate", "margin", "pairs")}))
+    end_processes()
 
 
 if __name__ == "__main__":

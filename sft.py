@@ -13,7 +13,15 @@ from trl import SFTConfig, SFTTrainer
 
 from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json
-from ser.modeling import ModelArguments, fp32_master_weights, load_causal_lm, load_tokenizer, merge_lora, record_lora_base
+from ser.modeling import (
+    ModelArguments,
+    end_processes,
+    fp32_master_weights,
+    load_causal_lm,
+    load_tokenizer,
+    merge_lora,
+    record_lora_base,
+)
 
 logger = get_logger("sft")
 
@@ -92,6 +100,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: SFTCo
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
         write_json(f"{config.output_dir}/run_args.json", resolved_args(script_args, model_args, config))
+    end_processes()
     return trainer
 
 

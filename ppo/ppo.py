@@ -556,6 +556,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     if not (args.save_freq and state.step % args.save_freq == 0):
         save_checkpoint(accelerator, args, state)
     save_policy(accelerator, model, tokenizer, args)
+    accelerator.wait_for_everyone()  # no process closes the group while the main one still writes
     accelerator.end_training()
     return log  # the last step's figures
 
