@@ -121,7 +121,7 @@ def main(args: Args):
         "scoring_speedup_vs_original": best["released"] / best[ours], "ours": ours,
         "speedup_length_sorted": best["released"] / best["length-sorted"],
         "speedup_shared_prefix": best["released"] / best["shared prefix"],
-        "scoring_padding_share": stats["length-sorted"]["padding_share"],
+        "scoring_padding_share": stats[ours]["padding_share"],
         "scoring_shared_prefix_token_saving": stats["shared prefix"]["shared_prefix_token_saving"],
     }
     (out / "scoring.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -10,7 +10,16 @@ import rm_training
 from conftest import CPU, shared_path
 from ser.cli import parse
 from ser.data import encode, load_records
-from ser.modeling import load_reward_model, load_tokenizer, pair_metrics, score, score_pairs
+from ser.modeling import (
+    common_prefix,
+    load_reward_model,
+    load_tokenizer,
+    pair_metrics,
+    score,
+    score_ids,
+    score_pairs,
+    score_pairs_shared,
+)
 
 
 def test_pair_metrics_counts_ties_apart():
@@ -91,3 +100,23 @@ def test_shared_prefix_scores_equal_plain_scores(sft_model, synthetic, max_lengt
                                          for p in pairs for side in ("response_j", "response_k"))
     assert 0 < shared["shared_prefix_token_saving"] < 1 and shared["tokens_run"] < shared["tokens_plain"]
     assert 0 <= shared["padding_share"] < 1
+
+
+def test_shared_prefix_handles_pairs_sharing_nothing_and_dummy_batches(sft_model, synthetic):
+    """Pairs whose sides differ from the first token run whole over an empty prefix, mixed in batches with
+    pairs that share a question; a share planned larger than it is (a shorter ZeRO-3 share) runs dummy
+    batches and changes no score; chunk boundaries change no score."""
+    tok = load_tokenizer(str(sft_model))
+    model = AutoModelForSequenceClassification.from_pretrained(str(sft_model), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    records = load_records(str(synthetic), "data/evaluation")[:21]
+    pairs = {i: (encode(tok, r["question"], r["response_j"], 64)["input_ids"],
+                 encode(tok, r["question"], r["response_k"], 64)["input_ids"]) for i, r in enumerate(records)}
+    for i in (0, 7, 8):  # the k side starts elsewhere: nothing shared
+        pairs[i] = (pairs[i][0], pairs[i][1][3:])
+    assert sum(common_prefix(*p) == 0 for p in pairs.values()) == 3
+    plain, _ = score_ids(model, tok, [s for p in pairs.values() for s in p], 4)
+    for kwargs in ({}, {"share_size": 40}, {"chunk_pairs": 5}):
+        s_j, s_k, stats = score_pairs_shared(model, tok, pairs, 4, **kwargs)
+        assert [x for ab in zip(s_j, s_k) for x in ab] == pytest.approx(plain, abs=1e-5), kwargs
+        assert stats["tokens_run"] < stats["tokens_plain"]

@@ -101,7 +101,8 @@ def test_ppo_under_zero3_generates_in_step_and_resumes_exactly(sft_model, synthe
     assert any(not torch.equal(a[k], base[k]) for k in base if k in a)  # it trained
 
 
-def test_pool_scoring_with_a_zero3_sharded_rm_equals_one_process(synthetic, rm0, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_pool_scoring_with_a_zero3_sharded_rm_equals_one_process(synthetic, rm0, tmp_path, shared_prefix):  # noqa: F811
     import json
 
     import rm_loop_filter_by_self as F
@@ -110,9 +111,10 @@ def test_pool_scoring_with_a_zero3_sharded_rm_equals_one_process(synthetic, rm0,
 
     one, sharded = tmp_path / "one", tmp_path / "sharded"
     F.main(*parse([F.ScriptArguments], filter_flags(synthetic, rm0, one)))
-    launch([*ACCELERATE_ZERO3, "rm_loop_filter_by_self.py", *filter_flags(synthetic, rm0, sharded)])
+    launch([*ACCELERATE_ZERO3, "rm_loop_filter_by_self.py", *filter_flags(synthetic, rm0, sharded),
+            *(["--shared_prefix", "True"] if shared_prefix else [])])
     stats = json.loads((sharded / "stats.json").read_text())["scoring"]
-    assert stats["rm_partitioned"] and stats["processes"] == 2
+    assert stats["rm_partitioned"] and stats["processes"] == 2 and stats.get("shared_prefix", False) == shared_prefix
     a, b = read_records(one / "scored.jsonl"), read_records(sharded / "scored.jsonl")
     assert [x["id"] for x in a] == [y["id"] for y in b]
     assert [x["reward_j"] for x in a] == pytest.approx([y["reward_j"] for y in b], abs=1e-5)
