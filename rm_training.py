@@ -51,6 +51,9 @@ class RMConfig(RewardConfig):
         "help": "epochs (the release: 2 for the seed RM, 5 per loop; the loop driver sets SEED_EPOCHS/LOOP_EPOCHS)"})
     max_length: int | None = field(default=512, metadata={
         "help": "tokens per sequence, questions cut from the left (the paper: 512; TRL: 1024)"})
+    train_sampling_strategy: str = field(default="group_by_length", metadata={
+        "help": "group_by_length: random batches of pairs of similar length (TRL: random, which pads more)",
+        "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]})
 
 
 @dataclass
@@ -86,8 +89,16 @@ class PairwiseRewardTrainer(RewardTrainer):
     def __init__(self, *args, loss_type="bt", hinge_margin=1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_type, self.hinge_margin = loss_type, hinge_margin
+        self.tokens = {"real": 0, "padded": 0}  # of the batches trained on by this process
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, "length"]  # kept for the length-grouped sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.tokens["real"] += int(inputs["attention_mask"].sum())
+            self.tokens["padded"] += inputs["attention_mask"].numel()
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.loss_type == "hinge":
             r_j, r_k = outputs.logits.squeeze(-1).chunk(2)
@@ -125,12 +136,14 @@ class EvalAfterFirstStep(TrainerCallback):
 
 
 def tokenize_pairs(records, tokenizer, max_length, progress=None):
-    """chosen_ids/rejected_ids with questions cut from the left; the count of cut sequences."""
+    """chosen_ids/rejected_ids with questions cut from the left, and the longer side's length; the count
+    of cut sequences."""
     rows, truncated = [], 0
     for r in tqdm(records, desc=progress, unit="pair", disable=progress is None):
         j = encode(tokenizer, r["question"], r["response_j"], max_length)
         k = encode(tokenizer, r["question"], r["response_k"], max_length)
-        rows.append({"chosen_ids": j["input_ids"], "rejected_ids": k["input_ids"]})
+        rows.append({"chosen_ids": j["input_ids"], "rejected_ids": k["input_ids"],
+                     "length": max(len(j["input_ids"]), len(k["input_ids"]))})  # a batch pads both sides to one width
         truncated += j["truncated"] + k["truncated"]
     return Dataset.from_list(rows), truncated
 
@@ -229,7 +242,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
             base = lora_base(script_args.model_name) if is_lora_dir(script_args.model_name) else script_args.model_name
             record_lora_base(config.output_dir, base)
         results = {k.removeprefix("eval_"): v for k, v in metrics.items()}
+        padded = trainer.tokens["padded"]
         results.update(train_pairs=len(train_records), train_truncated=truncated, eval_truncated=eval_truncated,
+                       train_padding_share=1 - trainer.tokens["real"] / padded if padded else None,
                        loss_type=script_args.loss, model_name=script_args.model_name, max_length=config.max_length,
                        num_train_epochs=config.num_train_epochs, use_lora=model_args.use_lora,
                        train_sources=dict(Counter(r.get("_source", "hub") for r in train_records)))

@@ -120,3 +120,44 @@ def test_shared_prefix_handles_pairs_sharing_nothing_and_dummy_batches(sft_model
         s_j, s_k, stats = score_pairs_shared(model, tok, pairs, 4, **kwargs)
         assert [x for ab in zip(s_j, s_k) for x in ab] == pytest.approx(plain, abs=1e-5), kwargs
         assert stats["tokens_run"] < stats["tokens_plain"]
+
+
+def test_length_grouped_rm_batches_give_trl_s_per_pair_losses_with_less_padding(sft_model, synthetic, tmp_path):
+    """rm_training.py's length-grouped batches against TRL's RewardTrainer with its defaults (random
+    batches, its collator), on the same pairs: every pair once per epoch, the same loss pair by pair
+    (TRL's own compute_loss on both), and less padding."""
+    import torch.nn.functional as F
+    from trl import RewardConfig, RewardTrainer
+
+    tok = load_tokenizer(str(sft_model))
+    model = AutoModelForSequenceClassification.from_pretrained(str(sft_model), num_labels=1, dtype=torch.float32).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    dataset, _ = rm_training.tokenize_pairs(load_records(str(synthetic), "data/reward"), tok, 96)
+    common = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", per_device_train_batch_size=8,
+                  max_length=96, seed=3)
+    ours = rm_training.PairwiseRewardTrainer(model=model, args=rm_training.RMConfig(output_dir=str(tmp_path / "a"), **common),
+                                             train_dataset=dataset, processing_class=tok)
+    trl = RewardTrainer(model=model, args=RewardConfig(output_dir=str(tmp_path / "b"), **common),
+                        train_dataset=dataset.remove_columns("length"), processing_class=tok)
+    assert ours.args.train_sampling_strategy == "group_by_length" and trl.args.train_sampling_strategy == "random"
+
+    def per_pair(trainer):
+        losses, real, padded = {}, 0, 0
+        for batch in trainer.get_train_dataloader():
+            with torch.no_grad():
+                loss, out = RewardTrainer.compute_loss(trainer, model, batch, return_outputs=True)
+            r_j, r_k = out.logits.squeeze(-1).chunk(2)
+            assert loss.item() == pytest.approx((-F.logsigmoid(r_j - r_k)).mean().item(), abs=1e-6)
+            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+            n = len(r_j)
+            for i in range(n):
+                key = (tuple(ids[i][mask[i]].tolist()), tuple(ids[n + i][mask[n + i]].tolist()))
+                assert key not in losses  # each pair once per epoch
+                losses[key] = -F.logsigmoid(r_j[i] - r_k[i]).item()
+            real, padded = real + mask.sum().item(), padded + mask.numel()
+        return losses, 1 - real / padded
+
+    (a, pad_ours), (b, pad_trl) = per_pair(ours), per_pair(trl)
+    assert len(a) == len(b) == len(dataset) > 50 and a.keys() == b.keys()
+    assert [a[k] for k in a] == pytest.approx([b[k] for k in a], abs=1e-5)
+    assert pad_ours < 0.85 * pad_trl, (pad_ours, pad_trl)  # (synthetic lengths vary little; HH: the bench)
