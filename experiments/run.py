@@ -74,6 +74,10 @@ SYNTHETIC_VARIANTS = {
     "ser-paper@0.30": variant(fraction=0.30),
 }
 
+# The grids ran with random RM batches (rm_training.py's default then); pinned so that a resumed or extended
+# grid keeps the protocol of the rows already in results.json.
+RANDOM_BATCHES = ["--train_sampling_strategy", "random"]
+
 # The demo's task and tiny model; the RM settings are the demo's (a 100k-parameter model trained from
 # scratch needs all weights, lr 1e-3 and 8 epochs), fixed before any grid ran.
 SYNTHETIC = dict(
@@ -81,7 +85,7 @@ SYNTHETIC = dict(
     data=dict(n_pairs=1200, n_eval=600, n_sft=2000, n_rl=256),
     sft=["--num_train_epochs", "2", "--per_device_train_batch_size", "32", "--learning_rate", "3e-3"],
     rm=["--use_lora", "False", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64",
-        "--learning_rate", "1e-3"],
+        "--learning_rate", "1e-3", *RANDOM_BATCHES],
     seed_epochs=8, loop_epochs=8, max_length=512,
     filter=["--status1_min_pairs", "100", "--status2_min_pairs", "100"],
 )
@@ -99,7 +103,7 @@ HH = dict(
     variants={k: SYNTHETIC_VARIANTS[k] for k in ("seed", "ser-paper", "full")}, max_loops=3,
     data=dict(pool=600, evaluation=500),
     rm=["--use_lora", "True", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
-        "--learning_rate", "1e-4", "--bf16", "True"],
+        "--learning_rate", "1e-4", "--bf16", "True", *RANDOM_BATCHES],
     seed_epochs=2, loop_epochs=2, max_length=256,
     filter=["--status1_min_pairs", "60", "--status2_min_pairs", "60", "--batch_size", "16"],
 )
