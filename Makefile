@@ -40,6 +40,7 @@ bench: setup
 	$(PY) bench/bench_scoring.py
 	$(PY) bench/bench_plan.py --readme README.md
 	$(PY) bench/bench_rm_training.py
+	$(PY) bench/bench_scaling.py
 	$(PY) bench/bench_ppo.py
 	$(PY) bench/summary.py --readme README.md
 

@@ -1,8 +1,9 @@
 """One SER loop's data step: self-label the pool, decide the learning status, select.
 
 1. Self-label. With --reward_model_name, the RM scores both responses of every pool pair (in
-   length-sorted batches, split across processes under `accelerate launch`) and the scored pool is
-   written. Without it, the pool must already carry `score_j`/`score_k` (the released workflow).
+   length-sorted batches, split across processes under `accelerate launch`, chunk by chunk so that a
+   killed run resumes) and the scored pool is written. Without it, the pool must already carry
+   `score_j`/`score_k` (the released workflow).
 2. Learning status (paper, section 3). With p the RM's predicted probability of each response:
    Status 1 ("tell good from bad"): one p > tau_high and the other p < tau_low, on enough pairs;
    else Status 2 ("amplify differences"): |p_j - p_k| >= tau_delta, on enough pairs; else Stop.
@@ -18,13 +19,17 @@ The human label of a pool pair (`gold_preferred`, "j" or "k") is never read by s
 statistics read it, to report the precision of the self-labels.
 """
 
+import hashlib
+import json
 import math
+import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser.cli import get_logger, parse
-from ser.data import check_writable, load_records, write_json, write_records
+from ser.data import check_writable, load_records, read_records, write_json, write_records
 from ser.modeling import end_processes
 
 GOLD = "gold_preferred"
@@ -57,6 +62,8 @@ class ScriptArguments:
     max_length: int = field(default=512, metadata={
         "help": "tokens per scored sequence, questions cut from the left (as rm_training.py's --max_length)"})
     batch_size: int = field(default=32, metadata={"help": "sequences per scoring batch and process"})
+    chunk_pairs: int = field(default=10_000, metadata={
+        "help": "pairs scored and saved at a time (tokenised ones are held per chunk); a killed run resumes after the last"})
     shared_prefix: bool = field(default=False, metadata={
         "help": "run each pair's question once and reuse its KV cache for both responses (same scores)"})
     shared_prefix_chunk: int = field(default=0, metadata={
@@ -72,27 +79,94 @@ def sigmoid(x: float) -> float:
 # ----------------------------------------------------------------------------- 1. self-label
 
 
-def self_label(pool, args):
-    """Add reward_j/reward_k (raw RM scores) and score_j/score_k (probabilities) to every pair."""
+def self_label(pool, args, scored_path):
+    """Add reward_j/reward_k (raw RM scores) and score_j/score_k (probabilities) to every pair.
+
+    The pool is scored in chunks of --chunk_pairs pairs in file order, each split across the processes.
+    The main process saves each finished chunk's rewards in SCORED.parts/ (removed once the stage is
+    done), so a killed run resumes after the last chunk saved; chunks saved by a run with another RM,
+    pool or settings are discarded, never reused.
+    """
+    from tqdm.auto import tqdm
+
     from ser.cli import check_accelerator
     from ser.modeling import load_reward_model, load_tokenizer, process_state, score_pairs, shard_for_scoring
 
+    if args.chunk_pairs < 1:
+        raise ValueError(f"--chunk_pairs is {args.chunk_pairs}; it must be at least 1")
     if not args.device:
         check_accelerator()
     state = process_state()
     tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
     model = load_reward_model(args.reward_model_name, tokenizer, args.dtype)
     model = shard_for_scoring(model, args.device or state.device)
-    r_j, r_k, stats = score_pairs(model, tokenizer, pool, args.max_length, args.batch_size, state, "self-labelling",
-                                  shared_prefix=args.shared_prefix, chunk_pairs=args.shared_prefix_chunk)
-    stats["rm_partitioned"] = getattr(model, "zero_optimization_stage", lambda: 0)() == 3  # ZeRO-3 shards
-    for pair, a, b in zip(pool, r_j, r_k):
-        pair["reward_j"], pair["reward_k"] = a, b
-        if args.probability == "pairwise":
-            pair["score_j"], pair["score_k"] = sigmoid(a - b), sigmoid(b - a)
+    parts = chunk_folder(scored_path)
+    run = {"reward_model": str(Path(args.reward_model_name).resolve()), "tokenizer": args.tokenizer_name,
+           "pool": str(Path(args.dataset_name).resolve()), "subset": args.subset, "pairs": len(pool),
+           "chunk_pairs": args.chunk_pairs, "max_length": args.max_length}
+    if state.is_main_process:
+        if parts.is_dir() and (not (parts / "run.json").is_file() or json.loads((parts / "run.json").read_text()) != run):
+            logger.warning(f"filter: {parts} holds chunks scored by another run; they are discarded")
+            shutil.rmtree(parts)
+        parts.mkdir(parents=True, exist_ok=True)
+        write_json(parts / "run.json", run)
+    state.wait_for_everyone()
+    chunks, resumed = [], 0
+    bar = tqdm(total=len(pool), desc="self-labelling", unit="pair", disable=not state.is_main_process)
+    for c, start in enumerate(range(0, len(pool), args.chunk_pairs)):
+        chunk, part = pool[start:start + args.chunk_pairs], parts / f"{c:06d}.jsonl"
+        if part.is_file():  # saved before a kill; every process sees it, none scores the chunk
+            saved = read_records(part)
+            if [r["pair"] for r in saved] != [fingerprint(p) for p in chunk]:
+                raise ValueError(f"{part}: its pairs are not those of pool chunk {c}; remove {parts} and rerun")
+            r_j, r_k = [r["reward_j"] for r in saved], [r["reward_k"] for r in saved]
+            resumed += len(chunk)
         else:
-            pair["score_j"], pair["score_k"] = sigmoid(a), sigmoid(b)
+            t = time.perf_counter()
+            r_j, r_k, stats = score_pairs(model, tokenizer, chunk, args.max_length, args.batch_size, state,
+                                          shared_prefix=args.shared_prefix, chunk_pairs=args.shared_prefix_chunk)
+            chunks.append({**stats, "pairs_scored": len(chunk), "seconds": time.perf_counter() - t})
+            if state.is_main_process:
+                write_records(part, [{"pair": fingerprint(p), "reward_j": a, "reward_k": b} for p, a, b in zip(chunk, r_j, r_k)])
+        for pair, a, b in zip(chunk, r_j, r_k):
+            pair["reward_j"], pair["reward_k"] = a, b
+            if args.probability == "pairwise":
+                pair["score_j"], pair["score_k"] = sigmoid(a - b), sigmoid(b - a)
+            else:
+                pair["score_j"], pair["score_k"] = sigmoid(a), sigmoid(b)
+        bar.update(len(chunk))
+    bar.close()
+    stats = merge_scoring(chunks, state.num_processes)
+    stats.update(chunks=math.ceil(len(pool) / args.chunk_pairs), resumed_pairs=resumed,
+                 rm_partitioned=getattr(model, "zero_optimization_stage", lambda: 0)() == 3)  # ZeRO-3 shards
     return state, stats
+
+
+def chunk_folder(scored_path) -> Path:
+    return Path(f"{scored_path}.parts")
+
+
+def fingerprint(pair) -> str:
+    """A short hash of a pair's texts: a saved chunk is reused only for the same pairs."""
+    text = "\0".join(str(pair.get(k)) for k in ("id", "question", "response_j", "response_k"))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def merge_scoring(chunks, processes) -> dict:
+    """One record of the scoring figures of the chunks scored by this run (counts summed, shares and rates
+    over the totals)."""
+    total = {k: sum(c.get(k, 0) for c in chunks) for k in ("pairs_scored", "sequences", "pairs", "scored_here",
+                                                            "tokenised_here", "truncated", "tokens", "tokens_run",
+                                                            "tokens_plain", "padded_tokens", "seconds")}
+    shared = any(c.get("shared_prefix") for c in chunks)
+    run = total["tokens_run"] if shared else total["tokens"]
+    stats = {k: v for k, v in total.items() if v or k in ("sequences", "scored_here")}
+    stats.update(processes=processes, shared_prefix=shared,
+                 padding_share=1 - run / total["padded_tokens"] if total["padded_tokens"] else 0.0,
+                 pairs_per_second=total["pairs_scored"] / total["seconds"] if total["seconds"] else None)
+    if shared:
+        stats["shared_prefix_token_saving"] = 1 - run / total["tokens_plain"] if total["tokens_plain"] else 0.0
+    return stats
 
 
 # ----------------------------------------------------------------------------- 2. status
@@ -201,15 +275,16 @@ def main(args: ScriptArguments):
         raise ValueError(f"{args.dataset_name}: the pool is empty; there is nothing to self-label "
                          "(an exhausted pool stops the loop before this stage)")
     out_dir = Path(args.rm_next_loop_save_path).parent
-    check_writable(args.rm_next_loop_save_path, args.remaining_data_save_path,
-                   args.scored_save_path or out_dir / "scored.jsonl", args.stats_save_path or out_dir / "stats.json")
+    scored_path = args.scored_save_path or out_dir / "scored.jsonl"
+    check_writable(args.rm_next_loop_save_path, args.remaining_data_save_path, scored_path,
+                   args.stats_save_path or out_dir / "stats.json")
     scoring = None
     if args.reward_model_name:
-        state, scoring = self_label(pool, args)
+        state, scoring = self_label(pool, args, scored_path)
         if not state.is_main_process:
             return end_processes()  # the main process selects and writes
         check_scores(pool, args, ("reward_j", "reward_k"))
-        write_records(args.scored_save_path or out_dir / "scored.jsonl", pool)
+        write_records(scored_path, pool)
     else:
         from ser.modeling import process_state
 
@@ -220,6 +295,7 @@ def main(args: ScriptArguments):
     write_records(args.remaining_data_save_path, remaining)
     stats = statistics(pool, status, selected, remaining, counts, args, scoring)
     write_json(args.stats_save_path or out_dir / "stats.json", stats)  # written last: marks the step done
+    shutil.rmtree(chunk_folder(scored_path), ignore_errors=True)
     precision = stats["pseudo_label_precision"]
     if stats["duplicate_pairs"]:
         logger.warning(f"filter: warning: {stats['duplicate_pairs']} pool pairs repeat an earlier one (same question "

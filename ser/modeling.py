@@ -335,6 +335,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
     rewards = {i: r for part in gather_parts(rewards, state) for i, r in part.items()}
     stats = {
         "sequences": len(sequences), "processes": state.num_processes, "scored_here": len(mine),
+        "tokens": real_tokens, "padded_tokens": padded_tokens, "seconds": seconds,
         "padding_share": 1 - real_tokens / padded_tokens if padded_tokens else 0.0,
         "sequences_per_second": len(mine) / seconds if seconds > 0 else float("nan"),
         "tokens_per_second": real_tokens / seconds if seconds > 0 else float("nan"),
@@ -469,7 +470,7 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
     if was_training:
         model.train()
     plain_tokens = sum(len(a) + len(c) for a, c in pairs.values())
-    stats = {"shared_prefix": True, "tokens_run": run_tokens, "tokens_plain": plain_tokens,
+    stats = {"shared_prefix": True, "tokens_run": run_tokens, "tokens_plain": plain_tokens, "padded_tokens": padded_tokens,
              "shared_prefix_token_saving": 1 - run_tokens / plain_tokens if plain_tokens else 0.0,
              "padding_share": 1 - run_tokens / padded_tokens if padded_tokens else 0.0}
     return [rewards[k][0] for k in pairs], [rewards[k][1] for k in pairs], stats

@@ -45,7 +45,7 @@ def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
     F.main(*parse([F.ScriptArguments], filter_flags(synthetic, rm0, one)))
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
            "--mixed_precision", "no", "--dynamo_backend", "no", "rm_loop_filter_by_self.py",
-           *filter_flags(synthetic, rm0, two)]
+           *filter_flags(synthetic, rm0, two), "--chunk_pairs", "128"]  # 4 chunks, each split across the two
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = read_records(one / "scored.jsonl"), read_records(two / "scored.jsonl")
@@ -60,6 +60,63 @@ def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
     assert stats["scoring"]["sequences"] == 1020 and stats["scoring"]["processes"] == 2
     assert stats["scoring"]["scored_here"] == 510 and stats["status"] != "stop", stats
     assert stats["scoring"]["tokenised_here"] == 510  # each process tokenised its own half of the pool only
+    assert stats["scoring"]["chunks"] == 4 and not (two / "scored.jsonl.parts").exists()
+
+
+def test_a_killed_self_labelling_resumes_after_the_last_saved_chunk(synthetic, rm0, tmp_path, monkeypatch):
+    import ser.modeling
+
+    score_pairs, calls = ser.modeling.score_pairs, []
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[2]))
+        if kill_at and len(calls) == kill_at:
+            raise KeyboardInterrupt  # as a kill would stop it, in the middle of a chunk
+        return score_pairs(*args, **kwargs)
+
+    monkeypatch.setattr(ser.modeling, "score_pairs", counted)
+    kill_at = 0
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, whole), "--chunk_pairs", "100"]))
+    assert calls == [100] * 5 + [10] and not (whole / "scored.jsonl.parts").exists()
+
+    calls.clear()
+    kill_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, resumed), "--chunk_pairs", "100"]))
+    assert sorted(p.name for p in (resumed / "scored.jsonl.parts").iterdir()) == ["000000.jsonl", "000001.jsonl", "run.json"]
+    assert not (resumed / "scored.jsonl").exists() and not (resumed / "selected.jsonl").exists()
+
+    calls.clear()
+    kill_at = 0
+    F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, resumed), "--chunk_pairs", "100"]))
+    assert calls == [100] * 3 + [10]  # the two saved chunks were not scored again
+    stats = json.loads((resumed / "stats.json").read_text())["scoring"]
+    assert stats["resumed_pairs"] == 200 and stats["chunks"] == 6
+    a, b = read_records(whole / "scored.jsonl"), read_records(resumed / "scored.jsonl")
+    assert [(x["id"], x["reward_j"], x["reward_k"]) for x in a] == [(y["id"], y["reward_j"], y["reward_k"]) for y in b]
+    assert read_records(whole / "selected.jsonl") == read_records(resumed / "selected.jsonl")
+    assert not (resumed / "scored.jsonl.parts").exists()
+
+
+def test_chunks_saved_by_another_run_are_never_reused(synthetic, rm0, tmp_path, monkeypatch):
+    import ser.modeling
+
+    score_pairs, calls = ser.modeling.score_pairs, []
+
+    def killed_at_the_second_chunk(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return score_pairs(*args, **kwargs)
+
+    monkeypatch.setattr(ser.modeling, "score_pairs", killed_at_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, tmp_path), "--chunk_pairs", "100"]))
+    monkeypatch.setattr(ser.modeling, "score_pairs", score_pairs)
+    F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, tmp_path), "--chunk_pairs", "100",
+                                        "--max_length", "40"]))  # other settings: the saved chunk is not theirs
+    assert json.loads((tmp_path / "stats.json").read_text())["scoring"]["resumed_pairs"] == 0
 
 
 def driver(run, synthetic, sft_model):
