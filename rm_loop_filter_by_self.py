@@ -19,6 +19,7 @@ The human label of a pool pair (`gold_preferred`, "j" or "k") is never read by s
 statistics read it, to report the precision of the self-labels.
 """
 
+import contextlib
 import hashlib
 import json
 import math
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser.cli import get_logger, parse
-from ser.data import check_writable, load_records, read_records, write_json, write_records
+from ser.data import RecordWriter, check_writable, pool_chunks, read_records, write_json, write_records
 from ser.modeling import end_processes
 
 GOLD = "gold_preferred"
@@ -80,20 +81,19 @@ def sigmoid(x: float) -> float:
 
 
 def self_label(pool, args, scored_path):
-    """Add reward_j/reward_k (raw RM scores) and score_j/score_k (probabilities) to every pair.
+    """Add reward_j/reward_k (raw RM scores) and score_j/score_k (probabilities) to every pair of `pool`
+    (what `read_pool` kept of each).
 
-    The pool is scored in chunks of --chunk_pairs pairs in file order, each split across the processes.
-    The main process saves each finished chunk's rewards in SCORED.parts/ (removed once the stage is
-    done), so a killed run resumes after the last chunk saved; chunks saved by a run with another RM,
-    pool or settings are discarded, never reused.
+    The pool's texts are read again and scored in chunks of --chunk_pairs pairs in file order, each split
+    across the processes. The main process saves each finished chunk's rewards in SCORED.parts/ (removed
+    once the stage is done), so a killed run resumes after the last chunk saved; chunks saved by a run
+    with another RM, pool or settings are discarded, never reused.
     """
     from tqdm.auto import tqdm
 
     from ser.cli import check_accelerator
     from ser.modeling import load_reward_model, load_tokenizer, process_state, score_pairs, shard_for_scoring
 
-    if args.chunk_pairs < 1:
-        raise ValueError(f"--chunk_pairs is {args.chunk_pairs}; it must be at least 1")
     if not args.device:
         check_accelerator()
     state = process_state()
@@ -111,10 +111,11 @@ def self_label(pool, args, scored_path):
         parts.mkdir(parents=True, exist_ok=True)
         write_json(parts / "run.json", run)
     state.wait_for_everyone()
-    chunks, resumed = [], 0
+    chunks, resumed, start = [], 0, 0
     bar = tqdm(total=len(pool), desc="self-labelling", unit="pair", disable=not state.is_main_process)
-    for c, start in enumerate(range(0, len(pool), args.chunk_pairs)):
-        chunk, part = pool[start:start + args.chunk_pairs], parts / f"{c:06d}.jsonl"
+    for c, chunk in enumerate(pool_chunks(args.dataset_name, args.subset, args.chunk_pairs)):
+        part, kept = parts / f"{c:06d}.jsonl", pool[start:start + len(chunk)]
+        check_same_pairs(kept, chunk)
         if part.is_file():  # saved before a kill; every process sees it, none scores the chunk
             saved = read_records(part)
             if [r["pair"] for r in saved] != [fingerprint(p) for p in chunk]:
@@ -128,16 +129,17 @@ def self_label(pool, args, scored_path):
             chunks.append({**stats, "pairs_scored": len(chunk), "seconds": time.perf_counter() - t})
             if state.is_main_process:
                 write_records(part, [{"pair": fingerprint(p), "reward_j": a, "reward_k": b} for p, a, b in zip(chunk, r_j, r_k)])
-        for pair, a, b in zip(chunk, r_j, r_k):
+        for pair, a, b in zip(kept, r_j, r_k):
             pair["reward_j"], pair["reward_k"] = a, b
             if args.probability == "pairwise":
                 pair["score_j"], pair["score_k"] = sigmoid(a - b), sigmoid(b - a)
             else:
                 pair["score_j"], pair["score_k"] = sigmoid(a), sigmoid(b)
+        start += len(chunk)
         bar.update(len(chunk))
     bar.close()
     stats = merge_scoring(chunks, state.num_processes)
-    stats.update(chunks=math.ceil(len(pool) / args.chunk_pairs), resumed_pairs=resumed,
+    stats.update(chunks=c + 1, resumed_pairs=resumed,
                  rm_partitioned=getattr(model, "zero_optimization_stage", lambda: 0)() == 3)  # ZeRO-3 shards
     return state, stats
 
@@ -215,6 +217,8 @@ def orient(pair):
 
 
 def select(pool, args):
+    """An in-memory pool's status, selected pairs (oriented), remaining pairs and counts (`main` streams
+    the same steps: `decide_status`, then `orient` as it writes)."""
     status, mask, n1, n2 = decide_status(pool, args)
     selected = [orient(p) for p, keep in zip(pool, mask) if keep]
     remaining = [p for p, keep in zip(pool, mask) if not keep]
@@ -226,12 +230,13 @@ def histogram(values, lo=0.0, hi=1.0, bins=10):
     return {"edges": [lo + (hi - lo) * i / bins for i in range(bins + 1)], "counts": [counts[i] for i in range(bins)]}
 
 
-def statistics(pool, status, selected, remaining, counts, args, scoring=None):
+def statistics(pool, mask, status, counts, args, scoring=None):
+    selected = [p for p, keep in zip(pool, mask) if keep]
     gold = [p for p in selected if GOLD in p]
-    seen = Counter((p["question"], frozenset((p["response_j"], p["response_k"]))) for p in pool)
+    seen = Counter(p["texts"] for p in pool)
     stats = {
         "status": status, "selection": args.selection, "probability": args.probability,
-        "pool": len(pool), "selected": len(selected), "remaining": len(remaining), **counts,
+        "pool": len(pool), "selected": len(selected), "remaining": len(pool) - len(selected), **counts,
         # a pair that occurs twice counts twice toward the status thresholds: say how many there are
         "duplicate_pairs": sum(n - 1 for n in seen.values() if n > 1),
         "thresholds": {"tau_low": args.left_threshold, "tau_high": args.right_threshold,
@@ -239,7 +244,9 @@ def statistics(pool, status, selected, remaining, counts, args, scoring=None):
                        "status1_min_pairs": args.status1_min_pairs,
                        "status2_min_pairs": args.status2_min_pairs},
         # the self-label precision against the hidden human labels (key name kept for results files)
-        "pseudo_label_precision": sum(p[GOLD] == "j" for p in gold) / len(gold) if gold else None,
+        # (a selected pair is oriented to the response the RM prefers: the label agrees when it names that one)
+        "pseudo_label_precision": sum((p[GOLD] == "j") == (p["score_j"] >= p["score_k"]) for p in gold) / len(gold)
+        if gold else None,
         "pseudo_label_pairs_with_gold": len(gold),
         "score_histogram": histogram([p[k] for p in pool for k in ("score_j", "score_k")]),
     }
@@ -251,6 +258,51 @@ def statistics(pool, status, selected, remaining, counts, args, scoring=None):
         stats["max_length"] = args.max_length
         stats["scoring"] = scoring  # includes the number of processes that shared the scoring
     return stats
+
+
+KEPT = ("_source", "_line", GOLD, "score_j", "score_k", "reward_j", "reward_k")
+
+
+def read_pool(args) -> list[dict]:
+    """Every pool pair checked, and what selection and the statistics need of it kept: where it is, its
+    human label, any scores it carries and a hash of its texts. The texts are read again, chunk by
+    chunk, to score them and to write the outputs, so memory does not grow with their size."""
+    pool = []
+    for chunk in pool_chunks(args.dataset_name, args.subset, args.chunk_pairs):
+        for r in chunk:
+            pool.append({**{k: r[k] for k in KEPT if k in r}, "texts": texts_hash(r)})
+    return pool
+
+
+def texts_hash(pair) -> int:
+    """The same for the same question and responses, in either order (a repeated pair)."""
+    return hash((pair["question"], frozenset((pair["response_j"], pair["response_k"]))))
+
+
+def check_same_pairs(kept, chunk) -> None:
+    """The pool read again must be the pool read first."""
+    for k, r in zip(kept, chunk, strict=True):
+        if k["texts"] != texts_hash(r):
+            raise ValueError(f"{r['_source']}:{r['_line']}: the pool changed while the filter ran; nothing was written")
+
+
+def write_outputs(pool, mask, args, scored_path=None) -> None:
+    """The scored pool (with an RM), the selected pairs (oriented) and the remaining ones, all written in
+    one more pass over the pool's texts; each file appears whole at the end, or not at all."""
+    with contextlib.ExitStack() as files:
+        selected = files.enter_context(RecordWriter(args.rm_next_loop_save_path))
+        remaining = files.enter_context(RecordWriter(args.remaining_data_save_path))
+        scored = files.enter_context(RecordWriter(scored_path)) if scored_path else None
+        start = 0
+        for chunk in pool_chunks(args.dataset_name, args.subset, args.chunk_pairs):
+            kept = pool[start:start + len(chunk)]
+            check_same_pairs(kept, chunk)
+            for record, pair, keep in zip(chunk, kept, mask[start:start + len(chunk)]):
+                record.update({k: pair[k] for k in ("reward_j", "reward_k", "score_j", "score_k") if k in pair})
+                if scored:
+                    scored.write(record)
+                (selected.write(orient(record)) if keep else remaining.write(record))
+            start += len(chunk)
 
 
 def check_scores(pool, args, keys=("score_j", "score_k")):
@@ -270,38 +322,39 @@ def check_scores(pool, args, keys=("score_j", "score_k")):
 
 
 def main(args: ScriptArguments):
-    pool = load_records(args.dataset_name, args.subset)
-    if not pool:
-        raise ValueError(f"{args.dataset_name}: the pool is empty; there is nothing to self-label "
-                         "(an exhausted pool stops the loop before this stage)")
+    if args.chunk_pairs < 1:
+        raise ValueError(f"--chunk_pairs is {args.chunk_pairs}; it must be at least 1")
     out_dir = Path(args.rm_next_loop_save_path).parent
     scored_path = args.scored_save_path or out_dir / "scored.jsonl"
     check_writable(args.rm_next_loop_save_path, args.remaining_data_save_path, scored_path,
                    args.stats_save_path or out_dir / "stats.json")
+    pool = read_pool(args)
+    if not pool:
+        raise ValueError(f"{args.dataset_name}: the pool is empty; there is nothing to self-label "
+                         "(an exhausted pool stops the loop before this stage)")
     scoring = None
     if args.reward_model_name:
         state, scoring = self_label(pool, args, scored_path)
         if not state.is_main_process:
             return end_processes()  # the main process selects and writes
         check_scores(pool, args, ("reward_j", "reward_k"))
-        write_records(scored_path, pool)
     else:
         from ser.modeling import process_state
 
         process_state()  # the scores come from the file; the state is the logger's
         check_scores(pool, args)
-    status, selected, remaining, counts = select(pool, args)
-    write_records(args.rm_next_loop_save_path, selected)
-    write_records(args.remaining_data_save_path, remaining)
-    stats = statistics(pool, status, selected, remaining, counts, args, scoring)
+    status, mask, n1, n2 = decide_status(pool, args)
+    counts = {"status1_eligible": n1, "status2_eligible": n2}
+    write_outputs(pool, mask, args, scored_path if args.reward_model_name else None)
+    stats = statistics(pool, mask, status, counts, args, scoring)
     write_json(args.stats_save_path or out_dir / "stats.json", stats)  # written last: marks the step done
     shutil.rmtree(chunk_folder(scored_path), ignore_errors=True)
     precision = stats["pseudo_label_precision"]
     if stats["duplicate_pairs"]:
         logger.warning(f"filter: warning: {stats['duplicate_pairs']} pool pairs repeat an earlier one (same question "
                        "and responses) and count again toward the status thresholds")
-    logger.info(f"filter: {status}; {len(selected)} of {len(pool)} pairs selected "
-                f"(status-1 eligible {counts['status1_eligible']}, status-2 eligible {counts['status2_eligible']})"
+    logger.info(f"filter: {status}; {stats['selected']} of {len(pool)} pairs selected "
+                f"(status-1 eligible {n1}, status-2 eligible {n2})"
                 + (f", self-label precision {precision:.3f}" if precision is not None else ""))
     end_processes()
 

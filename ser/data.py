@@ -109,6 +109,56 @@ def read_records(path, skipped: list | None = None) -> list[dict]:
     return records
 
 
+def iter_records(path):
+    """`read_records`, one record at a time: a JSONL file (gzipped or not) is read line by line, so memory
+    does not grow with the file; a JSON list file is read whole. Errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+        first = True
+        try:
+            for lineno, raw in enumerate(f, start=1):  # binary lines end at b"\n" only (see read_records)
+                if not raw.strip():
+                    continue
+                if first and raw.lstrip().startswith(b"["):
+                    break  # a JSON list
+                first = False
+                try:
+                    row = json.loads(_decode(raw, path, lineno))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg}") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: record is {type(row).__name__}, expected an object")
+                yield {**row, "_line": lineno}
+            else:
+                return
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: truncated or corrupt gzip ({e})") from None
+    yield from read_records(path)
+
+
+def pool_chunks(dataset_name: str, subset: str | None, size: int, fields=PAIR_FIELDS):
+    """`load_records`, `size` checked records at a time, in file order; local JSONL files are read lazily."""
+    source = resolve_sources(dataset_name, subset)
+    if isinstance(source, str):  # a hub dataset: loaded whole
+        records = load_records(dataset_name, subset, fields=fields)
+        for start in range(0, len(records), size):
+            yield records[start:start + size]
+        return
+    chunk = []
+    for path in source:
+        for record in iter_records(path):
+            check_fields([record], path, fields)
+            record["_source"] = str(path)
+            chunk.append(record)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
 def check_fields(records: list[dict], path, fields=PAIR_FIELDS) -> None:
     """Every record must hold each field as a non-empty string."""
     for r in records:
@@ -231,27 +281,51 @@ def check_writable(*paths) -> None:
                                   "nothing was computed")
 
 
+class RecordWriter:
+    """Records written one at a time, atomically: they go to a temporary file beside `path`, which
+    replaces `path` only when the `with` block ends without an error (a reader sees the old file or the
+    whole new one, never half of it; a failed block leaves nothing). A JSON list when the name ends in
+    .json, JSONL otherwise."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.count = 0
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.file = os.fdopen(fd, "w", encoding="utf-8")
+        self.as_list = self.path.suffix == ".json"
+        if self.as_list:
+            self.file.write("[")
+        return self
+
+    def write(self, record) -> None:
+        text = json.dumps(strip_meta(record), ensure_ascii=False)
+        self.file.write(("," if self.count else "") + "\n" + text if self.as_list else text + "\n")
+        self.count += 1
+
+    def __exit__(self, error_type, error, traceback):
+        try:
+            if error_type is None:
+                if self.as_list:
+                    self.file.write("\n]\n")
+                self.file.flush()
+                os.fsync(self.file.fileno())  # on disk before the rename makes it visible
+            self.file.close()
+            if error_type is None:
+                os.chmod(self.tmp, umask_mode())
+                os.replace(self.tmp, self.path)
+        finally:
+            Path(self.tmp).unlink(missing_ok=True)
+        return False
+
+
 def write_records(path, records) -> None:
-    """Write records atomically (a reader sees the old file or the whole new one, never half of it):
-    a JSON list when the name ends in .json, JSONL otherwise."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if path.suffix == ".json":
-                json.dump([strip_meta(r) for r in records], f, ensure_ascii=False, indent=1)
-                f.write("\n")
-            else:
-                for r in records:
-                    f.write(json.dumps(strip_meta(r), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write records atomically (see `RecordWriter`): a JSON list when the name ends in .json, JSONL otherwise."""
+    with RecordWriter(path) as out:
+        for r in records:
+            out.write(r)
 
 
 def write_json(path, obj) -> None:

@@ -5,7 +5,16 @@ import json
 
 import pytest
 
-from ser.data import DataError, encode, load_records, read_records, resolve_sources, write_records
+from ser.data import (
+    DataError,
+    encode,
+    iter_records,
+    load_records,
+    pool_chunks,
+    read_records,
+    resolve_sources,
+    write_records,
+)
 from ser.modeling import load_tokenizer
 
 PAIR = {"question": "q?", "response_j": "good", "response_k": "bad"}
@@ -26,6 +35,25 @@ def test_jsonl_json_and_gzip_read_alike(tmp_path):
         got = read_records(tmp_path / name)
         assert [r["question"] for r in got] == ["q?", "q?"]
         assert [r["_line"] for r in got] == [1, 2]
+        assert list(iter_records(tmp_path / name)) == got  # the lazy reader reads the same
+    for name in ("out.jsonl", "out.json"):
+        write_records(tmp_path / name, got)
+        assert [{k: v for k, v in r.items() if k != "_line"} for r in read_records(tmp_path / name)] == rows
+
+
+def test_the_pool_in_chunks_is_the_pool(tmp_path):
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    write_lines(folder / "a.jsonl", ["", *[json.dumps({**PAIR, "id": i}) for i in range(3)]])
+    (folder / "b.json").write_text(json.dumps([{**PAIR, "id": i} for i in range(3, 5)]))
+    chunks = list(pool_chunks(str(folder), None, 2))
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    assert [r for c in chunks for r in c] == load_records(str(folder), None)
+    with gzip.open(tmp_path / "cut.jsonl.gz", "wb") as f:
+        f.write(("\n".join(json.dumps(PAIR) for _ in range(500)) + "\n").encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes((tmp_path / "cut.jsonl.gz").read_bytes()[:-30])
+    with pytest.raises(DataError, match="cut.jsonl.gz: truncated or corrupt gzip"):
+        list(pool_chunks(str(tmp_path / "cut.jsonl.gz"), None, 100))
 
 
 def test_folder_with_subset_like_stack_exchange_paired(tmp_path):
@@ -58,6 +86,9 @@ def test_bad_record_names_file_line_and_field(tmp_path, line, message):
         load_records(str(path))
     assert str(err.value).startswith(f"{path}:2:")
     assert message in str(err.value)
+    with pytest.raises(DataError) as err:
+        list(pool_chunks(str(path), None, 1))
+    assert str(err.value).startswith(f"{path}:2:") and message in str(err.value)
 
 
 def test_missing_data_file_or_folder_is_a_clear_error(tmp_path):

@@ -131,8 +131,9 @@ def test_precision_is_counted_against_the_hidden_label():
             {"id": 2, "question": "q", "response_j": "a", "response_k": "b", "score_j": 0.2, "score_k": 0.95,
              F.GOLD: "k"}]
     args = F.ScriptArguments("-", "-", "-", status1_min_pairs=1)
-    status, selected, remaining, counts = F.select(pool, args)
-    stats = F.statistics(pool, status, selected, remaining, counts, args)
+    pool = [{**p, "texts": F.texts_hash(p)} for p in pool]  # what F.read_pool keeps of each pair
+    status, mask, n1, n2 = F.decide_status(pool, args)
+    stats = F.statistics(pool, mask, status, {"status1_eligible": n1, "status2_eligible": n2}, args)
     assert stats["status"] == "status1" and stats["selected"] == 3
     assert stats["pseudo_label_precision"] == pytest.approx(2 / 3)
     assert sum(stats["score_histogram"]["counts"]) == 6
