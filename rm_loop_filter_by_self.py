@@ -335,8 +335,9 @@ def main(args: ScriptArguments):
     scoring = None
     if args.reward_model_name:
         state, scoring = self_label(pool, args, scored_path)
+        end_processes()  # what follows is the main process's alone: it selects and writes
         if not state.is_main_process:
-            return end_processes()  # the main process selects and writes
+            return
         check_scores(pool, args, ("reward_j", "reward_k"))
     else:
         from ser.modeling import process_state
@@ -356,7 +357,6 @@ def main(args: ScriptArguments):
     logger.info(f"filter: {status}; {stats['selected']} of {len(pool)} pairs selected "
                 f"(status-1 eligible {n1}, status-2 eligible {n2})"
                 + (f", self-label precision {precision:.3f}" if precision is not None else ""))
-    end_processes()
 
 
 if __name__ == "__main__":

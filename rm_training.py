@@ -236,6 +236,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
     trainer.train(resume_from_checkpoint=resume_from(config.resume_from_checkpoint))
     metrics = trainer.evaluate()
     trainer.save_model(config.output_dir)
+    end_processes()  # what follows is the main process's alone
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
         if is_lora_dir(config.output_dir):  # its base: the SFT model, or the base of the RM it continued
@@ -255,7 +256,6 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
         write_json(Path(config.output_dir) / "run_args.json", resolved_args(script_args, model_args, config))
         write_json(Path(config.output_dir) / "eval_results.json", results)  # written last: marks the stage done
         logger.info("rm_training: held-out " + json.dumps({k: results[k] for k in ("accuracy", "tie_rate", "margin", "pairs")}))
-    end_processes()
 
 
 if __name__ == "__main__":

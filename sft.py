@@ -90,17 +90,14 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: SFTCo
     # 3. save a model the next stages load with --model_name. With LoRA the adapter is saved to
     #    OUTPUT/adapter, then merged into the base read from disk (under ZeRO-3 every process holds only
     #    a shard of each weight: a merge of the trained module would merge shards).
-    if model_args.use_lora:
-        trainer.save_model(f"{config.output_dir}/adapter")
-        if trainer.is_world_process_zero():
+    trainer.save_model(f"{config.output_dir}/adapter" if model_args.use_lora else config.output_dir)
+    end_processes()  # what follows is the main process's alone, however long a merge takes
+    if trainer.is_world_process_zero():
+        if model_args.use_lora:
             record_lora_base(f"{config.output_dir}/adapter", script_args.model_name)
             merge_lora(f"{config.output_dir}/adapter", tokenizer, model_args.dtype).save_pretrained(config.output_dir)
-    else:
-        trainer.save_model(config.output_dir)
-    if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)
         write_json(f"{config.output_dir}/run_args.json", resolved_args(script_args, model_args, config))
-    end_processes()
     return trainer
 
 
