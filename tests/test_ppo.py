@@ -80,7 +80,8 @@ def rm(sft_model, synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo_rm")
     rm_training.main(*parse(rm_training.ARGUMENTS, [
         "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
-        "--use_lora", "False", "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--learning_rate", "2e-3", *CPU]))
+        "--use_lora", "False", "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--learning_rate", "2e-3", *CPU,
+        "--train_sampling_strategy", "random"]))  # the RM the KL and reward bounds below were set with
     return out
 
 
