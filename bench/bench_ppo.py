@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from summary import merge_into_summary
+
 from ser import tiny
 from ser.cli import parse
 
@@ -69,10 +71,7 @@ def main(args: Args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ppo.json").write_text(json.dumps(result, indent=1) + "\n")
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary.update(ppo_tokens_per_s=result["ppo_tokens_per_s"], ppo_generation_share=result["ppo_generation_share"])
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    merge_into_summary(out, {k: result[k] for k in ("ppo_tokens_per_s", "ppo_generation_share")})
     total = sum(result["seconds_per_phase"].values())
     print(f"PPO on {result['policy']}, {args.batch_size} prompts x {args.response_tokens} new tokens, median of "
           f"{len(later)} steps: {result['ppo_tokens_per_s']:.0f} tokens/s; "

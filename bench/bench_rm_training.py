@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from bench_scoring import SHARED, hh_pairs  # noqa: E402
+from summary import merge_into_summary  # noqa: E402
 
 import rm_training  # noqa: E402
 from ser.cli import parse  # noqa: E402
@@ -107,10 +108,7 @@ def main(args: Args):
     result = {"config": config, "runs": runs, "best_seconds": best, "padding_share": share,
               "rm_train_speedup_vs_trl": best["trl"] / best["ours"], "rm_train_padding_share": share["ours"]}
     (out / "rm_training.json").write_text(json.dumps(result, indent=1) + "\n")
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary.update({k: result[k] for k in ("rm_train_speedup_vs_trl", "rm_train_padding_share")})
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    merge_into_summary(out, {k: result[k] for k in ("rm_train_speedup_vs_trl", "rm_train_padding_share")})
     partial.unlink()
     print(f"{len(dataset)} HH-RLHF pairs, {Path(args.model).name} LoRA, batch {args.batch_size}, cap {args.max_length}, "
           f"best of {args.repeats} alternating runs: trl {best['trl']:.1f} s, ours {best['ours']:.1f} s "

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench")]
 
 from bench_scoring import SHARED, hh_pairs  # noqa: E402
+from summary import merge_into_summary  # noqa: E402
 
 from ser import tiny  # noqa: E402
 from ser.cli import parse  # noqa: E402
@@ -131,10 +132,7 @@ def main(args: Args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(result, indent=1) + "\n")
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary.update({k: result[k] for k in ("scoring_time_per_pair_growth_1k_to_100k", "scoring_peak_rss_mb")})
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    merge_into_summary(out, {k: result[k] for k in ("scoring_time_per_pair_growth_1k_to_100k", "scoring_peak_rss_mb")})
     print(f"time per pair, {large} over {small}: {result['scoring_time_per_pair_growth_1k_to_100k']:.2f}x; "
           f"peak RSS MB: {rss}")
     return result

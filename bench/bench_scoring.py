@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from summary import merge_into_summary
 
 from ser.cli import parse
 from ser.data import encode, format_text, split_transcript
@@ -125,11 +126,8 @@ def main(args: Args):
         "scoring_shared_prefix_token_saving": stats["shared prefix"]["shared_prefix_token_saving"],
     }
     (out / "scoring.json").write_text(json.dumps(result, indent=1) + "\n")
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary.update({k: result[k] for k in ("scoring_speedup_vs_original", "scoring_padding_share",
-                                           "scoring_shared_prefix_token_saving")})
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    merge_into_summary(out, {k: result[k] for k in ("scoring_speedup_vs_original", "scoring_padding_share",
+                                                    "scoring_shared_prefix_token_saving")})
     partial.unlink()
     print(f"{len(pairs)} HH-RLHF pairs, {Path(args.model).name}, {args.dtype} autocast, cap {args.max_length}, "
           f"best of {args.repeats} alternating runs: " + ", ".join(f"{m} {s:.1f} s" for m, s in best.items()))

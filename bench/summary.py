@@ -34,6 +34,14 @@ class Args:
     readme: str | None = field(default=None, metadata={"help": "README to update between the bench markers"})
 
 
+def merge_into_summary(results_folder, figures: dict) -> None:
+    """Add or replace these keys in RESULTS/summary.json, keeping every other bench's figures."""
+    path = Path(results_folder) / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary.update(figures)
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+
+
 def fmt(value) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
