@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ser.cli import get_logger, parse
 from ser.data import RecordWriter, check_writable, pool_chunks, read_records, write_json, write_records
-from ser.modeling import end_processes
+from ser.modeling import FORWARD_COST, end_processes
 
 GOLD = "gold_preferred"
 logger = get_logger("filter")
@@ -62,7 +62,10 @@ class ScriptArguments:
     stats_save_path: str | None = field(default=None, metadata={"help": "statistics; default: stats.json beside the selection"})
     max_length: int = field(default=512, metadata={
         "help": "tokens per scored sequence, questions cut from the left (as rm_training.py's --max_length)"})
-    batch_size: int = field(default=32, metadata={"help": "sequences per scoring batch and process"})
+    batch_size: int = field(default=32, metadata={"help": "sequences per scoring batch and process, at most"})
+    forward_cost: float = field(default=FORWARD_COST, metadata={
+        "help": "a forward pass's fixed cost in padded tokens: batches of similar length are cut where a new one "
+                "saves more padding than this; inf: full batches"})
     chunk_pairs: int = field(default=10_000, metadata={
         "help": "pairs scored and saved at a time (tokenised ones are held per chunk); a killed run resumes after the last"})
     shared_prefix: bool = field(default=False, metadata={
@@ -125,7 +128,8 @@ def self_label(pool, args, scored_path):
         else:
             t = time.perf_counter()
             r_j, r_k, stats = score_pairs(model, tokenizer, chunk, args.max_length, args.batch_size, state,
-                                          shared_prefix=args.shared_prefix, chunk_pairs=args.shared_prefix_chunk)
+                                          shared_prefix=args.shared_prefix, chunk_pairs=args.shared_prefix_chunk,
+                                          forward_cost=args.forward_cost)
             chunks.append({**stats, "pairs_scored": len(chunk), "seconds": time.perf_counter() - t})
             if state.is_main_process:
                 write_records(part, [{"pair": fingerprint(p), "reward_j": a, "reward_k": b} for p, a, b in zip(chunk, r_j, r_k)])

@@ -10,6 +10,7 @@ tie rate and the mean margin; the final figures go to OUTPUT_DIR/eval_results.js
 """
 
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,17 +21,19 @@ import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, TrainerCallback, set_seed
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json, write_records
-from ser.modeling import ModelArguments as BaseModelArguments
 from ser.modeling import (
+    FORWARD_COST,
     end_processes,
     fit_embeddings,
     fp32_master_weights,
     is_lora_dir,
+    length_batches,
     load_reward_model,
     load_tokenizer,
     lora_base,
@@ -38,6 +41,7 @@ from ser.modeling import (
     record_lora_base,
     score_ids,
 )
+from ser.modeling import ModelArguments as BaseModelArguments
 
 logger = get_logger("rm_training")
 
@@ -54,6 +58,9 @@ class RMConfig(RewardConfig):
     train_sampling_strategy: str = field(default="group_by_length", metadata={
         "help": "group_by_length: random batches of pairs of similar length (TRL: random, which pads more)",
         "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]})
+    forward_cost: float = field(default=FORWARD_COST, metadata={
+        "help": "run a batch as several forwards of similar length where each saves more padded tokens than "
+                "this (a forward's fixed cost, in tokens); inf: one padded forward per batch, as TRL"})
 
 
 @dataclass
@@ -83,8 +90,49 @@ class ModelArguments(BaseModelArguments):
 ARGUMENTS = (ScriptArguments, ModelArguments, RMConfig)
 
 
+class LengthBatchedForward:
+    """Calls `model` on a right-padded batch as forwards of sequences of similar length (`length_batches`),
+    each cut to its own longest, and returns the logits in batch order: one padded forward's rewards with
+    fewer padded tokens. The loss's backward runs through all of them at once (under DDP each forward
+    prepares the same gradient reduction). Every process runs as many forwards as the one that needs the
+    most (one-token dummies, joined to the graph with weight 0): ZeRO-3 gathers each layer's weights in
+    every forward and backward, in step across processes."""
+
+    def __init__(self, model, forward_cost, tokens, accelerator):
+        self.model, self.forward_cost, self.tokens, self.accelerator = model, forward_cost, tokens, accelerator
+
+    def __call__(self, input_ids, attention_mask, **kwargs):
+        lengths = attention_mask.sum(-1)
+        width = int(lengths.max())
+        if int(attention_mask[:, :width].sum()) != int(lengths.sum()):
+            raise ValueError("forwards of similar length need right-padded batches (TRL's DataCollatorForPreference pads right)")
+        runs = length_batches(lengths.tolist(), len(lengths), self.forward_cost)
+        logits, rows = [], []
+        for run in runs:
+            index = torch.tensor(run, device=input_ids.device)
+            w = int(lengths[index].max())
+            out = self.model(input_ids=input_ids[index, :w], attention_mask=attention_mask[index, :w], **kwargs)
+            logits.append(out.logits)
+            rows += run
+            if self.model.training:
+                self.tokens["padded"] += len(run) * w
+        if self.model.training:
+            self.tokens["real"] += int(lengths.sum())
+        inverse = torch.empty(len(rows), dtype=torch.long, device=input_ids.device)
+        inverse[torch.tensor(rows, device=input_ids.device)] = torch.arange(len(rows), device=input_ids.device)
+        logits = torch.cat(logits)[inverse]
+        most = len(runs)
+        if self.accelerator.num_processes > 1:
+            most = int(self.accelerator.gather(torch.tensor([most], device=input_ids.device)).max())
+        for _ in range(most - len(runs)):
+            dummy = self.model(input_ids=input_ids[:1, :1], attention_mask=attention_mask[:1, :1], **kwargs)
+            logits = logits + 0 * dummy.logits.sum()
+        return SequenceClassifierOutputWithPast(logits=logits)
+
+
 class PairwiseRewardTrainer(RewardTrainer):
-    """TRL's RewardTrainer with the hinge loss as an option and pairwise evaluation on held-out pairs."""
+    """TRL's RewardTrainer with the hinge loss as an option, forwards of similar length, and pairwise
+    evaluation on held-out pairs."""
 
     def __init__(self, *args, loss_type="bt", hinge_margin=1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -96,9 +144,8 @@ class PairwiseRewardTrainer(RewardTrainer):
         self._signature_columns = [*self._signature_columns, "length"]  # kept for the length-grouped sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            self.tokens["real"] += int(inputs["attention_mask"].sum())
-            self.tokens["padded"] += inputs["attention_mask"].numel()
+        forward_cost = getattr(self.args, "forward_cost", math.inf)  # RMConfig's; one forward with TRL's RewardConfig
+        model = LengthBatchedForward(model, forward_cost, self.tokens, self.accelerator)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.loss_type == "hinge":
             r_j, r_k = outputs.logits.squeeze(-1).chunk(2)

@@ -1,6 +1,7 @@
 """Model flags, tokenizer and model loading, batched reward scoring, and pairwise metrics."""
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -262,6 +263,36 @@ def shard_for_scoring(model, device):
 # ----------------------------------------------------------------------------- scoring
 
 
+FORWARD_COST = 64  # a forward pass's fixed cost, counted in padded tokens (see `length_batches`)
+
+
+def length_batches(lengths, max_rows: int, forward_cost: float = FORWARD_COST) -> list[list[int]]:
+    """Indices of `lengths` in batches of at most `max_rows` sequences of similar length, shortest first.
+
+    Each batch is padded to its own longest. Of all the ways to cut the length-sorted order into batches,
+    this takes the one with the fewest padded tokens plus `forward_cost` tokens per batch (the fixed cost
+    of a forward pass, which keeps batches from shrinking to single sequences), found exactly by dynamic
+    programming in len(lengths) x max_rows steps. A `forward_cost` of math.inf gives full batches of
+    `max_rows`, as plain length-sorted batching does.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    if math.isinf(forward_cost):
+        return [order[i:i + max_rows] for i in range(0, len(order), max_rows)]
+    n = len(order)
+    best, start = [0.0] + [math.inf] * n, [0] * (n + 1)  # best[i]: the cost of order[:i]; start[i]: its last batch's
+    for i in range(1, n + 1):
+        width = lengths[order[i - 1]]  # the longest of any batch that ends at i
+        for j in range(max(0, i - max_rows), i):  # the largest batch first: ties keep it
+            cost = best[j] + width * (i - j) + forward_cost
+            if cost < best[i]:
+                best[i], start[i] = cost, j
+    batches, i = [], n
+    while i:
+        batches.append(order[start[i]:i])
+        i = start[i]
+    return batches[::-1]
+
+
 def deal_out(lengths, state) -> list[int]:
     """This process's share of items of these lengths: every item in length order, then each
     world_size-th from this rank, so each item goes to exactly one process and shares have similar lengths."""
@@ -279,7 +310,8 @@ def gather_parts(part, state) -> list:
 
 
 def score(model, tokenizer, questions, responses, max_length: int, batch_size: int = 32,
-          state: PartialState | None = None, progress: str | None = None) -> tuple[list[float], dict]:
+          state: PartialState | None = None, progress: str | None = None,
+          forward_cost: float = FORWARD_COST) -> tuple[list[float], dict]:
     """Reward of each (question, response), in input order, on every process (see `score_ids`).
 
     Each process tokenises only its own share: the pairs are dealt out by character length (a close proxy
@@ -288,9 +320,8 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
     state = state or process_state()
     mine = deal_out([len(q) + len(r) for q, r in zip(questions, responses)], state)
     encoded = [encode(tokenizer, questions[i], responses[i], max_length) for i in mine]
-    n_batches = math.ceil(math.ceil(len(questions) / state.num_processes) / batch_size)  # the same on every process
     rewards, stats = score_ids(model, tokenizer, [e["input_ids"] for e in encoded], batch_size, THIS_PROCESS_ONLY,
-                               progress if state.process_index == 0 else None, pad_batches_to=n_batches)
+                               progress if state.process_index == 0 else None, forward_cost, in_step_with=state)
     parts = gather_parts((dict(zip(mine, rewards)), sum(e["truncated"] for e in encoded)), state)
     merged = {i: r for part, _ in parts for i, r in part.items()}
     stats.update(sequences=len(questions), processes=state.num_processes, scored_here=len(mine),
@@ -300,18 +331,21 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
 
 @torch.no_grad()
 def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialState | None = None,
-              progress: str | None = None, pad_batches_to: int = 0) -> tuple[list[float], dict]:
+              progress: str | None = None, forward_cost: float = FORWARD_COST,
+              in_step_with: PartialState | None = None) -> tuple[list[float], dict]:
     """Reward of each token sequence (already `encode`d), in input order, on every process.
 
-    Sequences are sorted by length before batching (file order wastes about half of the compute on
-    padding on real data). With several processes, rank r scores every world_size-th sequence of that
-    order, so each sequence is scored exactly once and ranks get similar lengths; every rank runs the
-    same number of forward passes (a rank short of a batch runs a one-token dummy), which ZeRO-3 needs.
+    Sequences go in batches of similar length (`length_batches`: file order wastes about half of the
+    compute on padding on real data). With several processes, rank r scores every world_size-th sequence
+    of the length order, so each sequence is scored exactly once and ranks get similar lengths. Every
+    process of `in_step_with` (default `state`) runs the same number of forward passes (a process short of
+    a batch runs a one-token dummy), which ZeRO-3 needs.
     With `progress` (a description), the main process shows a tqdm bar of the sequences it scores.
     """
     state = state or process_state()
     mine = deal_out([len(s) for s in sequences], state)
-    n_batches = max(pad_batches_to, math.ceil(math.ceil(len(sequences) / state.num_processes) / batch_size))
+    batches = [[mine[i] for i in b] for b in length_batches([len(sequences[i]) for i in mine], batch_size, forward_cost)]
+    n_batches = max(gather_parts(len(batches), in_step_with or state))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -319,7 +353,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
     start = time.perf_counter()
     bar = tqdm(total=len(mine), desc=progress, unit="seq", disable=progress is None or state.process_index != 0)
     for b in range(n_batches):
-        idx = mine[b * batch_size:(b + 1) * batch_size]
+        idx = batches[b] if b < len(batches) else []
         bar.update(len(idx))
         seqs = [sequences[i] for i in idx] or [[tokenizer.eos_token_id]]
         input_ids, attention_mask = _right_padded(seqs, tokenizer.pad_token_id)
@@ -335,7 +369,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
     rewards = {i: r for part in gather_parts(rewards, state) for i, r in part.items()}
     stats = {
         "sequences": len(sequences), "processes": state.num_processes, "scored_here": len(mine),
-        "tokens": real_tokens, "padded_tokens": padded_tokens, "seconds": seconds,
+        "tokens": real_tokens, "padded_tokens": padded_tokens, "seconds": seconds, "forward_passes": n_batches,
         "padding_share": 1 - real_tokens / padded_tokens if padded_tokens else 0.0,
         "sequences_per_second": len(mine) / seconds if seconds > 0 else float("nan"),
         "tokens_per_second": real_tokens / seconds if seconds > 0 else float("nan"),
@@ -347,9 +381,9 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
 
 
 def score_pairs(model, tokenizer, records, max_length: int, batch_size: int = 32, state=None, progress=None,
-                shared_prefix: bool = False, chunk_pairs: int = 0):
-    """(r_j, r_k, stats) for pair records: both sides scored in one length-sorted pass, or, with
-    `shared_prefix`, by `score_pairs_shared` (the question run once per pair, `chunk_pairs` at a time)."""
+                shared_prefix: bool = False, chunk_pairs: int = 0, forward_cost: float = FORWARD_COST):
+    """(r_j, r_k, stats) for pair records: both sides scored in one pass in batches of similar length, or,
+    with `shared_prefix`, by `score_pairs_shared` (the question run once per pair, `chunk_pairs` at a time)."""
     n = len(records)
     if shared_prefix:
         state = state or process_state()
@@ -358,14 +392,13 @@ def score_pairs(model, tokenizer, records, max_length: int, batch_size: int = 32
                        encode(tokenizer, records[i]["question"], records[i]["response_k"], max_length)["input_ids"])
                    for i in mine}
         r_j, r_k, stats = score_pairs_shared(model, tokenizer, encoded, batch_size, progress if state.process_index == 0
-                                             else None, share_size=math.ceil(n / state.num_processes),
-                                             chunk_pairs=chunk_pairs)
+                                             else None, chunk_pairs, forward_cost, in_step_with=state)
         merged = {i: rs for part in gather_parts(dict(zip(encoded, zip(r_j, r_k))), state) for i, rs in part.items()}
         stats.update(pairs=n, processes=state.num_processes, scored_here=len(mine))
         return [merged[i][0] for i in range(n)], [merged[i][1] for i in range(n)], stats
     questions = [r["question"] for r in records] * 2
     responses = [r["response_j"] for r in records] + [r["response_k"] for r in records]
-    rewards, stats = score(model, tokenizer, questions, responses, max_length, batch_size, state, progress)
+    rewards, stats = score(model, tokenizer, questions, responses, max_length, batch_size, state, progress, forward_cost)
     return rewards[:n], rewards[n:], stats
 
 
@@ -407,26 +440,38 @@ def _stacked_cache(prefixes, width):
 
 @torch.no_grad()
 def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, progress: str | None = None,
-                       share_size: int = 0, chunk_pairs: int = 0) -> tuple[list[float], list[float], dict]:
+                       chunk_pairs: int = 0, forward_cost: float = FORWARD_COST,
+                       in_step_with: PartialState | None = None) -> tuple[list[float], list[float], dict]:
     """Rewards of both sides of each pair of token sequences ({key: (ids_j, ids_k)}, scored on this process
     only), running the prefix they share (the question) once and reusing its KV cache for each side.
 
     The pairs, sorted by prefix length, go in chunks of `chunk_pairs` (default 16 batches), in two passes:
-    1. the chunk's prefixes in batches (similar lengths, so little padding); each prefix's keys and values
+    1. the chunk's prefixes in batches of similar length (`length_batches`); each prefix's keys and values
        are kept without their padding;
-    2. the chunk's continuations, both sides mixed and sorted by their own length, in batches: each runs
+    2. the chunk's continuations, both sides mixed, in batches of similar length of their own: each runs
        over the stacked cache of its own prefix (right-padded, the padding masked out), with positions
        continuing from that prefix's length, and its reward is read at its last token (its eos).
     A cache's padding costs attention only, never the projections and MLP, so the padding left is the
     continuations' and the prefixes' own. A pair that shares nothing runs whole, over an empty prefix.
     A chunk's prefix caches are held at once: layers x 2 x KV heads x head size x prefix tokens (for
     SmolLM2-135M in bf16, 23 KB a token; Llama-3-8B, 131 KB); larger chunks sort better and pad less.
-    The scores equal `score_ids`'s on the whole sequences up to float rounding. Runs as many batches as
-    a share of `share_size` pairs would (dummy ones when short), so ZeRO-3-partitioned processes stay in step.
+    The scores equal `score_ids`'s on the whole sequences up to float rounding. Every process of
+    `in_step_with` runs the same number of chunks and of forward passes in each (dummy ones when short),
+    so ZeRO-3-partitioned processes stay in step.
     """
     chunk_pairs = chunk_pairs or 16 * batch_size
     splits = {k: common_prefix(*pairs[k]) for k in pairs}
     keys = sorted(pairs, key=lambda k: (splits[k], len(pairs[k][0]) + len(pairs[k][1])))
+    plan = []  # per chunk: its batches of prefixes (keys) and of continuations ((key, side))
+    for start in range(0, len(keys), chunk_pairs):
+        chunk = keys[start:start + chunk_pairs]
+        shared = [k for k in chunk if splits[k]]
+        items = [(k, side) for k in chunk for side in (0, 1)]
+        plan.append(([[shared[i] for i in b] for b in length_batches([splits[k] for k in shared], batch_size, forward_cost)],
+                     [[items[i] for i in b] for b in length_batches(
+                         [len(pairs[k][side]) - splits[k] for k, side in items], batch_size, forward_cost)]))
+    counts = gather_parts([(len(p), len(c)) for p, c in plan], in_step_with or THIS_PROCESS_ONLY)
+    steps = [tuple(max(c) for c in zip(*rows)) for rows in itertools.zip_longest(*counts, fillvalue=(0, 0))]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -434,12 +479,11 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
     run_tokens, padded_tokens = 0, 0
     eos = tokenizer.eos_token_id
     bar = tqdm(total=len(keys), desc=progress, unit="pair", disable=progress is None)
-    size = max(share_size, len(keys))
-    for start in range(0, size, chunk_pairs):
-        chunk, planned = keys[start:start + chunk_pairs], min(chunk_pairs, size - start)
+    for c, (n_prefix, n_continuation) in enumerate(steps):
+        prefix_batches, continuation_batches = plan[c] if c < len(plan) else ([], [])
         kv = {}  # key -> per layer (keys, values) of its prefix, unpadded
-        for b in range(math.ceil(planned / batch_size)):
-            batch = [k for k in chunk[b * batch_size:(b + 1) * batch_size] if splits[k]]
+        for b in range(n_prefix):
+            batch = prefix_batches[b] if b < len(prefix_batches) else []
             rows = [pairs[k][0][:splits[k]] for k in batch] or [[eos]]
             ids, mask = _right_padded(rows, tokenizer.pad_token_id)
             cache = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True).past_key_values
@@ -448,9 +492,8 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
                 kv[key] = [(k[row, :, :splits[key]], v[row, :, :splits[key]]) for k, v in layers]
             if batch:
                 padded_tokens += ids.numel()
-        items = sorted(((k, side) for k in chunk for side in (0, 1)), key=lambda i: len(pairs[i[0]][i[1]]) - splits[i[0]])
-        for b in range(math.ceil(2 * planned / batch_size)):
-            batch = items[b * batch_size:(b + 1) * batch_size]
+        for b in range(n_continuation):
+            batch = continuation_batches[b] if b < len(continuation_batches) else []
             rows = [pairs[k][side][splits[k]:] for k, side in batch] or [[eos]]
             lengths = [splits[k] for k, _ in batch] or [0]
             ids, mask = _right_padded(rows, tokenizer.pad_token_id)
@@ -464,13 +507,15 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
                 rewards[key][side] = value
             if batch:
                 padded_tokens += ids.numel()
-        run_tokens += sum(len(pairs[k][0]) + len(pairs[k][1]) - splits[k] for k in chunk)
-        bar.update(len(chunk))
+        done = {k for batch in continuation_batches for k, _ in batch}
+        run_tokens += sum(len(pairs[k][0]) + len(pairs[k][1]) - splits[k] for k in done)
+        bar.update(len(done))
     bar.close()
     if was_training:
         model.train()
     plain_tokens = sum(len(a) + len(c) for a, c in pairs.values())
     stats = {"shared_prefix": True, "tokens_run": run_tokens, "tokens_plain": plain_tokens, "padded_tokens": padded_tokens,
+             "forward_passes": sum(p + c for p, c in steps),
              "shared_prefix_token_saving": 1 - run_tokens / plain_tokens if plain_tokens else 0.0,
              "padding_share": 1 - run_tokens / padded_tokens if padded_tokens else 0.0}
     return [rewards[k][0] for k in pairs], [rewards[k][1] for k in pairs], stats

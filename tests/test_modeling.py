@@ -1,17 +1,24 @@
 """Where the reward is read, strict accuracy, and the LoRA RM save/reload round trip."""
 
+import itertools
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForSequenceClassification
 
 import rm_training
 from conftest import CPU, shared_path
+from ser import modeling
 from ser.cli import parse
 from ser.data import encode, load_records
 from ser.modeling import (
     common_prefix,
+    length_batches,
     load_reward_model,
     load_tokenizer,
     pair_metrics,
@@ -102,10 +109,10 @@ def test_shared_prefix_scores_equal_plain_scores(sft_model, synthetic, max_lengt
     assert 0 <= shared["padding_share"] < 1
 
 
-def test_shared_prefix_handles_pairs_sharing_nothing_and_dummy_batches(sft_model, synthetic):
+def test_shared_prefix_handles_pairs_sharing_nothing_and_dummy_batches(sft_model, synthetic, monkeypatch):
     """Pairs whose sides differ from the first token run whole over an empty prefix, mixed in batches with
-    pairs that share a question; a share planned larger than it is (a shorter ZeRO-3 share) runs dummy
-    batches and changes no score; chunk boundaries change no score."""
+    pairs that share a question; another process needing more chunks and forwards (under ZeRO-3) makes
+    this one run dummy batches, which change no score; chunk boundaries change no score."""
     tok = load_tokenizer(str(sft_model))
     model = AutoModelForSequenceClassification.from_pretrained(str(sft_model), num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id
@@ -116,16 +123,51 @@ def test_shared_prefix_handles_pairs_sharing_nothing_and_dummy_batches(sft_model
         pairs[i] = (pairs[i][0], pairs[i][1][3:])
     assert sum(common_prefix(*p) == 0 for p in pairs.values()) == 3
     plain, _ = score_ids(model, tok, [s for p in pairs.values() for s in p], 4)
-    for kwargs in ({}, {"share_size": 40}, {"chunk_pairs": 5}):
+    alone = score_pairs_shared(model, tok, pairs, 4)[2]["forward_passes"]
+    two = SimpleNamespace(process_index=0, num_processes=2)
+    # the other process: each of this one's chunks with 2 more prefix and 3 more continuation batches, then 1 more chunk
+    monkeypatch.setattr(modeling, "gather_parts", lambda counts, state: [counts, [(p + 2, c + 3) for p, c in counts]
+                                                                         + [(1, 2)]])
+    for kwargs in ({}, {"in_step_with": two}, {"chunk_pairs": 5}, {"chunk_pairs": 5, "in_step_with": two}):
         s_j, s_k, stats = score_pairs_shared(model, tok, pairs, 4, **kwargs)
         assert [x for ab in zip(s_j, s_k) for x in ab] == pytest.approx(plain, abs=1e-5), kwargs
         assert stats["tokens_run"] < stats["tokens_plain"]
+        if kwargs == {"in_step_with": two}:
+            assert stats["forward_passes"] == alone + 5 + 3
 
 
-def test_length_grouped_rm_batches_give_trl_s_per_pair_losses_with_less_padding(sft_model, synthetic, tmp_path):
-    """rm_training.py's length-grouped batches against TRL's RewardTrainer with its defaults (random
-    batches, its collator), on the same pairs: every pair once per epoch, the same loss pair by pair
-    (TRL's own compute_loss on both), and less padding."""
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 60), min_size=0, max_size=9), st.integers(1, 4), st.sampled_from([0, 5, 64, math.inf]))
+def test_length_batches_cover_every_sequence_once_at_the_least_cost(lengths, max_rows, forward_cost):
+    batches = length_batches(lengths, max_rows, forward_cost)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(1 <= len(b) <= max_rows for b in batches)
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)  # contiguous runs of the length order, shortest first
+
+    def cost(groups):
+        return sum(len(g) * max(lengths[i] for i in g) for g in groups) + (0 if math.isinf(forward_cost) else
+                                                                          forward_cost * len(groups))
+
+    if math.isinf(forward_cost):  # plain length-sorted batching
+        assert [len(b) for b in batches] == [len(b) for b in
+                                             [lengths[i:i + max_rows] for i in range(0, len(lengths), max_rows)]]
+        return
+    # brute force: every way to cut the length order into batches of at most max_rows
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best = min((cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))])
+                for k in range(len(order))
+                for cuts in itertools.combinations(range(1, len(order)), k)
+                if all(b - a <= max_rows for a, b in zip((0, *cuts), (*cuts, len(order))))), default=0)
+    assert cost(batches) == best
+
+
+@pytest.mark.parametrize("forward_cost", [math.inf, 4])  # synthetic lengths vary little: a low cost splits
+def test_length_grouped_rm_batches_give_trl_s_per_pair_losses_with_less_padding(sft_model, synthetic, tmp_path,
+                                                                                 forward_cost):
+    """rm_training.py's length-grouped batches, each run as forwards of similar length, against TRL's
+    RewardTrainer with its defaults (random batches, its collator, one padded forward), on the same pairs:
+    every pair once per epoch, the same loss pair by pair (each trainer's compute_loss), and less padding."""
     import torch.nn.functional as F
     from trl import RewardConfig, RewardTrainer
 
@@ -135,29 +177,38 @@ def test_length_grouped_rm_batches_give_trl_s_per_pair_losses_with_less_padding(
     dataset, _ = rm_training.tokenize_pairs(load_records(str(synthetic), "data/reward"), tok, 96)
     common = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", per_device_train_batch_size=8,
                   max_length=96, seed=3)
-    ours = rm_training.PairwiseRewardTrainer(model=model, args=rm_training.RMConfig(output_dir=str(tmp_path / "a"), **common),
-                                             train_dataset=dataset, processing_class=tok)
+    ours = rm_training.PairwiseRewardTrainer(
+        model=model, args=rm_training.RMConfig(output_dir=str(tmp_path / "a"), forward_cost=forward_cost, **common),
+        train_dataset=dataset, processing_class=tok)
     trl = RewardTrainer(model=model, args=RewardConfig(output_dir=str(tmp_path / "b"), **common),
                         train_dataset=dataset.remove_columns("length"), processing_class=tok)
     assert ours.args.train_sampling_strategy == "group_by_length" and trl.args.train_sampling_strategy == "random"
 
     def per_pair(trainer):
         losses, real, padded = {}, 0, 0
+        model.train()  # the trainer counts its padding in training; dropout is off in this model
         for batch in trainer.get_train_dataloader():
+            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
             with torch.no_grad():
-                loss, out = RewardTrainer.compute_loss(trainer, model, batch, return_outputs=True)
+                loss, out = trainer.compute_loss(model, dict(batch), return_outputs=True)
             r_j, r_k = out.logits.squeeze(-1).chunk(2)
             assert loss.item() == pytest.approx((-F.logsigmoid(r_j - r_k)).mean().item(), abs=1e-6)
-            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
             n = len(r_j)
             for i in range(n):
                 key = (tuple(ids[i][mask[i]].tolist()), tuple(ids[n + i][mask[n + i]].tolist()))
                 assert key not in losses  # each pair once per epoch
                 losses[key] = -F.logsigmoid(r_j[i] - r_k[i]).item()
             real, padded = real + mask.sum().item(), padded + mask.numel()
+        model.eval()
         return losses, 1 - real / padded
 
-    (a, pad_ours), (b, pad_trl) = per_pair(ours), per_pair(trl)
+    (a, pad_grouped), (b, pad_trl) = per_pair(ours), per_pair(trl)
     assert len(a) == len(b) == len(dataset) > 50 and a.keys() == b.keys()
     assert [a[k] for k in a] == pytest.approx([b[k] for k in a], abs=1e-5)
-    assert pad_ours < 0.85 * pad_trl, (pad_ours, pad_trl)  # (synthetic lengths vary little; HH: the bench)
+    assert pad_grouped < 0.85 * pad_trl, (pad_grouped, pad_trl)  # (synthetic lengths vary little; HH: the bench)
+    # what the forwards ran: split by length, less than the length-grouped batches' own padding
+    pad_ran = 1 - ours.tokens["real"] / ours.tokens["padded"]
+    if math.isinf(forward_cost):
+        assert pad_ran == pytest.approx(pad_grouped)
+    else:
+        assert pad_ran < 0.7 * pad_grouped, (pad_ran, pad_grouped)
