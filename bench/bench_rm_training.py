@@ -6,9 +6,10 @@ Both train the same LoRA RM (rm_training.load_model: r 8, score head trained) on
 pairs (cap 512, questions cut from the left), for one epoch of the same number of steps, with the same
 batch size, learning rate and bf16 autocast, activation checkpointing off in both:
 * trl: `trl.RewardTrainer` with its default collator and random batches;
-* ours: `rm_training.PairwiseRewardTrainer` with its defaults (length-grouped batches).
-The runs alternate (trl, ours, trl, ...) and each method's best counts. The padding share is that of one
-epoch of batches as each trainer's dataloader draws them. Each finished run is saved to
+* ours: `rm_training.PairwiseRewardTrainer` with its defaults (length-grouped batches, each run as forwards
+  of similar length).
+The runs alternate (trl, ours, trl, ...) and each method's best counts. The padding share is, for trl, that
+of one epoch of batches as its dataloader draws them, and for ours, that of what its forwards ran. Each finished run is saved to
 bench/results/rm_training.partial.json, so a killed bench resumes with the next run. Writes
 bench/results/rm_training.json and merges its keys into bench/results/summary.json.
 """
@@ -92,10 +93,12 @@ def main(args: Args):
                 continue
             with tempfile.TemporaryDirectory() as workdir:
                 trainer = trainer_for(method, args, dataset, tok, workdir)
-                share = padding_share(trainer)
+                share = padding_share(trainer) if method == "trl" else None
                 t = time.perf_counter()
                 result = trainer.train()
                 seconds = time.perf_counter() - t
+                if method == "ours":  # what its forwards ran, each batch split by length
+                    share = 1 - trainer.tokens["real"] / trainer.tokens["padded"]
             runs.append({"repeat": r, "method": method, "seconds": seconds, "steps": result.global_step,
                          "train_loss": result.training_loss, "padding_share": share})
             print(f"run {r + 1}/{args.repeats} {method}: {seconds:.1f} s, {result.global_step} steps, "
