@@ -106,7 +106,7 @@ class LengthBatchedForward:
         width = int(lengths.max())
         if int(attention_mask[:, :width].sum()) != int(lengths.sum()):
             raise ValueError("forwards of similar length need right-padded batches (TRL's DataCollatorForPreference pads right)")
-        runs = length_batches(lengths.tolist(), len(lengths), self.forward_cost)
+        runs = [sorted(run) for run in length_batches(lengths.tolist(), len(lengths), self.forward_cost)]
         logits, rows = [], []
         for run in runs:
             index = torch.tensor(run, device=input_ids.device)
