@@ -95,8 +95,8 @@ class LengthBatchedForward:
     each cut to its own longest, and returns the logits in batch order: one padded forward's rewards with
     fewer padded tokens. The loss's backward runs through all of them at once (under DDP each forward
     prepares the same gradient reduction). Every process runs as many forwards as the one that needs the
-    most (one-token dummies, joined to the graph with weight 0): ZeRO-3 gathers each layer's weights in
-    every forward and backward, in step across processes."""
+    most (one-token dummies, joined to the graph with weight 0): DDP broadcasts buffers in every forward
+    and ZeRO-3 gathers each layer's weights in every forward and backward, in step across processes."""
 
     def __init__(self, model, forward_cost, tokens, accelerator):
         self.model, self.forward_cost, self.tokens, self.accelerator = model, forward_cost, tokens, accelerator
@@ -107,6 +107,9 @@ class LengthBatchedForward:
         if int(attention_mask[:, :width].sum()) != int(lengths.sum()):
             raise ValueError("forwards of similar length need right-padded batches (TRL's DataCollatorForPreference pads right)")
         runs = [sorted(run) for run in length_batches(lengths.tolist(), len(lengths), self.forward_cost)]
+        most = len(runs)  # agreed before any forward: DDP's forwards are collectives too (buffer broadcasts)
+        if self.accelerator.num_processes > 1:
+            most = int(self.accelerator.gather(torch.tensor([most], device=input_ids.device)).max())
         logits, rows = [], []
         for run in runs:
             index = torch.tensor(run, device=input_ids.device)
@@ -121,9 +124,6 @@ class LengthBatchedForward:
         inverse = torch.empty(len(rows), dtype=torch.long, device=input_ids.device)
         inverse[torch.tensor(rows, device=input_ids.device)] = torch.arange(len(rows), device=input_ids.device)
         logits = torch.cat(logits)[inverse]
-        most = len(runs)
-        if self.accelerator.num_processes > 1:
-            most = int(self.accelerator.gather(torch.tensor([most], device=input_ids.device)).max())
         for _ in range(most - len(runs)):
             dummy = self.model(input_ids=input_ids[:1, :1], attention_mask=attention_mask[:1, :1], **kwargs)
             logits = logits + 0 * dummy.logits.sum()
