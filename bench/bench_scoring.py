@@ -5,9 +5,10 @@
 Three ways to score both responses of the same pairs with the same model under bf16 autocast:
 * released: transformers' `pipeline("sentiment-analysis")` on the RM, batch 50, file order, one side per
   run, the text template tokenised with right truncation (as the released filter does);
-* length-sorted: `ser.modeling.score_pairs` (both sides in one length-sorted pass, questions cut from the
-  left);
-* shared prefix: `score_pairs(shared_prefix=True)` (each question run once, its KV cache reused).
+* length-sorted: `ser.modeling.score_pairs` (both sides in one pass in batches of similar length, at most
+  `--batch_size`, cut by `length_batches` with its default forward cost; questions cut from the left);
+* shared prefix: `score_pairs(shared_prefix=True)` (each question run once, its KV cache reused; the same
+  batching).
 The runs alternate (released, length-sorted, shared prefix, released, ...) so that drift in machine load
 hits all three, and each method's best run counts. Each finished run is saved to
 bench/results/scoring.partial.json, so a killed bench resumes with the next run. Writes
