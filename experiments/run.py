@@ -74,9 +74,9 @@ SYNTHETIC_VARIANTS = {
     "ser-paper@0.30": variant(fraction=0.30),
 }
 
-# The grids ran with random RM batches (rm_training.py's default then); pinned so that a resumed or extended
-# grid keeps the protocol of the rows already in results.json.
-RANDOM_BATCHES = ["--train_sampling_strategy", "random"]
+# The grids ran with random RM batches, each one padded forward (rm_training.py's defaults then); pinned so
+# that a resumed or extended grid keeps the protocol of the rows already in results.json.
+RANDOM_BATCHES = ["--train_sampling_strategy", "random", "--forward_cost", "inf"]
 
 # The demo's task and tiny model; the RM settings are the demo's (a 100k-parameter model trained from
 # scratch needs all weights, lr 1e-3 and 8 epochs), fixed before any grid ran.
