@@ -121,9 +121,7 @@ class LengthBatchedForward:
                 self.tokens["padded"] += len(run) * w
         if self.model.training:
             self.tokens["real"] += int(lengths.sum())
-        inverse = torch.empty(len(rows), dtype=torch.long, device=input_ids.device)
-        inverse[torch.tensor(rows, device=input_ids.device)] = torch.arange(len(rows), device=input_ids.device)
-        logits = torch.cat(logits)[inverse]
+        logits = torch.cat(logits)[torch.tensor(rows, device=input_ids.device).argsort()]  # back in batch order
         for _ in range(most - len(runs)):
             dummy = self.model(input_ids=input_ids[:1, :1], attention_mask=attention_mask[:1, :1], **kwargs)
             logits = logits + 0 * dummy.logits.sum()
