@@ -309,6 +309,12 @@ def gather_parts(part, state) -> list:
     return gather_object([part])
 
 
+def in_step(counts: list[int], state) -> list[int]:
+    """This process's planned forward passes, step by step, each raised to the most any process of `state`
+    plans (a process with fewer steps plans 0 for the rest), so all run the same passes, as ZeRO-3 needs."""
+    return [max(c) for c in itertools.zip_longest(*gather_parts(counts, state), fillvalue=0)]
+
+
 def score(model, tokenizer, questions, responses, max_length: int, batch_size: int = 32,
           state: PartialState | None = None, progress: str | None = None,
           forward_cost: float = FORWARD_COST) -> tuple[list[float], dict]:
@@ -345,7 +351,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
     state = state or process_state()
     mine = deal_out([len(s) for s in sequences], state)
     batches = [[mine[i] for i in b] for b in length_batches([len(sequences[i]) for i in mine], batch_size, forward_cost)]
-    n_batches = max(gather_parts(len(batches), in_step_with or state))
+    n_batches = in_step([len(batches)], in_step_with or state)[0]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -462,16 +468,17 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
     chunk_pairs = chunk_pairs or 16 * batch_size
     splits = {k: common_prefix(*pairs[k]) for k in pairs}
     keys = sorted(pairs, key=lambda k: (splits[k], len(pairs[k][0]) + len(pairs[k][1])))
-    plan = []  # per chunk: its batches of prefixes (keys) and of continuations ((key, side))
+    plan = []  # per chunk: its keys, its batches of prefixes (keys) and of continuations ((key, side))
     for start in range(0, len(keys), chunk_pairs):
         chunk = keys[start:start + chunk_pairs]
         shared = [k for k in chunk if splits[k]]
         items = [(k, side) for k in chunk for side in (0, 1)]
-        plan.append(([[shared[i] for i in b] for b in length_batches([splits[k] for k in shared], batch_size, forward_cost)],
+        plan.append((chunk, [[shared[i] for i in b] for b in length_batches([splits[k] for k in shared], batch_size,
+                                                                              forward_cost)],
                      [[items[i] for i in b] for b in length_batches(
                          [len(pairs[k][side]) - splits[k] for k, side in items], batch_size, forward_cost)]))
-    counts = gather_parts([(len(p), len(c)) for p, c in plan], in_step_with or THIS_PROCESS_ONLY)
-    steps = [tuple(max(c) for c in zip(*rows)) for rows in itertools.zip_longest(*counts, fillvalue=(0, 0))]
+    counts = in_step([n for _, p, c in plan for n in (len(p), len(c))], in_step_with or THIS_PROCESS_ONLY)
+    steps = list(zip(counts[::2], counts[1::2]))  # per chunk: prefix and continuation forwards
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -480,7 +487,7 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
     eos = tokenizer.eos_token_id
     bar = tqdm(total=len(keys), desc=progress, unit="pair", disable=progress is None)
     for c, (n_prefix, n_continuation) in enumerate(steps):
-        prefix_batches, continuation_batches = plan[c] if c < len(plan) else ([], [])
+        chunk, prefix_batches, continuation_batches = plan[c] if c < len(plan) else ([], [], [])
         kv = {}  # key -> per layer (keys, values) of its prefix, unpadded
         for b in range(n_prefix):
             batch = prefix_batches[b] if b < len(prefix_batches) else []
@@ -507,9 +514,8 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
                 rewards[key][side] = value
             if batch:
                 padded_tokens += ids.numel()
-        done = {k for batch in continuation_batches for k, _ in batch}
-        run_tokens += sum(len(pairs[k][0]) + len(pairs[k][1]) - splits[k] for k in done)
-        bar.update(len(done))
+        run_tokens += sum(len(pairs[k][0]) + len(pairs[k][1]) - splits[k] for k in chunk)
+        bar.update(len(chunk))
     bar.close()
     if was_training:
         model.train()

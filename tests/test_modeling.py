@@ -125,9 +125,10 @@ def test_shared_prefix_handles_pairs_sharing_nothing_and_dummy_batches(sft_model
     plain, _ = score_ids(model, tok, [s for p in pairs.values() for s in p], 4)
     alone = score_pairs_shared(model, tok, pairs, 4)[2]["forward_passes"]
     two = SimpleNamespace(process_index=0, num_processes=2)
-    # the other process: each of this one's chunks with 2 more prefix and 3 more continuation batches, then 1 more chunk
-    monkeypatch.setattr(modeling, "gather_parts", lambda counts, state: [counts, [(p + 2, c + 3) for p, c in counts]
-                                                                         + [(1, 2)]])
+    # the other process: each of this one's chunks with 2 more prefix and 3 more continuation batches, then 1 more
+    # chunk (counts go as prefix, continuation, prefix, ...)
+    monkeypatch.setattr(modeling, "gather_parts", lambda counts, state: [counts, [n + 2 + i % 2 for i, n in
+                                                                                  enumerate(counts)] + [1, 2]])
     for kwargs in ({}, {"in_step_with": two}, {"chunk_pairs": 5}, {"chunk_pairs": 5, "in_step_with": two}):
         s_j, s_k, stats = score_pairs_shared(model, tok, pairs, 4, **kwargs)
         assert [x for ab in zip(s_j, s_k) for x in ab] == pytest.approx(plain, abs=1e-5), kwargs
