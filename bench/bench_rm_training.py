@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from bench_scoring import SHARED, hh_pairs  # noqa: E402
-from summary import merge_into_summary  # noqa: E402
+from summary import merge_into_summary, portable  # noqa: E402
 
 import rm_training  # noqa: E402
 from ser.cli import parse  # noqa: E402
@@ -83,7 +83,7 @@ def main(args: Args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "rm_training.partial.json"
-    config = {**asdict(args), "pairs": len(dataset)}
+    config = portable({**asdict(args), "pairs": len(dataset)})
     config.pop("out")
     saved = json.loads(partial.read_text()) if partial.is_file() else {}
     runs = saved["runs"] if saved.get("config") == config else []

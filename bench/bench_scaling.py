@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench")]
 
 from bench_scoring import SHARED, hh_pairs  # noqa: E402
-from summary import merge_into_summary  # noqa: E402
+from summary import merge_into_summary, portable  # noqa: E402
 
 from ser import tiny  # noqa: E402
 from ser.cli import parse  # noqa: E402
@@ -124,7 +124,7 @@ def main(args: Args):
     per_pair = {n: best[n]["scoring_seconds"] / n for n in args.sizes}
     rss = {str(n): max(x["peak_rss_mb"] for x in runs if x["pairs"] == n) for n in args.sizes}
     small, large = min(args.sizes), max(args.sizes)
-    result = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs,
+    result = {"config": portable({k: v for k, v in vars(args).items() if k != "out"}), "runs": runs,
               "mean_sequence_tokens": sum(tokens) / len(tokens),
               "seconds_per_pair": {str(n): v for n, v in per_pair.items()},
               "scoring_time_per_pair_growth_1k_to_100k": per_pair[large] / per_pair[small],

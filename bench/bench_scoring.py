@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from summary import merge_into_summary
+from summary import merge_into_summary, portable
 
 from ser.cli import parse
 from ser.data import encode, format_text, split_transcript
@@ -92,7 +92,7 @@ def main(args: Args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "scoring.partial.json"
-    config = {**asdict(args), "pairs": len(pairs)}
+    config = portable({**asdict(args), "pairs": len(pairs)})
     config.pop("out")
     saved = json.loads(partial.read_text()) if partial.is_file() else {}
     runs = saved["runs"] if saved.get("config") == config else []

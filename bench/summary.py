@@ -42,6 +42,15 @@ def merge_into_summary(results_folder, figures: dict) -> None:
     path.write_text(json.dumps(summary, indent=1) + "\n")
 
 
+def portable(config: dict) -> dict:
+    """A results file's config with paths inside this repository written relative to it (the same on any machine)."""
+    def rel(v):
+        if isinstance(v, str) and Path(v).is_absolute() and Path(v).resolve().is_relative_to(ROOT.resolve()):
+            return str(Path(v).resolve().relative_to(ROOT.resolve()))
+        return v
+    return {k: rel(v) for k, v in config.items()}
+
+
 def fmt(value) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}: {fmt(v)}" for k, v in value.items())
