@@ -71,7 +71,7 @@ class ScriptArguments:
     shared_prefix: bool = field(default=False, metadata={
         "help": "run each pair's question once and reuse its KV cache for both responses (same scores)"})
     shared_prefix_chunk: int = field(default=0, metadata={
-        "help": "pairs whose question caches are held at once with --shared_prefix; default 16 batches"})
+        "help": "pairs whose question caches are held at once with --shared_prefix; default 4 batches"})
     dtype: str = field(default="auto", metadata={"help": "RM weights dtype: auto, float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "scoring device; default: the process's accelerator or cpu"})
 

@@ -451,21 +451,24 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
     """Rewards of both sides of each pair of token sequences ({key: (ids_j, ids_k)}, scored on this process
     only), running the prefix they share (the question) once and reusing its KV cache for each side.
 
-    The pairs, sorted by prefix length, go in chunks of `chunk_pairs` (default 16 batches), in two passes:
+    The pairs, sorted by prefix length, go in chunks of `chunk_pairs` (default 4 batches), in two passes:
     1. the chunk's prefixes in batches of similar length (`length_batches`); each prefix's keys and values
        are kept without their padding;
     2. the chunk's continuations, both sides mixed, in batches of similar length of their own: each runs
        over the stacked cache of its own prefix (right-padded, the padding masked out), with positions
        continuing from that prefix's length, and its reward is read at its last token (its eos).
-    A cache's padding costs attention only, never the projections and MLP, so the padding left is the
+    A cache's padding costs attention and copies, never the projections and MLP, so the padding left is the
     continuations' and the prefixes' own. A pair that shares nothing runs whole, over an empty prefix.
+    A continuation batch carries the cache of its longest prefix: the rows of shorter prefixes pay for it
+    in attention and in the copies that stack the caches, so a chunk is kept to a narrow range of prefix
+    lengths; larger chunks sort the continuations better and pad less.
     A chunk's prefix caches are held at once: layers x 2 x KV heads x head size x prefix tokens (for
-    SmolLM2-135M in bf16, 23 KB a token; Llama-3-8B, 131 KB); larger chunks sort better and pad less.
+    SmolLM2-135M in bf16, 23 KB a token; Llama-3-8B, 131 KB).
     The scores equal `score_ids`'s on the whole sequences up to float rounding. Every process of
     `in_step_with` runs the same number of chunks and of forward passes in each (dummy ones when short),
     so ZeRO-3-partitioned processes stay in step.
     """
-    chunk_pairs = chunk_pairs or 16 * batch_size
+    chunk_pairs = chunk_pairs or 4 * batch_size
     splits = {k: common_prefix(*pairs[k]) for k in pairs}
     keys = sorted(pairs, key=lambda k: (splits[k], len(pairs[k][0]) + len(pairs[k][1])))
     plan = []  # per chunk: its keys, its batches of prefixes (keys) and of continuations ((key, side))
