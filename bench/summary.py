@@ -45,8 +45,8 @@ def merge_into_summary(results_folder, figures: dict) -> None:
 def portable(config: dict) -> dict:
     """A results file's config with paths inside this repository written relative to it (the same on any machine)."""
     def rel(v):
-        if isinstance(v, str) and Path(v).is_absolute() and Path(v).resolve().is_relative_to(ROOT.resolve()):
-            return str(Path(v).resolve().relative_to(ROOT.resolve()))
+        if isinstance(v, str) and Path(v).is_absolute() and Path(v).is_relative_to(ROOT):
+            return str(Path(v).relative_to(ROOT))
         return v
     return {k: rel(v) for k, v in config.items()}
 
