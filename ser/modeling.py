@@ -457,11 +457,11 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
     2. the chunk's continuations, both sides mixed, in batches of similar length of their own: each runs
        over the stacked cache of its own prefix (right-padded, the padding masked out), with positions
        continuing from that prefix's length, and its reward is read at its last token (its eos).
-    A cache's padding costs attention and copies, never the projections and MLP, so the padding left is the
-    continuations' and the prefixes' own. A pair that shares nothing runs whole, over an empty prefix.
-    A continuation batch carries the cache of its longest prefix: the rows of shorter prefixes pay for it
-    in attention and in the copies that stack the caches, so a chunk is kept to a narrow range of prefix
-    lengths; larger chunks sort the continuations better and pad less.
+    A cache's padding never runs through the projections and MLP, so the padding left is the continuations'
+    and the prefixes' own; a pair that shares nothing runs whole, over an empty prefix. But a continuation
+    batch carries the cache of its longest prefix, and the rows of shorter prefixes pay for it in attention
+    and in the copies that stack the caches, so a chunk is kept to a narrow range of prefix lengths; larger
+    chunks sort the continuations better and pad less.
     A chunk's prefix caches are held at once: layers x 2 x KV heads x head size x prefix tokens (for
     SmolLM2-135M in bf16, 23 KB a token; Llama-3-8B, 131 KB).
     The scores equal `score_ids`'s on the whole sequences up to float rounding. Every process of
