@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup lint test test-fast demo bench base-model experiments-quick clean
+.PHONY: setup lint test test-fast demo bench base-model experiments-quick clean gpu-check
 
 setup: $(STAMP)
 
@@ -46,3 +46,9 @@ bench: setup
 
 clean:
 	rm -rf runs models data/generated
+
+# before a multi-day job on a GPU node: the stages as the README launches them, on a model built from
+# CONFIG's config.json with random weights; one PASS/FAIL line per check, runs/gpu-check/summary.json
+GPU_CHECK_CONFIG ?= models/smollm2-135m-instruct
+gpu-check:
+	WANDB_MODE=disabled $(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py --config $(GPU_CHECK_CONFIG) --out runs/gpu-check

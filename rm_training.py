@@ -29,6 +29,7 @@ from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json, write_records
 from ser.modeling import (
     FORWARD_COST,
+    check_saved_weights,
     end_processes,
     fit_embeddings,
     fp32_master_weights,
@@ -40,6 +41,7 @@ from ser.modeling import (
     pair_metrics,
     record_lora_base,
     score_ids,
+    zero_stage,
 )
 from ser.modeling import ModelArguments as BaseModelArguments
 
@@ -212,7 +214,7 @@ def load_model(script_args, model_args, config, tokenizer):
     dropout is switched off first and the adapter's is left as configured.
     """
     path = script_args.model_name
-    deepspeed = bool(config.deepspeed)
+    deepspeed = zero_stage(config.deepspeed_plugin) > 0  # from --deepspeed or from accelerate's config file
     mixed = bool(config.bf16 or config.fp16)
     if is_lora_dir(path):
         logger.info(f"rm_training: continuing the LoRA reward model in {path}")
@@ -231,7 +233,7 @@ def load_model(script_args, model_args, config, tokenizer):
 
         # PEFT adds the new score head to modules_to_save for SEQ_CLS; naming it keeps that explicit.
         peft_config = model_args.lora_config("SEQ_CLS", modules_to_save=["score"])
-        zero3 = config.deepspeed_plugin is not None and config.deepspeed_plugin.zero_stage == 3
+        zero3 = zero_stage(config.deepspeed_plugin) == 3
         # ZeRO-3 needs one dtype across parameters: keep the adapter in the base dtype there (as TRL does).
         model = get_peft_model(model, peft_config, autocast_adapter_dtype=not zero3)
     return fp32_master_weights(model, mixed, deepspeed)
@@ -283,6 +285,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
     trainer.save_model(config.output_dir)
     end_processes()  # what follows is the main process's alone
     if trainer.is_world_process_zero():
+        check_saved_weights(config.output_dir)
         tokenizer.save_pretrained(config.output_dir)
         if is_lora_dir(config.output_dir):  # its base: the SFT model, or the base of the RM it continued
             base = lora_base(script_args.model_name) if is_lora_dir(script_args.model_name) else script_args.model_name

@@ -15,12 +15,14 @@ from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json
 from ser.modeling import (
     ModelArguments,
+    check_saved_weights,
     end_processes,
     fp32_master_weights,
     load_causal_lm,
     load_tokenizer,
     merge_lora,
     record_lora_base,
+    zero_stage,
 )
 
 logger = get_logger("sft")
@@ -81,9 +83,9 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: SFTCo
     if model_args.use_lora:
         from peft import get_peft_model
 
-        zero3 = config.deepspeed_plugin is not None and config.deepspeed_plugin.zero_stage == 3
+        zero3 = zero_stage(config.deepspeed_plugin) == 3
         model = get_peft_model(model, model_args.lora_config("CAUSAL_LM"), autocast_adapter_dtype=not zero3)
-    model = fp32_master_weights(model, bool(config.bf16 or config.fp16), bool(config.deepspeed))
+    model = fp32_master_weights(model, bool(config.bf16 or config.fp16), zero_stage(config.deepspeed_plugin) > 0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=resume_from(config.resume_from_checkpoint))
 
@@ -93,6 +95,7 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: SFTCo
     trainer.save_model(f"{config.output_dir}/adapter" if model_args.use_lora else config.output_dir)
     end_processes()  # what follows is the main process's alone, however long a merge takes
     if trainer.is_world_process_zero():
+        check_saved_weights(f"{config.output_dir}/adapter" if model_args.use_lora else config.output_dir)
         if model_args.use_lora:
             record_lora_base(f"{config.output_dir}/adapter", script_args.model_name)
             merge_lora(f"{config.output_dir}/adapter", tokenizer, model_args.dtype).save_pretrained(config.output_dir)

@@ -40,10 +40,13 @@ from ser.cli import check_accelerator, get_logger, parse, resolved_args, setup_w
 from ser.data import check_writable, load_records, write_json
 from ser.modeling import (
     THIS_PROCESS_ONLY,
+    check_saved_weights,
     fp32_master_weights,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    merge_lora,
+    record_lora_base,
     save_whole,
     score_ids,
     whole_weights,
@@ -106,7 +109,8 @@ class ScriptArguments:
                                                      "choices": ["shared", "separate"]})
     value_init: str = field(default="rm", metadata={"help": "value head init: rm (the RM's score head) or zero",
                                                      "choices": ["rm", "zero"]})
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision"})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 mixed precision; default: the launcher's (mixed_precision of an accelerate config file)"})
     rm_dtype: str = field(default="auto", metadata={"help": "RM weights dtype"})
     # bookkeeping
     peak_tflops: float | None = field(default=None, metadata={
@@ -117,7 +121,8 @@ class ScriptArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder to continue from"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
-    deepspeed: str | None = field(default=None, metadata={"help": "not taken here: use `accelerate launch --use_deepspeed`"})
+    deepspeed: str | None = field(default=None, metadata={
+        "help": "not taken here: `accelerate launch --config_file scripts/cluster/zero3.yaml ppo/ppo.py ...`"})
 
 
 @dataclass
@@ -144,7 +149,8 @@ class PolicyAndValue(nn.Module):
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           output_hidden_states=self.critic is None, use_cache=False)
         if self.critic is None:  # value head on the policy's last hidden state
-            values = self.value_head(out.hidden_states[-1]).squeeze(-1)
+            hidden = out.hidden_states[-1]  # bf16 beside an fp32 head when no autocast runs
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         else:  # the critic's score head applied at every position
             hidden = self.critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  output_hidden_states=True).hidden_states[-1]
@@ -324,17 +330,28 @@ def process_group_kwargs() -> dict:
 
 def main(args: ScriptArguments, model_args: ModelArguments):
     if args.deepspeed:
-        raise ValueError("ppo.py takes DeepSpeed from accelerate: `accelerate launch --use_deepspeed --zero_stage 2 "
-                         f"ppo/ppo.py ...` or `--deepspeed_config_file {args.deepspeed}`, not --deepspeed")
+        # (a DeepSpeed JSON of the Trainer's, like sft/deepspeed_config.json, is full of "auto" entries that only
+        # the Trainer fills in; accelerate's config file gives DeepSpeed without them)
+        raise ValueError(f"--deepspeed {args.deepspeed}: ppo.py takes DeepSpeed from accelerate: `accelerate launch "
+                         "--config_file scripts/cluster/zero3.yaml ppo/ppo.py ...` (or `--use_deepspeed --zero_stage 2`)")
+    launcher_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if launcher_accumulation not in (None, "auto", str(args.gradient_accumulation_steps)):
+        raise ValueError(f"the launcher sets gradient_accumulation_steps {launcher_accumulation} (accelerate's "
+                         f"--gradient_accumulation_steps or its config file's deepspeed_config), ppo.py's "
+                         f"--gradient_accumulation_steps is {args.gradient_accumulation_steps}: drop the launcher's, "
+                         "or give both the same value")
     if args.log_with in ("none", ""):
         args.log_with = None
     if args.log_with:
         setup_wandb(args.log_with)
     check_accelerator()
     check_writable(Path(args.output_dir) / "run_args.json")  # not first at step --save_freq
+    precision = None if args.bf16 is None else "bf16" if args.bf16 else "no"  # None: the launcher's
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision="bf16" if args.bf16 else "no", log_with=args.log_with,
-                              **process_group_kwargs())
+                              mixed_precision=precision, log_with=args.log_with, **process_group_kwargs())
+    if accelerator.mixed_precision not in ("bf16", "no"):
+        raise ValueError(f"ppo.py runs in bf16 or fp32; the launcher asks for {accelerator.mixed_precision}")
+    args.bf16 = accelerator.mixed_precision == "bf16"
     set_seed(args.seed, device_specific=True)
     if args.batch_size % args.mini_batch_size:
         raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --mini_batch_size {args.mini_batch_size}")
@@ -357,6 +374,9 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     with whole_weights():
         model, reference, rm = build_models(args, model_args, tokenizer, deepspeed=plugin is not None)
     params = [p for p in model.parameters() if p.requires_grad]
+    # counted before preparing: ZeRO-3 leaves each process a shape-(0,) tensor in place of every weight
+    n_trainable = sum(p.numel() for p in params)
+    n_params = sum(p.numel() for p in model.policy.parameters())  # for the FLOPs of a step (MFU)
     if args.adafactor:
         from transformers.optimization import Adafactor
 
@@ -368,6 +388,16 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                               num_training_steps=args.steps * updates_per_step * accelerator.num_processes)
     if plugin is not None:  # no dataloader to infer it from
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.mini_batch_size
+        # DeepSpeed clips inside its step (accelerator.clip_grad_norm_ does nothing there): --max_grad_norm goes
+        # into its config, unless the config file set its own
+        if plugin.zero_stage == 3:  # the final policy is gathered from the shards (save_policy)
+            plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        clipping = plugin.deepspeed_config.get("gradient_clipping", "auto")
+        if clipping in ("auto", None):
+            plugin.deepspeed_config["gradient_clipping"] = args.max_grad_norm
+        elif float(clipping) != args.max_grad_norm:
+            raise ValueError(f"the DeepSpeed config clips gradients at {clipping}, --max_grad_norm is {args.max_grad_norm}: "
+                             "give both the same value")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     device = accelerator.device
     rm.to(device)
@@ -386,8 +416,8 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         moments.mean, moments.var, moments.count = state.reward_mean, state.reward_var, state.reward_count
         logger.info(f"ppo: resumed at step {state.step} from {args.resume_from_checkpoint}")
     logger.info(f"ppo: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
-                f"{len(prompts)} prompts, {sum(p.numel() for p in params):,} trainable parameters")
-    n_params = sum(p.numel() for p in unwrapped.policy.parameters())
+                f"{len(prompts)} prompts, {n_trainable:,} trainable parameters, gradient accumulation "
+                f"{accelerator.gradient_accumulation_steps}, {accelerator.mixed_precision} precision")
     peak_tflops = args.peak_tflops or device_peak_tflops(accelerator)
     if not peak_tflops:
         logger.info(f"ppo: MFU is not logged: the peak FLOP/s of {accelerator.device} is not known (--peak_tflops sets it)")
@@ -555,7 +585,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
 
     if not (args.save_freq and state.step % args.save_freq == 0):
         save_checkpoint(accelerator, args, state)
-    save_policy(accelerator, model, tokenizer, args)
+    save_policy(accelerator, model, tokenizer, args, model_args)
     accelerator.wait_for_everyone()  # no process closes the group while the main one still writes
     accelerator.end_training()
     return log  # the last step's figures
@@ -591,14 +621,27 @@ def save_checkpoint(accelerator, args, state):
     accelerator.wait_for_everyone()
 
 
-def save_policy(accelerator, model, tokenizer, args):
-    """The final policy as a plain causal LM (LoRA merged), loadable as --model_name."""
-    accelerator.wait_for_everyone()
-    policy = accelerator.unwrap_model(model).policy
+def save_policy(accelerator, model, tokenizer, args, model_args):
+    """The final policy as a plain causal LM (LoRA merged), loadable as --model_name.
+
+    Its weights are gathered first: under ZeRO-3 each process holds a shard of every weight, and every
+    process takes part in the gathering. A LoRA adapter is saved to OUTPUT/adapter and merged into the
+    base read from disk, as sft.py does."""
+    state = accelerator.get_state_dict(model)  # whole on the main process, also under ZeRO-3
     if accelerator.is_main_process:
-        merged = policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
-        out = save_whole(Path(args.output_dir) / "policy", merged, tokenizer)
+        policy = accelerator.unwrap_model(model).policy
+        weights = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+        out = Path(args.output_dir) / "policy"
+        if hasattr(policy, "peft_config"):
+            adapter = Path(args.output_dir) / "adapter"
+            policy.save_pretrained(adapter, state_dict=weights)
+            check_saved_weights(adapter)
+            record_lora_base(adapter, args.model_name)
+            save_whole(out, merge_lora(adapter, tokenizer, model_args.dtype), tokenizer)
+        else:
+            save_whole(out, policy, tokenizer, state_dict=weights)
         logger.info(f"ppo: wrote the policy to {out}")
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

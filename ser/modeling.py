@@ -48,8 +48,13 @@ def load_tokenizer(name: str):
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer '{name}' has no eos token; the reward is read at the eos token")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # an existing token keeps the embedding as it is: unk, else a reserved one (Llama 3 has 250 of them)
+        reserved = [t.content for _, t in sorted(tok.added_tokens_decoder.items())
+                    if "finetune_right_pad" in t.content or "reserved_special_token" in t.content]
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token
+        elif reserved:
+            tok.pad_token = reserved[0]
         else:
             tok.add_special_tokens({"pad_token": "<pad>"})
     tok.padding_side = "right"
@@ -76,9 +81,13 @@ def end_processes():
 
 
 def fit_embeddings(model, tokenizer):
-    """Room for every token of the tokenizer (a pad token added to a Llama one), and its pad id."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    """Room for every token of the tokenizer (a pad token added to a Llama one), and its pad id.
+
+    The row count is the embedding's `num_embeddings`, not its weight's shape: under ZeRO-3's zero.Init
+    the weight is a shape-(0,) shard and every load would resize. New rows are padded to a multiple of
+    64, which tensor cores and ZeRO's partitions both like."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -88,6 +97,14 @@ def load_causal_lm(name: str, tokenizer, dtype: str = "auto"):
     return fit_embeddings(model, tokenizer)
 
 
+def zero_stage(deepspeed_plugin) -> int:
+    """The ZeRO stage a run trains under; 0 without DeepSpeed. DeepSpeed comes from `--deepspeed CONFIG`
+    or from accelerate's plugin (`accelerate launch --config_file scripts/cluster/zero3.yaml`, where
+    `TrainingArguments.deepspeed` is None): both leave the plugin in `TrainingArguments.deepspeed_plugin`
+    and in accelerate's state."""
+    return 0 if deepspeed_plugin is None else int(deepspeed_plugin.zero_stage)
+
+
 def fp32_master_weights(model, mixed_precision: bool, deepspeed: bool = False):
     """Trainable weights in fp32, whatever dtype the checkpoint came in.
 
@@ -95,13 +112,17 @@ def fp32_master_weights(model, mixed_precision: bool, deepspeed: bool = False):
     tiny model's bf16 weights against four fifths in fp32). So the weights being trained are fp32
     master weights and bf16 is for compute, under autocast (--bf16 True). Frozen weights (a LoRA base,
     the reference policy) may stay bf16. Without mixed precision the whole model computes in fp32.
-    Under DeepSpeed the engine owns dtypes: its bf16 optimizer keeps fp32 masters of the bf16 model
-    (and ZeRO-3 needs one dtype across a module's parameters), so nothing is changed here.
+
+    Under DeepSpeed with mixed precision the engine owns dtypes: it casts every parameter to the 16-bit
+    dtype and keeps fp32 masters in its optimizer (ZeRO-3 needs one dtype across a module's parameters,
+    so an fp32 adapter beside a bf16 base fails there). Without mixed precision DeepSpeed casts nothing:
+    a model still whole becomes fp32 here; one already partitioned at load (zero.Init) keeps its dtype.
     """
-    if deepspeed:
+    if deepspeed and mixed_precision:
         return model
-    if not mixed_precision:
-        return model.float()
+    if deepspeed or not mixed_precision:
+        partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+        return model if partitioned else model.float()
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -142,15 +163,31 @@ def _safetensors_keys(path) -> list[str]:
         return list(f.keys())
 
 
-def save_whole(out, model, tokenizer) -> Path:
-    """save_pretrained of a model and its tokenizer into a temporary folder, then renamed: whole or absent."""
+def check_saved_weights(folder) -> None:
+    """Refuse a saved model holding a tensor with no elements: what a save of ZeRO-3 shards writes when the
+    weights were not gathered first (each shard is shape (0,) outside DeepSpeed). Reads headers only."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            empty = [(k, f.get_slice(k).get_shape()) for k in f.keys() if math.prod(f.get_slice(k).get_shape()) == 0]
+        if empty:
+            key, shape = empty[0]
+            raise ValueError(f"{path}: {len(empty)} tensor(s) with no elements, e.g. {key} of shape {tuple(shape)}: "
+                             "ZeRO-3 partitioned weights were saved without being gathered")
+
+
+def save_whole(out, model, tokenizer, state_dict=None) -> Path:
+    """save_pretrained of a model and its tokenizer into a temporary folder, then renamed: whole or absent.
+    `state_dict`: the weights to write (e.g. gathered from ZeRO-3 shards) instead of the module's own."""
     import shutil
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    check_saved_weights(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

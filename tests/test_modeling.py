@@ -219,3 +219,58 @@ def test_length_grouped_rm_batches_give_trl_s_per_pair_losses_with_less_padding(
         assert pad_ran == pytest.approx(pad_grouped)
     else:
         assert pad_ran < 0.7 * pad_grouped, (pad_ran, pad_grouped)
+
+
+def test_a_saved_model_with_an_empty_tensor_is_refused_and_not_written(tiny_model, tmp_path):
+    """What a save of ZeRO-3 shards that were never gathered writes: shape-(0,) tensors, with rc 0."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = AutoModelForCausalLM.from_pretrained(str(tiny_model)), load_tokenizer(str(tiny_model))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["model.layers.0.mlp.up_proj.weight"] = torch.empty(0)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight of shape \(0,\).*ZeRO-3"):
+        modeling.save_whole(tmp_path / "out", model, tok, state_dict=state)
+    assert not (tmp_path / "out").exists()
+    modeling.save_whole(tmp_path / "out", model, tok)  # the module's own, whole weights pass
+    modeling.check_saved_weights(tmp_path / "out")
+
+
+def test_embedding_rows_are_read_from_the_module_not_from_a_zero3_shard(tiny_model):
+    """Under zero.Init each process holds a shape-(0,) shard of the embedding: its row count is the module's."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = AutoModelForCausalLM.from_pretrained(str(tiny_model)), load_tokenizer(str(tiny_model))
+    model.resize_token_embeddings(576)  # a vocabulary padded beyond the tokenizer's 512
+    embedding = model.get_input_embeddings()
+    embedding.weight = torch.nn.Parameter(torch.empty(0))  # as a ZeRO-3 shard looks outside DeepSpeed
+    modeling.fit_embeddings(model, tok)
+    assert embedding.num_embeddings == 576 and model.get_input_embeddings() is embedding  # not resized
+
+
+def _tokenizer_without_pad(tmp_path, reserved):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<|begin_of_text|>", "<|end_of_text|>", "a", "b", "c"])}
+    tok = Tokenizer(models.WordLevel(vocab))  # no unk token, as Llama 3's BPE has none
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    fast.add_special_tokens({"additional_special_tokens": [f"<|reserved_special_token_{i}|>" for i in range(reserved)]})
+    fast.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_a_llama3_like_tokenizer_pads_with_a_reserved_token_and_keeps_the_embedding(tmp_path):
+    tok = load_tokenizer(str(_tokenizer_without_pad(tmp_path, reserved=2)))
+    assert tok.pad_token == "<|reserved_special_token_0|>" and len(tok) == 7 and tok.pad_token_id != tok.eos_token_id
+
+
+def test_a_pad_token_added_grows_the_embedding_to_a_multiple_of_64(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(str(_tokenizer_without_pad(tmp_path, reserved=0)))
+    assert tok.pad_token == "<pad>" and len(tok) == 6
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    modeling.fit_embeddings(model, tok)
+    assert model.get_input_embeddings().num_embeddings == 64 and model.config.pad_token_id == 5

@@ -1,0 +1,172 @@
+"""The cluster path as the README launches it: bf16, 2 processes, the recipe files as written
+(`scripts/cluster/zero3.yaml`, the DeepSpeed launcher with `sft/deepspeed_config.json`), on a model whose
+tensors ZeRO-3 really partitions (hidden 384: the embedding and MLP matrices are over DeepSpeed's 1e5-element
+persistence threshold, so each process holds shape-(0,) shards of them).
+
+The launches share their outputs: the SFT run is the base of the RMs, the full RM is PPO's reward model."""
+
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors import safe_open
+from test_ser_loop import ENV, free_port
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+RECIPE = ["accelerate", "launch", "--config_file", "scripts/cluster/zero3.yaml", "--num_processes", "2",
+          "--main_process_port", "0"]
+BF16 = ["--bf16", "True", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True"]
+ROWS = 576  # embedding rows: the tokenizer's 512 padded to a multiple of 64, as many checkpoints are
+
+
+def launch(cmd):
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def tensors(folder, name="model.safetensors"):
+    with safe_open(str(folder / name), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def assert_whole(folder, name="model.safetensors"):
+    """Every saved tensor has elements, and the embedding kept its rows."""
+    saved = tensors(folder, name)
+    assert saved and all(t.numel() > 0 for t in saved.values()), {k: t.shape for k, t in saved.items() if not t.numel()}
+    for key, t in saved.items():
+        if key.endswith("embed_tokens.weight"):
+            assert t.shape == (ROWS, 384), t.shape
+    return saved
+
+
+@pytest.fixture(scope="module")
+def shard_model(tmp_path_factory):
+    """A bf16 Llama of hidden size 384 (2 layers, 6 heads) with the synthetic task's tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from ser import tiny
+
+    out = tmp_path_factory.mktemp("shard") / "base"
+    tiny.build(tiny.Args(out=str(out), hidden_size=384, num_heads=6))
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16)
+    model.resize_token_embeddings(ROWS)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def recipe_sft(shard_model, synthetic, tmp_path_factory):
+    """Full-weight SFT under zero3.yaml in bf16, with the stage's own gradient accumulation (2)."""
+    out = tmp_path_factory.mktemp("recipe_sft")
+    proc = launch([*RECIPE, "sft.py", "--model_name", str(shard_model), "--dataset_name", str(synthetic),
+                   "--output_dir", str(out), "--seq_length", "96", "--num_train_epochs", "1",
+                   "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
+                   "--gradient_checkpointing", "True", *BF16])
+    return out, proc
+
+
+def test_full_sft_under_the_zero3_recipe_in_bf16_saves_whole_trained_weights(recipe_sft, shard_model):
+    out, _ = recipe_sft
+    saved, base = assert_whole(out), tensors(shard_model)
+    assert saved.keys() == base.keys()
+    assert any(not torch.equal(saved[k], base[k]) for k in base)  # it trained
+    assert json.loads((out / "run_args.json").read_text())["SFTConfigSER"]["gradient_accumulation_steps"] == 2
+
+
+def test_the_seed_sft_command_under_the_deepspeed_launcher_in_bf16(shard_model, synthetic, tmp_path):
+    """The README's SFT command: `deepspeed ... sft.py --deepspeed sft/deepspeed_config.json --bf16 True`,
+    with activation checkpointing on as it has it."""
+    out = tmp_path / "sft"
+    launch(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "sft.py",
+            "--model_name", str(shard_model), "--tokenizer_name", str(shard_model), "--dataset_name", str(synthetic),
+            "--load_from_json", "False", "--subset", "data/finetune", "--output_dir", str(out), "--seq_length", "96",
+            "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1",
+            "--evaluation_strategy", "no", "--learning_rate", "1e-3", "--warmup_steps", "2", "--logging_steps", "2",
+            "--lr_scheduler_type", "cosine", "--gradient_checkpointing", "True",
+            "--deepspeed", "sft/deepspeed_config.json", *BF16])
+    assert_whole(out)
+
+
+@pytest.fixture(scope="module")
+def recipe_rm(recipe_sft, synthetic, tmp_path_factory):
+    """Full-weight RM training under zero3.yaml in bf16."""
+    out = tmp_path_factory.mktemp("recipe_rm")
+    launch([*RECIPE, "rm_training.py", *rm_flags(recipe_sft[0], synthetic, out), "--use_lora", "False"])
+    return out
+
+
+def rm_flags(sft, synthetic, out):
+    return ["--model_name", str(sft), "--dataset_name", str(synthetic), "--output_dir", str(out),
+            "--num_train_epochs", "1", "--max_length", "96", "--per_device_train_batch_size", "8",
+            "--per_device_eval_batch_size", "32", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
+            "--gradient_checkpointing", "True", *BF16]
+
+
+def reloaded_scores_match(out, synthetic):
+    from ser.data import load_records, read_records
+    from ser.modeling import load_reward_model, load_tokenizer, score_pairs
+
+    tok = load_tokenizer(str(out))
+    r_j, r_k, _ = score_pairs(load_reward_model(str(out), tok), tok, load_records(str(synthetic), "data/evaluation"), 96)
+    saved = read_records(out / "eval_scores.jsonl")
+    # The run scored in bf16 across 2 processes, the reload in bf16 in one: the tolerance is bf16's rounding of
+    # rewards of size ~1 (8 bits of mantissa), not a difference of weights.
+    assert r_j == pytest.approx([s["reward_j"] for s in saved], abs=2e-2)
+    assert r_k == pytest.approx([s["reward_k"] for s in saved], abs=2e-2)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_rm_training_under_the_zero3_recipe_in_bf16_saves_the_rm_it_evaluated(recipe_sft, recipe_rm, synthetic,
+                                                                              tmp_path, lora):
+    if lora:
+        out = tmp_path / "rm"
+        launch([*RECIPE, "rm_training.py", *rm_flags(recipe_sft[0], synthetic, out), "--use_lora", "True"])
+        adapter = tensors(out, "adapter_model.safetensors")
+        assert adapter and all(t.numel() for t in adapter.values())
+        assert any(k.endswith("score.weight") for k in adapter)
+    else:
+        out = recipe_rm
+        assert_whole(out)
+    reloaded_scores_match(out, synthetic)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_ppo_under_the_zero3_recipe_in_bf16_writes_the_policy_it_trained(recipe_sft, recipe_rm, synthetic, tmp_path, lora):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sft, out = recipe_sft[0], tmp_path / "ppo"
+    proc = launch([*RECIPE, "ppo/ppo.py", "--model_name", str(sft), "--reward_model_name", str(recipe_rm),
+                   "--dataset_name", str(synthetic), "--output_dir", str(out), "--steps", "2", "--batch_size", "4",
+                   "--mini_batch_size", "1", "--gradient_accumulation_steps", "2", "--ppo_epochs", "1",
+                   "--output_max_length", "8", "--learning_rate", "1e-3", "--save_freq", "0", "--peak_tflops", "1",
+                   "--use_lora", str(lora)])
+    # the launcher's precision (the recipe's bf16) and the stage's own accumulation, not the recipe's
+    assert "gradient accumulation 2, bf16 precision" in proc.stdout, proc.stdout[-2000:]
+    assert " 0 trainable parameters" not in proc.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(row["perf/mfu"] > 0 and row["perf/model_tflops"] > 0 for row in log), log
+    policy, base = assert_whole(out / "policy"), tensors(sft)
+    assert any(not torch.equal(policy[k], base[k]) for k in base if k in policy)  # it trained
+    if lora:  # the merged policy is the base with the trained adapter
+        ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25]])
+        merged = AutoModelForCausalLM.from_pretrained(str(out / "policy"), dtype=torch.float32).eval()
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(sft), dtype=torch.float32),
+                                            str(out / "adapter")).eval()
+        with torch.no_grad():
+            want, got = adapted(ids).logits, merged(ids).logits
+        assert torch.allclose(got, want, atol=5e-2), (got - want).abs().max()  # the merge is saved in bf16
+
+
+def test_a_launcher_accumulation_other_than_ppo_s_own_is_refused(recipe_sft, recipe_rm, synthetic, tmp_path):
+    proc = subprocess.run([*RECIPE, "--gradient_accumulation_steps", "1", "ppo/ppo.py", "--model_name", str(recipe_sft[0]),
+                           "--reward_model_name", str(recipe_rm), "--dataset_name", str(synthetic),
+                           "--output_dir", str(tmp_path), "--gradient_accumulation_steps", "4"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "the launcher sets gradient_accumulation_steps 1" in proc.stdout + proc.stderr
