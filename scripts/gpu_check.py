@@ -88,11 +88,10 @@ class Check:
         return out
 
     def make_data(self):
-        from data import make_synthetic
-
+        """The synthetic task (the model's tokenizer reads any text): pool, seed, held-out pairs, prompts."""
         if not (self.data / "manifest.json").exists():
-            make_synthetic.main(make_synthetic.Args(out=str(self.data), n_pairs=max(4 * self.args.pairs, 200),
-                                                    n_eval=self.args.pairs, n_sft=128, n_rl=32, seed=self.args.seed))
+            self.run("data", "data/make_synthetic.py", "--out", self.data, "--n_pairs", max(4 * self.args.pairs, 200),
+                     "--n_eval", self.args.pairs, "--n_sft", 128, "--n_rl", 32, "--seed", self.args.seed, recipe=False)
 
     def run(self, name, *cmd, recipe=True) -> dict:
         """A stage as the README launches it; its log is kept in OUT/NAME.log."""
@@ -200,7 +199,7 @@ def logprobs(c: Check) -> dict:
     c.make_data()
     tok = load_tokenizer(str(c.base()))
     lm = AutoModelForCausalLM.from_pretrained(str(c.base()), dtype=torch.float32).to(c.device).eval()
-    questions = [r["question"] for r in load_records(str(c.data), "data/rl")][:8]
+    questions = [r["question"] for r in load_records(str(c.data), "data/rl", fields=("question",))][:8]
     torch.manual_seed(c.args.seed)
     with torch.no_grad():
         ro = sample(lm, tok, questions, 64, 16, 1.0, True, c.device)
@@ -303,9 +302,11 @@ def filter_partition(c: Check) -> dict:
               "--reward_model_name", rm, "--rm_next_loop_save_path", out / "selected.jsonl",
               "--remaining_data_save_path", out / "remaining.jsonl", "--max_length", c.max_length,
               "--shared_prefix", shared, "--dtype", "float32", "--probability", "pairwise",
-              "--status1_min_pairs", 1, "--status2_min_pairs", 1, recipe=False)
+              "--pairwise_easy_gap", 0.05, "--status1_min_pairs", 1, "--status2_min_pairs", 1, recipe=False)
         selected[shared] = [json.loads(line)["id"] for line in (out / "selected.jsonl").read_text().splitlines()]
         stats = json.loads((out / "stats.json").read_text())
+    if not selected[False]:
+        raise RuntimeError("no pair was selected: there is no partition to compare")
     if selected[False] != selected[True]:
         raise RuntimeError(f"the scorers select different pairs: {len(selected[False])} plain, {len(selected[True])} shared")
     return {"selected": len(selected[False]), "pairs_per_second": stats["scoring"].get("pairs_per_second")}
@@ -317,6 +318,9 @@ def main(args: Args):
         raise SystemExit(f"--only {' '.join(sorted(unknown))}: unknown checks; the checks are {', '.join(CHECKS)}")
     if not args.dry_run and not args.model and not (Path(args.config) / "config.json").is_file():
         raise SystemExit(f"--config {args.config}: no config.json there (a model folder, or its config and tokenizer)")
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the stages' own logs are in OUT/*.log
     c = Check(args)
     c.out.mkdir(parents=True, exist_ok=True)
     results = []
