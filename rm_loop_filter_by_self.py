@@ -95,7 +95,7 @@ def self_label(pool, args, scored_path):
     from tqdm.auto import tqdm
 
     from ser.cli import check_accelerator
-    from ser.modeling import load_reward_model, load_tokenizer, process_state, score_pairs, shard_for_scoring
+    from ser.modeling import load_reward_model, load_tokenizer, model_identity, process_state, score_pairs, shard_for_scoring
 
     if not args.device:
         check_accelerator()
@@ -106,20 +106,26 @@ def self_label(pool, args, scored_path):
     parts = chunk_folder(scored_path)
     run = {"reward_model": str(Path(args.reward_model_name).resolve()), "tokenizer": args.tokenizer_name,
            "pool": str(Path(args.dataset_name).resolve()), "subset": args.subset, "pairs": len(pool),
-           "chunk_pairs": args.chunk_pairs, "max_length": args.max_length}
+           "chunk_pairs": args.chunk_pairs, "max_length": args.max_length, "dtype": args.dtype,
+           "reward_model_files": model_identity(args.reward_model_name)}
+    done = []  # the chunks saved before a kill: the main process looks, and tells the others
     if state.is_main_process:
         if parts.is_dir() and (not (parts / "run.json").is_file() or json.loads((parts / "run.json").read_text()) != run):
             logger.warning(f"filter: {parts} holds chunks scored by another run; they are discarded")
             shutil.rmtree(parts)
         parts.mkdir(parents=True, exist_ok=True)
         write_json(parts / "run.json", run)
-    state.wait_for_everyone()
+        done = sorted(p.name for p in parts.glob("*.jsonl"))
+    if state.num_processes > 1:  # one answer for all: a rank with a stale view of a shared filesystem would score
+        from accelerate.utils import broadcast_object_list  # a chunk the others skip, and the forwards fall out of step
+
+        done = broadcast_object_list([done])[0]
     chunks, resumed, start = [], 0, 0
     bar = tqdm(total=len(pool), desc="self-labelling", unit="pair", disable=not state.is_main_process)
     for c, chunk in enumerate(pool_chunks(args.dataset_name, args.subset, args.chunk_pairs)):
         part, kept = parts / f"{c:06d}.jsonl", pool[start:start + len(chunk)]
         check_same_pairs(kept, chunk)
-        if part.is_file():  # saved before a kill; every process sees it, none scores the chunk
+        if part.name in done:  # saved before a kill: no process scores the chunk
             saved = read_records(part)
             if [r["pair"] for r in saved] != [fingerprint(p) for p in chunk]:
                 raise ValueError(f"{part}: its pairs are not those of pool chunk {c}; remove {parts} and rerun")

@@ -21,6 +21,7 @@ batch size give the same pool. --engine vllm uses vLLM when it is installed (one
 here); the HF path is the default.
 """
 
+import datetime
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, set_seed
 
 from ser.cli import check_accelerator, get_logger, parse
 from ser.data import DataError, check_writable, load_records, write_json, write_records
-from ser.modeling import deal_out, gather_parts, load_causal_lm, load_tokenizer, process_state
+from ser.modeling import deal_out, end_processes, gather_parts, load_causal_lm, load_tokenizer, process_state
 from ser.rollout import response_texts, sample
 
 logger = get_logger("generate_pairs")
@@ -59,6 +60,8 @@ class Args:
     engine: str = field(default="hf", metadata={"help": "hf (tested) or vllm (when installed)", "choices": ["hf", "vllm"]})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, bfloat16, float32"})
     device: str | None = field(default=None, metadata={"help": "default: the process's accelerator or cpu"})
+    gather_timeout_hours: float = field(default=24.0, metadata={
+        "help": "how long a process that has finished waits for the others at the final gather"})
 
 
 class PresencePenalty(LogitsProcessor):
@@ -111,7 +114,9 @@ def answers_vllm(model_name, tokenizer, questions, args) -> list[str]:
 def main(args: Args):
     if not args.device:
         check_accelerator()
-    state = process_state()
+    # the only collective is the gather at the end, after hours of generation: a process that finished first
+    # waits there for the slowest, longer than NCCL's 10-minute default
+    state = process_state(timeout=datetime.timedelta(hours=args.gather_timeout_hours))
     source_subset = args.subset if Path(args.prompts).is_dir() else None
     records = load_records(args.prompts, source_subset, fields=("question",))[:args.max_prompts or None]
     if not records:
@@ -139,6 +144,7 @@ def main(args: Args):
         bar.close()
     part = {i: (a, b) for i, a, b in zip(mine, *answers)}
     rows = {i: ab for shard in gather_parts(part, state) for i, ab in shard.items()}
+    end_processes()  # what follows is the main process's alone
     if not state.is_main_process:
         return None
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ser.cli import check_accelerator, parse
 from ser.data import load_records, subsample, write_json, write_records
-from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score_ids
+from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, process_state, score_ids
 from ser.rollout import lm_logprobs, response_texts, reward_inputs, sample
 
 
@@ -83,6 +83,10 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     if not args.device:
         check_accelerator()
+    state = process_state()
+    if state.num_processes > 1:  # each would answer every prompt, all on the first GPU
+        raise SystemExit(f"ppo/evaluate.py runs in one process ({state.num_processes} were launched): "
+                         "python ppo/evaluate.py ... (--device picks the GPU)")
     tokenizer = load_tokenizer(args.base_model)
     distinct = list(dict.fromkeys(r["question"] for r in load_records(args.dataset_name, args.subset,
                                                                       fields=("question",))))
@@ -90,7 +94,7 @@ def main(args: Args):
         raise ValueError(f"{args.dataset_name} (--subset {args.subset}): no prompts to evaluate on; nothing was written")
     distinct = subsample(distinct, args.n_prompts, args.seed)
     questions = [q for q in distinct for _ in range(args.samples_per_prompt)]
-    args.device = args.device or (torch.accelerator.current_accelerator() or torch.device("cpu")).type
+    args.device = args.device or str(state.device)
     base = load_causal_lm(args.base_model, tokenizer, args.dtype).eval().to(args.device)
     policy = load_causal_lm(args.policy, tokenizer, args.dtype).eval().to(args.device)
     judges = {"policy_rm": load_reward_model(args.reward_model_name, tokenizer, args.dtype).to(args.device)}

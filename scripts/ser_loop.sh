@@ -34,9 +34,28 @@ cd "$(dirname "$0")/.."
 mkdir -p "$RUN"
 
 # One driver per RUN. The lock is held by this shell and inherited by the stages it starts, so a
-# trainer orphaned by a killed driver keeps it until it ends too.
+# trainer orphaned by a killed driver keeps it until it ends too. Where the filesystem has no flock
+# (Lustre mounted without -o flock), a lock file created exclusively holds this driver's host and pid
+# instead; it is removed when the driver exits, and a stale one (its driver gone from this host) is replaced.
 exec 9>"$RUN/.lock"
-if ! flock -n 9; then echo "ser: another driver (or a stage it started) is still running on $RUN" >&2; exit 4; fi
+lock_rc=0; flock -n -E 75 9 2>/dev/null || lock_rc=$?
+if ((lock_rc == 75)); then echo "ser: another driver (or a stage it started) is still running on $RUN" >&2; exit 4; fi
+if ((lock_rc != 0)); then
+  pidfile="$RUN/.lock.pid" me="$(hostname) $$"
+  if ! (set -o noclobber; echo "$me" > "$pidfile") 2>/dev/null; then
+    read -r host pid < "$pidfile" || true
+    if [[ ${host:-} == "$(hostname)" ]] && ! kill -0 "${pid:-0}" 2>/dev/null && rm -f "$pidfile" \
+        && (set -o noclobber; echo "$me" > "$pidfile") 2>/dev/null; then
+      echo "ser: replaced the stale lock $pidfile of driver ${pid:-?}, which has ended" >&2
+    else
+      echo "ser: another driver (${host:-?} pid ${pid:-?}) is still running on $RUN; this filesystem has no flock," \
+        "so if none is, remove $pidfile" >&2
+      exit 4
+    fi
+  fi
+  trap 'rm -f "$pidfile"' EXIT
+  echo "ser: $RUN's filesystem has no flock; this driver holds $pidfile instead" >&2
+fi
 
 # The extra flags, split as a shell would split them (quotes kept, no globbing).
 split() { $PY -c 'import shlex, sys; sys.stdout.write("\0".join(shlex.split(sys.argv[1])))' "$1"; }

@@ -65,10 +65,11 @@ def load_tokenizer(name: str):
 THIS_PROCESS_ONLY = SimpleNamespace(process_index=0, num_processes=1)
 
 
-def process_state() -> PartialState:
+def process_state(**group_kwargs) -> PartialState:
     """This process's place among the launched ones. Without an accelerator the processes form a CPU
-    (gloo) group, as the Trainer does with --use_cpu; on GPUs nothing changes."""
-    return PartialState(cpu=not torch.accelerator.is_available())
+    (gloo) group, as the Trainer does with --use_cpu; on GPUs nothing changes. `group_kwargs` (e.g. a
+    `timeout`) go to `init_process_group` when this call creates the group."""
+    return PartialState(cpu=not torch.accelerator.is_available(), **group_kwargs)
 
 
 def end_processes():
@@ -191,6 +192,28 @@ def save_whole(out, model, tokenizer, state_dict=None) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def model_identity(path) -> dict:
+    """What tells a saved model's content apart, for a resume: each weight or config file's size and
+    modification time, the hash of the small ones (configs, a LoRA adapter), and a LoRA adapter's base's
+    identity. A model retrained into the same folder differs; reading it costs no pass over large weights."""
+    import hashlib
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return {"name": str(path)}  # a hub id
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".model", ".txt"):
+            stat = p.stat()
+            files[p.name] = [stat.st_size, stat.st_mtime_ns]
+            if stat.st_size < 64 << 20:
+                files[p.name].append(hashlib.sha256(p.read_bytes()).hexdigest()[:16])
+    identity = {"files": files}
+    if is_lora_dir(folder):
+        identity["base"] = model_identity(lora_base(folder))
+    return identity
 
 
 def lora_base(adapter) -> str:

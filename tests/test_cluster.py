@@ -170,3 +170,31 @@ def test_a_launcher_accumulation_other_than_ppo_s_own_is_refused(recipe_sft, rec
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "the launcher sets gradient_accumulation_steps 1" in proc.stdout + proc.stderr
+
+
+def test_lora_rm_with_the_driver_s_defaults_under_ddp_trains_as_without_checkpointing(sft_model, synthetic, tmp_path):
+    """The driver leaves TRL's activation checkpointing on: LoRA + DDP + checkpointing + split forwards, 2 processes,
+    bf16. Recomputing the activations (with the dropout masks' RNG state kept) must not change what is learnt."""
+    from ser.data import read_records
+
+    scores = {}
+    for checkpointing in ("True", "False"):
+        out = tmp_path / checkpointing
+        launch(["accelerate", "launch", "--config_file", "scripts/cluster/ddp.yaml", "--num_processes", "2",
+                "--main_process_port", "0", "rm_training.py", "--model_name", str(sft_model), "--dataset_name",
+                str(synthetic), "--output_dir", str(out), "--num_train_epochs", "1", "--max_length", "96",
+                "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32", "--learning_rate", "2e-3",
+                "--forward_cost", "4", "--gradient_checkpointing", checkpointing, *BF16])
+        assert json.loads((out / "eval_results.json").read_text())["train_padding_share"] < 0.05  # it did split
+        scores[checkpointing] = [r for s in read_records(out / "eval_scores.jsonl") for r in (s["reward_j"], s["reward_k"])]
+    assert scores["True"] == pytest.approx(scores["False"], abs=1e-5)
+    assert len({a > b for a, b in zip(scores["True"][::2], scores["True"][1::2])}) == 2  # a trained RM, not a constant
+
+
+def test_the_policy_evaluation_refuses_several_processes_instead_of_piling_them_on_one_gpu(tmp_path):
+    proc = subprocess.run(["accelerate", "launch", "--config_file", "scripts/cluster/ddp.yaml", "--num_processes", "2",
+                           "--main_process_port", "0", "ppo/evaluate.py", "--base_model", "a", "--policy", "b",
+                           "--reward_model_name", "c", "--dataset_name", "d"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ppo/evaluate.py runs in one process (2 were launched)" in proc.stdout + proc.stderr

@@ -119,6 +119,41 @@ def test_chunks_saved_by_another_run_are_never_reused(synthetic, rm0, tmp_path, 
     assert json.loads((tmp_path / "stats.json").read_text())["scoring"]["resumed_pairs"] == 0
 
 
+@pytest.mark.parametrize("change", ["rm retrained in place", "dtype"])
+def test_chunks_scored_by_another_rm_at_the_same_path_or_in_another_dtype_are_not_reused(synthetic, rm0, tmp_path,
+                                                                                         monkeypatch, change):
+    import shutil
+
+    import ser.modeling
+    from safetensors.torch import load_file, save_file
+
+    rm = tmp_path / "rm"
+    shutil.copytree(rm0, rm)
+    score_pairs, calls = ser.modeling.score_pairs, []
+
+    def killed_at_the_second_chunk(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return score_pairs(*args, **kwargs)
+
+    monkeypatch.setattr(ser.modeling, "score_pairs", killed_at_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm, tmp_path / "out"), "--chunk_pairs", "100"]))
+    monkeypatch.setattr(ser.modeling, "score_pairs", score_pairs)
+    extra = []
+    if change == "dtype":
+        extra = ["--dtype", "bfloat16"]
+    else:  # as `FORCE=1` retraining loop_0/rm would: other weights, same folder
+        weights = load_file(rm / "model.safetensors")
+        weights["score.weight"] = -weights["score.weight"]
+        save_file(weights, rm / "model.safetensors", metadata={"format": "pt"})
+    F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm, tmp_path / "out"), "--chunk_pairs", "100", *extra]))
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["scoring"]["resumed_pairs"] == 0
+    F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm, tmp_path / "clean"), "--chunk_pairs", "100", *extra]))
+    assert read_records(tmp_path / "out" / "scored.jsonl") == read_records(tmp_path / "clean" / "scored.jsonl")
+
+
 def driver(run, synthetic, sft_model):
     env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "2",
            "MAX_LENGTH": "96", "SEED_EPOCHS": "8", "LOOP_EPOCHS": "6",
@@ -201,6 +236,34 @@ def test_driver_records_its_settings_refuses_other_ones_and_runs_alone(synthetic
         busy = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=changed, capture_output=True, text=True,
                               timeout=600)
     assert busy.returncode == 4 and "still running" in busy.stderr
+
+
+def test_without_flock_the_driver_holds_an_exclusive_lock_file_and_tells_a_stale_one_apart(tmp_path):
+    """Lustre mounted without -o flock: flock fails for another reason than a held lock."""
+    import socket
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "flock").write_text("#!/bin/sh\necho 'flock: 9: Function not implemented' >&2\nexit 65\n")
+    (bin_dir / "flock").chmod(0o755)
+    run = tmp_path / "run"
+    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "DATA": str(tmp_path), "SFT": str(tmp_path), "RUN": str(run),
+           "PY": sys.executable, "LAUNCH": "false"}  # the first stage fails at once: the lock is what is tested
+
+    def drive():
+        return subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    first = drive()
+    assert first.returncode != 0 and "no flock; this driver holds" in first.stderr, first.stderr[-2000:]
+    assert "ser: loop_0.train" in first.stdout and not (run / ".lock.pid").exists()  # released on exit
+    (run / ".lock.pid").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # a live driver on this host
+    busy = drive()
+    assert busy.returncode == 4 and f"pid {os.getpid()}) is still running" in busy.stderr
+    assert "loop_0.train" not in busy.stdout
+    (run / ".lock.pid").write_text(f"{socket.gethostname()} 4194000\n")  # its driver has ended
+    stale = drive()
+    assert "replaced the stale lock" in stale.stderr and "ser: loop_0.train" in stale.stdout, stale.stderr[-2000:]
+    assert not (run / ".lock.pid").exists()
 
 
 STUB_STAGE = """
