@@ -124,8 +124,9 @@ def test_chunks_scored_by_another_rm_at_the_same_path_or_in_another_dtype_are_no
                                                                                          monkeypatch, change):
     import shutil
 
-    import ser.modeling
     from safetensors.torch import load_file, save_file
+
+    import ser.modeling
 
     rm = tmp_path / "rm"
     shutil.copytree(rm0, rm)
