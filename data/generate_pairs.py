@@ -17,8 +17,8 @@ top-p, as vLLM orders them. (HF's multiplicative `--repetition_penalty` is there
 Output: JSONL pool pairs {id, question, response_j, response_k} with no `gold_preferred`, in the order
 of the prompts, plus OUT.stats.json (counts, arguments, models). Pairs whose two answers are identical
 (after stripping) or where an answer is empty are dropped and counted. The same seed, process count and
-batch size give the same pool. --engine vllm uses vLLM when it is installed (one process; not tested
-here); the HF path is the default.
+batch size give the same pool. --engine vllm uses vLLM when it is installed (one process; its calls are
+tested against a stand-in, not a real engine); the HF path is the default.
 """
 
 import datetime
@@ -57,7 +57,9 @@ class Args:
     max_prompt_length: int = field(default=512, metadata={"help": "prompt tokens kept (cut from the left)"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generate call and process"})
     seed: int = field(default=0, metadata={"help": "sampling seed (each process offsets it by its rank)"})
-    engine: str = field(default="hf", metadata={"help": "hf (tested) or vllm (when installed)", "choices": ["hf", "vllm"]})
+    engine: str = field(default="hf", metadata={"help": "hf, or vllm when installed (tested against a stand-in)",
+                                                 "choices": ["hf", "vllm"]})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "--engine vllm: GPUs one model is sharded over"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto, bfloat16, float32"})
     device: str | None = field(default=None, metadata={"help": "default: the process's accelerator or cpu"})
     gather_timeout_hours: float = field(default=24.0, metadata={
@@ -95,20 +97,55 @@ def answers_hf(model, tokenizer, questions, args, device, bar) -> list[str]:
     return out
 
 
-def answers_vllm(model_name, tokenizer, questions, args) -> list[str]:
-    """The release's engine, when installed (one process; it shards over GPUs itself)."""
+def answers_vllm(models, tokenizer, questions, args) -> list[list[str]]:
+    """Both answers of every question with the release's engine, when installed (one process; it shards a
+    model over --tensor_parallel_size GPUs itself).
+
+    The prompts are the HF path's token ids (`[bos] prompt`, cut from the left to --max_prompt_length, no
+    trailing space). Every request has a seed of its own, the second answers' offset by the number of
+    questions: with one seed for all, the two answers of a question from one model would be identical and
+    every pair dropped. One engine is alive at a time (a second one in the process runs out of GPU memory)."""
     try:
         from vllm import LLM, SamplingParams
     except ImportError as e:
         raise SystemExit("--engine vllm: vLLM is not installed (pip install vllm); --engine hf needs nothing more") from e
-    from ser.data import prompt_text
+    from ser.data import prompt_ids
+    from ser.rollout import model_prompt
 
-    llm = LLM(model=model_name, dtype=args.dtype, seed=args.seed)
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k or -1, top_p=args.top_p,
-                            max_tokens=args.max_tokens, presence_penalty=args.presence_penalty,
-                            repetition_penalty=args.repetition_penalty, seed=args.seed)
-    outputs = llm.generate([prompt_text(q) for q in questions], params)
-    return [o.outputs[0].text for o in outputs]
+    prompts = [{"prompt_token_ids": model_prompt(tokenizer, prompt_ids(tokenizer, q), args.max_prompt_length)}
+               for q in questions]
+    answers, llm, loaded = [], None, None
+    for k, name in enumerate(models):
+        if name != loaded:
+            if llm is not None:
+                llm = None  # the previous engine goes before the next one is built
+                release_vllm()
+            llm, loaded = LLM(model=name, dtype=args.dtype, seed=args.seed,
+                              tensor_parallel_size=args.tensor_parallel_size), name
+        params = [SamplingParams(temperature=args.temperature, top_k=args.top_k or -1, top_p=args.top_p,
+                                 max_tokens=args.max_tokens, presence_penalty=args.presence_penalty,
+                                 repetition_penalty=args.repetition_penalty, seed=args.seed + k * len(questions) + i)
+                  for i in range(len(questions))]
+        answers.append([o.outputs[0].text for o in llm.generate(prompts, params)])
+    llm = None
+    release_vllm()
+    return answers
+
+
+def release_vllm() -> None:
+    """Free the GPU memory of an engine no longer referenced (vLLM's own teardown, where it has one)."""
+    import gc
+
+    try:
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except ImportError:
+        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(args: Args):
@@ -131,7 +168,7 @@ def main(args: Args):
     if args.engine == "vllm":
         if state.num_processes > 1:
             raise SystemExit("--engine vllm runs in one process (vLLM shards over the GPUs itself)")
-        answers = [answers_vllm(name, tokenizer, questions, args) for name in models]
+        answers = answers_vllm(models, tokenizer, questions, args)
     else:
         device = torch.device(args.device) if args.device else state.device
         set_seed(args.seed + state.process_index)

@@ -21,6 +21,7 @@ A checkpoint (every --save_freq steps) holds the weights, optimiser, scheduler, 
 RNG states, the KL controller and the data position; --resume_from_checkpoint continues exactly.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -50,6 +51,7 @@ from ser.modeling import (
     save_whole,
     score_ids,
     whole_weights,
+    zero_stage,
 )
 from ser.modeling import ModelArguments as BaseModelArguments
 from ser.rollout import lm_logprobs, logprobs_of, position_ids_of, reward_inputs, sample
@@ -83,6 +85,9 @@ class ScriptArguments:
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (cut from the left)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also applied to logprobs)"})
     batched_gen: bool = field(default=True, metadata={"help": "generate the batch at once (else one prompt at a time)"})
+    gather_for_generation: bool = field(default=False, metadata={
+        "help": "under ZeRO-3, gather the whole policy once per rollout (each GPU then holds all of it; for "
+                "policies that fit) instead of gathering every layer for every new token"})
     # reward
     reward_transform: str = field(default="raw", metadata={"help": "raw RM score, or sigmoid (the original script)",
                                                             "choices": ["raw", "sigmoid"]})
@@ -426,9 +431,18 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     if args.log_with:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config={**asdict(args), **asdict(model_args)})
 
-    # ZeRO-3 gathers each layer's weights from every process during a forward pass: all processes keep
-    # generating until the last one is done (synced_gpus), or a finished one would leave the others waiting.
-    zero3 = plugin is not None and plugin.zero_stage == 3 and accelerator.num_processes > 1
+    # ZeRO-3 gathers each layer's weights from every process during a forward pass, so during generation it
+    # does so for every new token, and all processes keep generating until the last one is done (synced_gpus),
+    # or a finished one would leave the others waiting. With --gather_for_generation the whole policy is
+    # gathered once per rollout instead: much faster, but each process then holds all of its weights.
+    zero3 = zero_stage(plugin) == 3
+    def gathered():
+        if not (zero3 and args.gather_for_generation):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters()))
+    synced = zero3 and accelerator.num_processes > 1 and not args.gather_for_generation
 
     log = {}
     while state.step < args.steps:
@@ -438,9 +452,9 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                                                         accelerator.process_index)]
         policy = unwrapped.policy
         policy.eval()
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), gathered():
             rollout = sample(policy, tokenizer, questions, args.max_prompt_length, args.output_max_length,
-                             args.temperature, args.batched_gen, device, synced_gpus=zero3)
+                             args.temperature, args.batched_gen, device, synced_gpus=synced)
         query, query_mask, responses, response_mask, has_eos = rollout[:5]
         t_generated = clock()
         query_responses = torch.cat([query, responses], 1)

@@ -47,6 +47,14 @@ def truncate_after_eos(responses, eos_id, pad_id):
     return responses.masked_fill(after, pad_id), mask, is_eos.any(dim=1)
 
 
+def model_prompt(tokenizer, prompt: list[int], max_prompt_length: int) -> list[int]:
+    """What a policy is prompted with: `[bos] prompt ids`, cut from the left to `max_prompt_length` tokens."""
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    if max_prompt_length <= len(head):
+        raise ValueError(f"max_prompt_length {max_prompt_length} leaves no room for the prompt")
+    return head + prompt[-(max_prompt_length - len(head)):]
+
+
 def sample(policy, tokenizer, questions, max_prompt_length, max_new_tokens, temperature, batched, device,
            **sampling) -> Rollout:
     """Left-padded prompts (`[bos] prompt_ids`, cut from the left) and sampled responses.
@@ -55,9 +63,8 @@ def sample(policy, tokenizer, questions, max_prompt_length, max_new_tokens, temp
     of the sampling distribution (PPO needs that). `sampling` overrides it for data generation (top_k,
     top_p, logits_processor, ...: any `generate` argument)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompts = [prompt_ids(tokenizer, q) for q in questions]  # the same boundary as training's `encode`
-    enc = [head + p[-(max_prompt_length - len(head)):] for p in prompts]
+    enc = [model_prompt(tokenizer, p, max_prompt_length) for p in prompts]
     width = max(map(len, enc))
     query = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)  # detail: pad on the left
     query_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)

@@ -145,7 +145,7 @@ def test_ppo_under_the_zero3_recipe_in_bf16_writes_the_policy_it_trained(recipe_
                    "--dataset_name", str(synthetic), "--output_dir", str(out), "--steps", "2", "--batch_size", "4",
                    "--mini_batch_size", "1", "--gradient_accumulation_steps", "2", "--ppo_epochs", "1",
                    "--output_max_length", "8", "--learning_rate", "1e-3", "--save_freq", "0", "--peak_tflops", "1",
-                   "--use_lora", str(lora)])
+                   "--use_lora", str(lora), "--gather_for_generation", str(not lora)])  # both ways of generating
     # the launcher's precision (the recipe's bf16) and the stage's own accumulation, not the recipe's
     assert "gradient accumulation 2, bf16 precision" in proc.stdout, proc.stdout[-2000:]
     assert " 0 trainable parameters" not in proc.stdout

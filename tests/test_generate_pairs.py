@@ -86,3 +86,48 @@ def test_two_processes_share_the_prompts(synthetic, sft_model, tmp_path):
     assert stats["processes"] == 2 and stats["pairs"] + stats["dropped_identical"] + stats["dropped_empty"] == 32
     ids = [r["id"] for r in read_records(out)]
     assert len(ids) == len(set(ids)) == stats["pairs"] > 0  # every prompt answered once, by one of the two
+
+
+def test_vllm_engine_seeds_each_request_prompts_the_hf_ids_and_keeps_one_engine_alive(sft_model, synthetic, tmp_path,
+                                                                                      monkeypatch):
+    """vLLM is not installed here: a stand-in module records what the engine is asked."""
+    import gc
+    import types
+
+    from ser.data import load_records, prompt_ids
+    from ser.modeling import load_tokenizer
+    from ser.rollout import model_prompt
+
+    engines, requests = {"alive": 0, "most": 0, "built": []}, []
+
+    class LLM:
+        def __init__(self, model, dtype, seed, tensor_parallel_size):
+            gc.collect()
+            engines["alive"] += 1
+            engines["most"] = max(engines["most"], engines["alive"])
+            engines["built"].append((model, tensor_parallel_size))
+            self.model = model
+
+        def __del__(self):
+            engines["alive"] -= 1
+
+        def generate(self, prompts, params):
+            requests.extend((self.model, p["prompt_token_ids"], s.seed) for p, s in zip(prompts, params))
+            text = lambda s: f"answer {s.seed % 7}"  # noqa: E731 (two seeds seldom give the same answer)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text(s))]) for s in params]
+
+    class SamplingParams:
+        def __init__(self, seed, **kwargs):
+            self.seed = seed
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    stats = generate(sft_model, synthetic, tmp_path / "pool.jsonl", engine="vllm", model_b=str(synthetic),
+                     max_prompt_length=12, tensor_parallel_size=2)
+    questions = [r["question"] for r in load_records(str(synthetic), "data/rl", fields=("question",))]
+    tok = load_tokenizer(str(sft_model))
+    assert engines["most"] == 1 and engines["built"] == [(str(sft_model), 2), (str(synthetic), 2)]
+    assert len(requests) == 2 * len(questions) and len({seed for *_, seed in requests}) == len(requests)
+    prompts = {tuple(ids) for _, ids, _ in requests}
+    hf = {tuple(model_prompt(tok, prompt_ids(tok, q), 12)) for q in questions}  # what `sample` prompts with
+    assert prompts == hf and all(len(p) == 12 and p[0] == tok.bos_token_id for p in prompts)  # cut from the left
+    assert stats["pairs"] + stats["dropped_identical"] == stats["prompts"] and stats["pairs"] > 0
