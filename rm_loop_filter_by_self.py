@@ -32,6 +32,7 @@ from pathlib import Path
 from ser.cli import get_logger, parse
 from ser.data import RecordWriter, check_writable, pool_chunks, read_records, write_json, write_records
 from ser.modeling import FORWARD_COST, end_processes
+from ser.selection import PROBABILITIES, RULES, Decision, Thresholds, select
 
 GOLD = "gold_preferred"
 logger = get_logger("filter")
@@ -49,11 +50,11 @@ class ScriptArguments:
     status1_min_pairs: int = field(default=600, metadata={"help": "Status-1 eligible pairs needed for Status 1"})
     status2_min_pairs: int = field(default=600, metadata={"help": "Status-2 eligible pairs needed for Status 2"})
     selection: str = field(default="paper", metadata={
-        "help": "paper: one status per loop, or Stop; released: Status-1 OR a gap > tau_delta, no status",
-        "choices": ["paper", "released"]})
+        "help": "a rule of ser/selection.py: paper (one status per loop, or Stop), released (Status-1 OR a gap > "
+                "tau_delta, no status)", "choices": RULES.keys()})
     probability: str = field(default="sigmoid", metadata={
         "help": "sigmoid: p = sigmoid(r) per response (paper); pairwise: p_j = sigmoid(r_j - r_k)",
-        "choices": ["sigmoid", "pairwise"]})
+        "choices": list(PROBABILITIES)})
     pairwise_easy_gap: float = field(default=0.6, metadata={
         "help": "--probability pairwise: Status-1 gap |p_j - p_k| (0.6: the RM gives the pair p >= 0.8)"})
     reward_model_name: str | None = field(default=None, metadata={"help": "RM that self-labels the pool"})
@@ -184,30 +185,10 @@ def merge_scoring(chunks, processes) -> dict:
 # ----------------------------------------------------------------------------- 2. status
 
 
-def eligibility(p_j: float, p_k: float, args) -> tuple[bool, bool]:
-    """(Status-1 eligible, Status-2 eligible) for one pair."""
-    gap = abs(p_j - p_k)
-    if args.probability == "pairwise":  # easy (sure) pairs first, then the hard ones; see the docstring
-        return gap >= args.pairwise_easy_gap, gap >= args.delta_threshold
-    lo, hi = args.left_threshold, args.right_threshold
-    status1 = (p_j > hi and p_k < lo) or (p_k > hi and p_j < lo)
-    return status1, gap >= args.delta_threshold
-
-
-def decide_status(pool, args):
-    """The loop's status and the mask of pairs it selects."""
-    flags = [eligibility(p["score_j"], p["score_k"], args) for p in pool]
-    n1, n2 = sum(f[0] for f in flags), sum(f[1] for f in flags)
-    if args.selection == "released":
-        # The released script: Status-1 OR a strict gap, in one pass, with no count check and no Stop.
-        gap = args.delta_threshold
-        mask = [f[0] or abs(p["score_j"] - p["score_k"]) > gap for f, p in zip(flags, pool)]
-        return "released", mask, n1, n2
-    if n1 >= args.status1_min_pairs:
-        return "status1", [f[0] for f in flags], n1, n2
-    if n2 >= args.status2_min_pairs:
-        return "status2", [f[1] for f in flags], n1, n2
-    return "stop", [False] * len(pool), n1, n2
+def decide(pool, args) -> Decision:
+    """The loop's status and the pairs it selects: the registered rule --selection (ser/selection.py) over
+    the pool's probabilities."""
+    return select([p["score_j"] for p in pool], [p["score_k"] for p in pool], Thresholds.of(args), args.selection)
 
 
 # ----------------------------------------------------------------------------- 3. select
@@ -226,13 +207,13 @@ def orient(pair):
     return swapped
 
 
-def select(pool, args):
+def select_pairs(pool, args):
     """An in-memory pool's status, selected pairs (oriented), remaining pairs and counts (`main` streams
-    the same steps: `decide_status`, then `orient` as it writes)."""
-    status, mask, n1, n2 = decide_status(pool, args)
-    selected = [orient(p) for p, keep in zip(pool, mask) if keep]
-    remaining = [p for p, keep in zip(pool, mask) if not keep]
-    return status, selected, remaining, {"status1_eligible": n1, "status2_eligible": n2}
+    the same steps: `decide`, then `orient` as it writes)."""
+    decision = decide(pool, args)
+    selected = [orient(p) for p, keep in zip(pool, decision.mask) if keep]
+    remaining = [p for p, keep in zip(pool, decision.mask) if not keep]
+    return decision.status, selected, remaining, decision.counts
 
 
 def histogram(values, lo=0.0, hi=1.0, bins=10):
@@ -331,11 +312,33 @@ def check_scores(pool, args, keys=("score_j", "score_k")):
                 raise ValueError(f"{where} is {value} ({source}); nothing was written")
 
 
+def check_args(args, scored_path, stats_path) -> None:
+    """Refuse, naming the flag, what would select nonsense or write over a file it reads or writes."""
+    problems = Thresholds.of(args).problems()
+    for name in ("chunk_pairs", "batch_size"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} {getattr(args, name)}: at least 1")
+    if not args.forward_cost >= 0:  # NaN too
+        problems.append(f"--forward_cost {args.forward_cost}: a number of tokens, 0 or more (inf: full batches)")
+    outputs = {"--rm_next_loop_save_path": args.rm_next_loop_save_path,
+               "--remaining_data_save_path": args.remaining_data_save_path,
+               "--scored_save_path": scored_path, "--stats_save_path": stats_path}
+    seen = {}
+    for flag, path in outputs.items():
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            problems.append(f"{flag} and {seen[resolved]} are the same file {path}: one would overwrite the other")
+        seen[resolved] = flag
+        if Path(args.dataset_name).exists() and resolved == Path(args.dataset_name).resolve():
+            problems.append(f"{flag} is the pool it reads (--dataset_name {args.dataset_name})")
+    if problems:
+        raise ValueError("rm_loop_filter_by_self.py: " + "; ".join(problems) + "; nothing was written")
+
+
 def main(args: ScriptArguments):
-    if args.chunk_pairs < 1:
-        raise ValueError(f"--chunk_pairs is {args.chunk_pairs}; it must be at least 1")
     out_dir = Path(args.rm_next_loop_save_path).parent
     scored_path = args.scored_save_path or out_dir / "scored.jsonl"
+    check_args(args, scored_path, args.stats_save_path or out_dir / "stats.json")
     check_writable(args.rm_next_loop_save_path, args.remaining_data_save_path, scored_path,
                    args.stats_save_path or out_dir / "stats.json")
     pool = read_pool(args)
@@ -354,10 +357,10 @@ def main(args: ScriptArguments):
 
         process_state()  # the scores come from the file; the state is the logger's
         check_scores(pool, args)
-    status, mask, n1, n2 = decide_status(pool, args)
-    counts = {"status1_eligible": n1, "status2_eligible": n2}
-    write_outputs(pool, mask, args, scored_path if args.reward_model_name else None)
-    stats = statistics(pool, mask, status, counts, args, scoring)
+    decision = decide(pool, args)
+    status = decision.status
+    write_outputs(pool, decision.mask, args, scored_path if args.reward_model_name else None)
+    stats = statistics(pool, decision.mask, status, decision.counts, args, scoring)
     write_json(args.stats_save_path or out_dir / "stats.json", stats)  # written last: marks the step done
     shutil.rmtree(chunk_folder(scored_path), ignore_errors=True)
     precision = stats["pseudo_label_precision"]
@@ -365,7 +368,7 @@ def main(args: ScriptArguments):
         logger.warning(f"filter: warning: {stats['duplicate_pairs']} pool pairs repeat an earlier one (same question "
                        "and responses) and count again toward the status thresholds")
     logger.info(f"filter: {status}; {stats['selected']} of {len(pool)} pairs selected "
-                f"(status-1 eligible {n1}, status-2 eligible {n2})"
+                f"(status-1 eligible {decision.status1_eligible}, status-2 eligible {decision.status2_eligible})"
                 + (f", self-label precision {precision:.3f}" if precision is not None else ""))
 
 

@@ -1,4 +1,5 @@
-"""Selection invariants of rm_loop_filter_by_self.py, as properties over random scored pools."""
+"""Selection invariants of rm_loop_filter_by_self.py (its rules are ser/selection.py's), as properties over
+random scored pools."""
 
 import json
 from collections import Counter
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rm_loop_filter_by_self as F
+from ser import selection
 from ser.data import load_records, write_records
 
 probability = st.floats(0.0, 1.0, allow_nan=False)
@@ -46,7 +48,7 @@ def key(pair):
 @settings(max_examples=300, deadline=None)
 @given(pools(), settings_())
 def test_selected_plus_remaining_is_the_pool(pool, args):
-    _, selected, remaining, _ = F.select(pool, args)
+    _, selected, remaining, _ = F.select_pairs(pool, args)
     assert Counter(map(key, selected + remaining)) == Counter(map(key, pool))
     assert remaining == [p for p in pool if p["id"] not in {s["id"] for s in selected}]
 
@@ -54,7 +56,7 @@ def test_selected_plus_remaining_is_the_pool(pool, args):
 @settings(max_examples=300, deadline=None)
 @given(pools(), settings_())
 def test_response_j_is_the_one_the_rm_prefers(pool, args):
-    _, selected, _, _ = F.select(pool, args)
+    _, selected, _, _ = F.select_pairs(pool, args)
     by_id = {p["id"]: p for p in pool}
     for s in selected:
         src = by_id[s["id"]]
@@ -74,7 +76,7 @@ def test_paper_status_follows_thresholds_and_counts(pool, args):
     lo, hi, delta = args.left_threshold, args.right_threshold, args.delta_threshold
     s1 = [(p["score_j"] > hi and p["score_k"] < lo) or (p["score_k"] > hi and p["score_j"] < lo) for p in pool]
     s2 = [abs(p["score_j"] - p["score_k"]) >= delta for p in pool]
-    status, selected, _, counts = F.select(pool, args)
+    status, selected, _, counts = F.select_pairs(pool, args)
     assert counts == {"status1_eligible": sum(s1), "status2_eligible": sum(s2)}
     if sum(s1) >= args.status1_min_pairs:
         assert status == "status1" and [s["id"] for s in selected] == [p["id"] for p, e in zip(pool, s1) if e]
@@ -106,7 +108,7 @@ def released_rule(items, left, right):
 def test_released_mode_equals_the_original_rule(pool, args):
     args = replace(args, selection="released", delta_threshold=0.3)
     pool = [{k: v for k, v in p.items() if k != F.GOLD} for p in pool]
-    status, selected, remaining, _ = F.select(pool, args)
+    status, selected, remaining, _ = F.select_pairs(pool, args)
     use, rest = released_rule(pool, args.left_threshold, args.right_threshold)
     assert status == "released"
     assert selected == use and remaining == rest
@@ -116,8 +118,8 @@ def test_released_mode_equals_the_original_rule(pool, args):
 @given(pools(), settings_())
 def test_gold_labels_never_change_the_selection(pool, args):
     blind = [{k: v for k, v in p.items() if k != F.GOLD} for p in pool]
-    with_gold = F.select(pool, args)
-    without = F.select(blind, args)
+    with_gold = F.select_pairs(pool, args)
+    without = F.select_pairs(blind, args)
     strip = lambda rows: [{k: v for k, v in r.items() if k != F.GOLD} for r in rows]  # noqa: E731
     assert with_gold[0] == without[0] and with_gold[3] == without[3]
     assert strip(with_gold[1]) == without[1] and strip(with_gold[2]) == without[2]
@@ -132,8 +134,8 @@ def test_precision_is_counted_against_the_hidden_label():
              F.GOLD: "k"}]
     args = F.ScriptArguments("-", "-", "-", status1_min_pairs=1)
     pool = [{**p, "texts": F.texts_hash(p)} for p in pool]  # what F.read_pool keeps of each pair
-    status, mask, n1, n2 = F.decide_status(pool, args)
-    stats = F.statistics(pool, mask, status, {"status1_eligible": n1, "status2_eligible": n2}, args)
+    decision = F.decide(pool, args)
+    stats = F.statistics(pool, decision.mask, decision.status, decision.counts, args)
     assert stats["status"] == "status1" and stats["selected"] == 3
     assert stats["pseudo_label_precision"] == pytest.approx(2 / 3)
     assert sum(stats["score_histogram"]["counts"]) == 6
@@ -188,7 +190,7 @@ def test_pairwise_status1_pairs_are_the_easy_ones(pool, gap_a, gap_b):
     """Status 1 takes sure pairs, Status 2 adds less sure ones: every Status-1 eligible pair is at least
     as confident as every pair only Status 2 takes."""
     args = pairwise_args(pairwise_easy_gap=max(gap_a, gap_b), delta_threshold=min(gap_a, gap_b))
-    flags = [F.eligibility(p["score_j"], p["score_k"], args) for p in pairwise(pool)]
+    flags = [selection.eligibility(p["score_j"], p["score_k"], selection.Thresholds.of(args)) for p in pairwise(pool)]
     conf = [abs(p["reward_j"] - p["reward_k"]) for p in pool]
     easy = [c for c, (s1, _) in zip(conf, flags) if s1]
     hard_only = [c for c, (s1, s2) in zip(conf, flags) if s2 and not s1]
@@ -203,16 +205,16 @@ def test_pairwise_reaches_status_2_once_the_easy_pairs_are_gone():
     args = pairwise_args(status1_min_pairs=5, status2_min_pairs=5)
     pool = pairwise([{"id": i, "question": "q", "response_j": "a", "response_k": "b", "reward_j": 0.3 + 0.7 * (i % 2),
                       "reward_k": 0.0} for i in range(20)])  # |dr| = 0.3 or 1.0: p 0.57 or 0.73, none >= 0.8
-    status, selected, remaining, counts = F.select(pool, args)
+    status, selected, remaining, counts = F.select_pairs(pool, args)
     assert status == "status2" and {s["id"] % 2 for s in selected} == {1}  # p 0.73 >= 0.65; p 0.57 remain
     # and with enough sure pairs, Status 1 comes first and takes only those
     args = pairwise_args(status1_min_pairs=1, status2_min_pairs=1)
     pool = pairwise([{"id": i, "question": "q", "response_j": "a", "response_k": "b", "reward_j": 2.0 * (i % 3),
                       "reward_k": 0.0} for i in range(30)])  # |dr| 0, 2 or 4
-    status, selected, _, _ = F.select(pool, args)
+    status, selected, _, _ = F.select_pairs(pool, args)
     assert status == "status1" and {s["id"] % 3 for s in selected} == {1, 2}
     args = pairwise_args(status1_min_pairs=11, status2_min_pairs=1, pairwise_easy_gap=0.97)  # only |dr|=4 is sure
-    status, selected, _, _ = F.select(pool, args)
+    status, selected, _, _ = F.select_pairs(pool, args)
     assert status == "status2" and {s["id"] % 3 for s in selected} == {1, 2}
 
 
@@ -221,6 +223,54 @@ def test_pairwise_reaches_status_2_once_the_easy_pairs_are_gone():
 def test_pairwise_selection_ignores_the_reward_offset(pool, offset):
     """A Bradley-Terry reward is defined up to a constant; the pairwise selection must not depend on it."""
     args = pairwise_args(status1_min_pairs=3, status2_min_pairs=3)
-    a = F.select(pairwise(pool), args)
-    b = F.select(pairwise(pool, offset), args)
+    a = F.select_pairs(pairwise(pool), args)
+    b = F.select_pairs(pairwise(pool, offset), args)
     assert a[0] == b[0] and [p["id"] for p in a[1]] == [p["id"] for p in b[1]]
+
+
+def test_a_new_rule_is_one_registered_function_and_the_filter_offers_it(tmp_path):
+    """A toy rule: every pair the RM prefers by any margin, as Status 1. Registered, it is a --selection choice."""
+    from ser.cli import parse
+
+    @selection.rule("toy-any-preference")
+    def any_preference(p_j, p_k, t):
+        mask = [a != b for a, b in zip(p_j, p_k)]
+        return selection.Decision(selection.STATUS1, mask, sum(mask), sum(mask))
+
+    try:
+        pool = [{"question": "q", "response_j": f"a{i}", "response_k": f"b{i}", "score_j": 0.5 + i / 10,
+                 "score_k": 0.5} for i in range(3)]
+        write_records(tmp_path / "pool.jsonl", pool)
+        (args,) = parse([F.ScriptArguments], [
+            "--dataset_name", str(tmp_path / "pool.jsonl"), "--rm_next_loop_save_path", str(tmp_path / "use.jsonl"),
+            "--remaining_data_save_path", str(tmp_path / "rest.jsonl"), "--selection", "toy-any-preference"])
+        F.main(args)
+        assert len(load_records(tmp_path / "use.jsonl")) == 2 and len(load_records(tmp_path / "rest.jsonl")) == 1
+        assert json.loads((tmp_path / "stats.json").read_text())["status"] == "status1"
+    finally:
+        del selection.RULES["toy-any-preference"]
+
+
+odd_float = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 0.45, 0.55, 1.0, -0.1, 1.1]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.fixed_dictionaries({
+    "left_threshold": odd_float, "right_threshold": odd_float, "delta_threshold": odd_float,
+    "pairwise_easy_gap": odd_float, "status1_min_pairs": st.integers(-3, 8), "status2_min_pairs": st.integers(-3, 8),
+    "batch_size": st.integers(-2, 4), "chunk_pairs": st.integers(-2, 5), "forward_cost": odd_float,
+    "probability": st.sampled_from(["sigmoid", "pairwise"]), "selection": st.sampled_from(["paper", "released"])}))
+def test_any_flags_give_an_exact_partition_or_stop_before_writing_naming_the_flag(tmp_path_factory, flags):
+    folder = tmp_path_factory.mktemp("flags")
+    pool = [{"id": i, "question": "q", "response_j": f"a{i}", "response_k": f"b{i}", "score_j": (i % 7) / 7,
+             "score_k": (i % 3) / 3} for i in range(12)]
+    write_records(folder / "pool.jsonl", pool)
+    args = F.ScriptArguments(str(folder / "pool.jsonl"), str(folder / "use.jsonl"), str(folder / "rest.jsonl"), **flags)
+    try:
+        F.main(args)
+    except ValueError as e:
+        assert "--" in str(e) and "nothing was written" in str(e)
+        assert not any(folder.glob("use*")) and not any(folder.glob("rest*")) and not (folder / "stats.json").exists()
+        return
+    use, rest = load_records(folder / "use.jsonl"), load_records(folder / "rest.jsonl")
+    assert sorted(r["id"] for r in use + rest) == list(range(12))
