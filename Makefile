@@ -37,12 +37,12 @@ experiments-quick: setup
 	  --results experiments/results-quick --workdir runs/experiments
 
 bench: setup
-	$(PY) bench/bench_scoring.py
-	$(PY) bench/bench_plan.py --readme README.md
-	$(PY) bench/bench_rm_training.py
-	$(PY) bench/bench_scaling.py
-	$(PY) bench/bench_ppo.py
-	$(PY) bench/summary.py --readme README.md
+	$(PY) -m bench.bench_scoring
+	$(PY) -m bench.bench_plan --readme README.md
+	$(PY) -m bench.bench_rm_training
+	$(PY) -m bench.bench_scaling
+	$(PY) -m bench.bench_ppo
+	$(PY) -m bench.summary --readme README.md
 
 clean:
 	rm -rf runs models data/generated

@@ -1,6 +1,6 @@
 """The capacity planner against measured memory, and its tables for the paper's models.
 
-    python bench/bench_plan.py [--readme README.md]
+    python -m bench.bench_plan [--readme README.md]
 
 1. Measures each stage's peak tensor memory (`ser.plan.measure`, one process on CPU) for the tiny model
    and SmolLM2-135M (`make base-model`; skipped with a message when it cannot be had), next to the

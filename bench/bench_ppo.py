@@ -1,6 +1,6 @@
 """Where a PPO step's time goes: generation, RM scoring, the policy/reference/value passes, the update.
 
-    python bench/bench_ppo.py [--steps 6] [--model FOLDER]
+    python -m bench.bench_ppo [--steps 6] [--model FOLDER]
 
 Runs ppo/ppo.py (one process) on the synthetic task with the tiny model as policy, against an RM
 trained here for one epoch, and reads the per-step figures it writes to OUTPUT/log.jsonl. Reports the
@@ -19,8 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from summary import merge_into_summary
-
+from bench.summary import merge_into_summary
 from ser import tiny
 from ser.cli import parse
 

@@ -1,6 +1,6 @@
 """RM training: TRL's RewardTrainer with its defaults against rm_training.py's, on SmolLM2-135M LoRA.
 
-    python bench/bench_rm_training.py [--pairs 128] [--repeats 3]
+    python -m bench.bench_rm_training [--pairs 128] [--repeats 3]
 
 Both train the same LoRA RM (rm_training.load_model: r 8, score head trained) on the same real HH-RLHF
 pairs (cap 512, questions cut from the left), for one epoch of the same number of steps, with the same
@@ -15,7 +15,6 @@ bench/results/rm_training.json and merges its keys into bench/results/summary.js
 """
 
 import json
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,15 +22,13 @@ from pathlib import Path
 
 import torch
 
+import rm_training
+from bench.bench_scoring import SHARED, hh_pairs
+from bench.summary import merge_into_summary, portable
+from ser.cli import parse
+from ser.modeling import load_tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-
-from bench_scoring import SHARED, hh_pairs  # noqa: E402
-from summary import merge_into_summary, portable  # noqa: E402
-
-import rm_training  # noqa: E402
-from ser.cli import parse  # noqa: E402
-from ser.modeling import load_tokenizer  # noqa: E402
 
 METHODS = ("trl", "ours")
 

@@ -1,6 +1,6 @@
 """Pool scoring as the pool grows: time per pair and peak memory of the filter stage at 1k, 10k, 100k pairs.
 
-    python bench/bench_scaling.py [--sizes 1000 10000 100000] [--repeats 3]
+    python -m bench.bench_scaling [--sizes 1000 10000 100000] [--repeats 3]
 
 The tiny model (ser.tiny, as an RM) scores pools whose question and response lengths are drawn (seeded,
 with replacement) from those of the real HH-RLHF helpful test rows under the SmolLM2 tokenizer: only the
@@ -21,16 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.bench_scoring import SHARED, hh_pairs
+from bench.summary import merge_into_summary, portable
+from ser import tiny
+from ser.cli import parse
+from ser.data import encode, write_records
+from ser.synthetic import corpus
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "bench")]
-
-from bench_scoring import SHARED, hh_pairs  # noqa: E402
-from summary import merge_into_summary, portable  # noqa: E402
-
-from ser import tiny  # noqa: E402
-from ser.cli import parse  # noqa: E402
-from ser.data import encode, write_records  # noqa: E402
-from ser.synthetic import corpus  # noqa: E402
 
 
 @dataclass

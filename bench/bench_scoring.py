@@ -1,6 +1,6 @@
 """Pool scoring: the released pipeline against ours, on SmolLM2-135M and real HH-RLHF pairs.
 
-    python bench/bench_scoring.py [--pairs 500] [--repeats 3]
+    python -m bench.bench_scoring [--pairs 500] [--repeats 3]
 
 Three ways to score both responses of the same pairs with the same model under bf16 autocast:
 * released: transformers' `pipeline("sentiment-analysis")` on the RM, batch 50, file order, one side per
@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from summary import merge_into_summary, portable
 
+from bench.summary import merge_into_summary, portable
 from ser.cli import parse
 from ser.data import encode, format_text, split_transcript
 from ser.modeling import THIS_PROCESS_ONLY, load_tokenizer, score_pairs

@@ -1,26 +1,23 @@
 """Where pool scoring's time goes: torch's profiler over our two scorers on the bench's pairs and model.
 
-    python bench/profile_scoring.py [--pairs 200]
+    python -m bench.profile_scoring [--pairs 200]
 
 Runs `score_pairs` plain (length-sorted) and with `shared_prefix`, each once to warm up and once under
 `torch.profiler`, on SmolLM2-135M with bf16 autocast, and writes the top operators by self CPU time, the
 forward calls and the positions each ran to bench/results/scoring_profile.md.
 """
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from bench.bench_scoring import SHARED, hh_pairs
+from ser.cli import parse
+from ser.modeling import THIS_PROCESS_ONLY, load_tokenizer, score_pairs
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "bench")]
-
-from bench_scoring import SHARED, hh_pairs  # noqa: E402
-
-from ser.cli import parse  # noqa: E402
-from ser.modeling import THIS_PROCESS_ONLY, load_tokenizer, score_pairs  # noqa: E402
 
 
 @dataclass

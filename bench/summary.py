@@ -1,6 +1,6 @@
 """bench/results/summary.json as a markdown table: bench/results/summary.md and the README's bench block.
 
-    python bench/summary.py [--readme README.md]
+    python -m bench.summary [--readme README.md]
 
 Each bench script merges its figures into summary.json; this renders whatever is there, and lists the
 issue's keys not measured yet as such.

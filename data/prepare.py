@@ -29,12 +29,21 @@ from pathlib import Path
 from ser.cli import parse
 from ser.data import DATA_SUFFIXES, DataError, data_files, read_records, split_transcript, umask_mode, write_json, write_records
 
-DATASETS = ("hh-rlhf", "ultrafeedback", "summarize", "stack-exchange")
+# --dataset NAME -> parse_*(args, files, records, rows) -> pairs, filled by @parser below: the choices, the help
+# and the dispatch are this one registry.
+PARSERS = {}
+
+
+def parser(name):
+    def register(fn):
+        PARSERS[name] = fn
+        return fn
+    return register
 
 
 @dataclass
 class Args:
-    dataset: str = field(metadata={"help": "hh-rlhf, ultrafeedback, summarize or stack-exchange"})
+    dataset: str = field(metadata={"help": "which parser reads --source", "choices": PARSERS.keys()})
     source: str = field(metadata={"help": "a local file or folder of the dataset, or a hub id when online"})
     out: str = field(metadata={"help": "output folder (new or empty)"})
     labeled_fraction: float = field(default=0.15, metadata={"help": "share of the pool that keeps its human label"})
@@ -128,7 +137,8 @@ def json_rows(files, rows: Rows):
 # ----------------------------------------------------------------------------- formats
 
 
-def parse_hh(records, rows: Rows):
+@parser("hh-rlhf")
+def parse_hh(args, files, records, rows: Rows):
     for r in records:
         where = f"{r['_source']}:{r['_line']}"
         chosen, rejected = rows.text(r, "chosen", where), rows.text(r, "rejected", where)
@@ -155,7 +165,8 @@ def last_assistant(messages):
     return None
 
 
-def parse_ultrafeedback(records, rows: Rows, ties: str):
+@parser("ultrafeedback")
+def parse_ultrafeedback(args, files, records, rows: Rows):
     for r in records:
         where = f"{r['_source']}:{r['_line']}"
         prompt = rows.text(r, "prompt", where)
@@ -181,13 +192,14 @@ def parse_ultrafeedback(records, rows: Rows, ties: str):
             continue
         scores = r.get("metadata", r)
         s_j, s_k = scores.get("score_chosen"), scores.get("score_rejected")
-        if s_j is not None and s_j == s_k and ties == "drop":
+        if s_j is not None and s_j == s_k and args.ultrafeedback_ties == "drop":
             rows.dropped["tied scores (--ultrafeedback_ties drop)"] += 1
             continue
         yield {"question": prompt, "response_j": sides[0], "response_k": sides[1]}
 
 
-def parse_summarize(files, records, rows: Rows):
+@parser("summarize")
+def parse_summarize(args, files, records, rows: Rows):
     """The TL;DR comparisons: CSV rows (post_title, post_text, winner_text, loser_text) or the original
     JSON (info.post, info.title, summaries[i].text, choice)."""
     for f in files:
@@ -225,7 +237,8 @@ def parse_summarize(files, records, rows: Rows):
                "response_j": texts[choice].strip(), "response_k": texts[1 - choice].strip()}
 
 
-def parse_stack_exchange(records, rows: Rows):
+@parser("stack-exchange")
+def parse_stack_exchange(args, files, records, rows: Rows):
     for r in records:
         where = f"{r['_source']}:{r['_line']}"
         q = rows.text(r, "question", where)
@@ -249,14 +262,7 @@ def load_pairs(args: Args, rows: Rows):
             raise DataError(f"{args.source}: no such file or folder")
         files, records, digest = [], hub_rows(args.source), None
     n_rows = len(records) + sum(csv_rows(f) for f in files if f.suffix == ".csv")
-    if args.dataset == "hh-rlhf":
-        pairs = parse_hh(records, rows)
-    elif args.dataset == "ultrafeedback":
-        pairs = parse_ultrafeedback(records, rows, args.ultrafeedback_ties)
-    elif args.dataset == "summarize":
-        pairs = parse_summarize(files, records, rows)
-    else:
-        pairs = parse_stack_exchange(records, rows)
+    pairs = PARSERS[args.dataset](args, files, records, rows)
     kept = []
     for p in pairs:
         if p["response_j"].strip() == p["response_k"].strip():
@@ -330,8 +336,8 @@ def split(pairs, args: Args):
 
 
 def main(args: Args):
-    if args.dataset not in DATASETS:
-        raise DataError(f"--dataset {args.dataset}: unknown dataset; choose one of {', '.join(DATASETS)}")
+    if args.dataset not in PARSERS:
+        raise DataError(f"--dataset {args.dataset}: unknown dataset; choose one of {', '.join(PARSERS)}")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not an empty folder; choose a new --out")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser.cli import parse
+from ser.selection import STOP
 from ser.stats import N_BOOT, bootstrap_ci
 
 
@@ -182,7 +183,7 @@ def analysis(setting, rows, summary, seeds):
                    "(the paper: +7.9 points on average, 0.3 from the all-label RM)." if gap else "")
     for v in ser:  # a run that stops before any retraining keeps its seed RM: SER did nothing there
         first = [r for r in rows if r["variant"] == v and r["loop"] == 1]
-        idle = [r for r in first if r["status"] == "stop"]
+        idle = [r for r in first if r["status"] == STOP]
         if idle:
             out.append(f"* `{v}` reached Stop at loop 1, having selected nothing, in {len(idle)} of {len(first)} seeds: "
                        "no pool pair passed its status thresholds, so its final RM there is the seed RM.")

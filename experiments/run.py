@@ -6,9 +6,10 @@
 
 (run from the repository's root).
 
-Each run launches the stage scripts as a user would (a SER run is rm_training.py for Loop 0, then
-rm_loop_filter_by_self.py and rm_training.py per loop, exactly as scripts/ser_loop.sh chains them),
-one process per stage (each writes its resolved arguments beside its outputs). Checkpoints go to --workdir
+Every SER run (and every seed RM: the driver with no loop) is scripts/ser_loop.sh, run as a user runs it
+with the variant's settings as environment variables; the rows are read back from the files it writes.
+This module runs stage scripts itself only for what the driver does not do: the data, the SFT model, the
+all-label RM, PPO and its evaluation. Checkpoints go to --workdir
 (not committed); the rows go to RESULTS/results.json, rewritten atomically after every run. A rerun
 skips every (setting, variant, seed) already in results.json, so an interrupted grid resumes where
 it stopped. RESULTS/REPORT.md and the plots are then regenerated from results.json alone
@@ -18,6 +19,7 @@ it stopped. RESULTS/REPORT.md and the plots are then regenerated from results.js
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from ser import tiny
 from ser.cli import parse
 from ser.data import read_records, subsample, write_json, write_records
 from ser.run_config import git_revision
+from ser.selection import STOP
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -239,56 +242,75 @@ def selection_row(loop_dir: Path, seed_scores: dict, gold_fn) -> dict:
             "precision_by_confidence": [{"pairs": m, "precision": c / m if m else None} for m, c in bins]}
 
 
+def driver_env(grid, spec, seed, data: Path, start_model: Path, run: Path, max_loops: int) -> dict:
+    """The settings of scripts/ser_loop.sh for one variant, as environment variables."""
+    rm_args = [*CPU, *grid["rm"], "--loss", spec["loss"], "--seed", str(seed)]
+    filter_args = [*grid["filter"], "--probability", spec["probability"], "--selection", spec["selection"]]
+    return {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"), "TOKENIZERS_PARALLELISM": "false",
+            "DATA": str(data), "SFT": str(start_model), "RUN": str(run), "MAX_LOOPS": str(max_loops),
+            "KEEP_SEED": str(int(spec["keep_seed"])), "CONTINUE": str(int(spec["continue_from_previous"])),
+            "UNION": str(int(spec["union"])), "MAX_LENGTH": str(grid["max_length"]),
+            "SEED_EPOCHS": str(grid["seed_epochs"]), "LOOP_EPOCHS": str(grid["loop_epochs"]),
+            "RM_ARGS": shlex.join(rm_args), "FILTER_ARGS": shlex.join(filter_args),
+            "PY": sys.executable, "LAUNCH": sys.executable}
+
+
+def ser_loop(env: dict) -> None:
+    """scripts/ser_loop.sh, as a user runs it; it skips what a previous, interrupted call finished."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "ser_loop.sh")], cwd=ROOT, env=env)
+    if proc.returncode:
+        raise SystemExit(f"experiments: scripts/ser_loop.sh exited with {proc.returncode} (RUN={env['RUN']})")
+
+
+def wall_s(run: Path, t: int) -> float:
+    return sum(json.loads(p.read_text())["ms"] for p in run.glob(f".wall.loop_{t}.*.json")) / 1000
+
+
 def run_variant(grid, name, spec, seed, work: Path, data: Path, start_model: Path, seed_rms: dict):
-    """Rows for one (variant, seed): Loop 0, then each loop until Stop or max_loops."""
+    """Rows for one (variant, seed), read from the files of scripts/ser_loop.sh: Loop 0, then each loop until
+    Stop or max_loops. Loop 0's RM is trained once per seed, fraction and loss (the driver with no loop) and
+    copied into each SER run, whose driver then skips Loop 0."""
     setting = grid["setting"]
     gold_fn = None
     if setting.startswith("synthetic"):
         from ser.synthetic import gold_reward as gold_fn
-    evaluation = data / "data" / "evaluation"
     base_row = {"setting": setting, "variant": name, "seed": seed, "fraction": spec["fraction"]}
-    t0 = time.perf_counter()
     if spec["kind"] == "full":
+        t0 = time.perf_counter()
         out = work / "full"
-        train_rm(grid, out, start_model, [data], grid["seed_epochs"], spec["loss"], seed, "data/reward_full", evaluation)
+        train_rm(grid, out, start_model, [data], grid["seed_epochs"], spec["loss"], seed, "data/reward_full",
+                 data / "data" / "evaluation")
         return [{**base_row, "loop": 0, **eval_row(out), "status": "full", "selected": 0,
                  "pseudo_label_precision": None, "wall_s": time.perf_counter() - t0}]
-    key = (spec["fraction"], spec["loss"])
-    rm0 = work / f"seed-rm@{spec['fraction']}-{spec['loss']}"
-    train_rm(grid, rm0, start_model, [data], grid["seed_epochs"], spec["loss"], seed, "data/reward", evaluation)
-    seed_rms[key] = rm0
-    rows = [{**base_row, "loop": 0, **eval_row(rm0), "status": "seed", "selected": 0,
-             "pseudo_label_precision": None, "wall_s": time.perf_counter() - t0}]
+    seed_run = work / f"seed-rm@{spec['fraction']}-{spec['loss']}"
+    ser_loop(driver_env(grid, variant(fraction=spec["fraction"], loss=spec["loss"]), seed, data, start_model, seed_run,
+                        max_loops=0))
+    seed_rms[(spec["fraction"], spec["loss"])] = seed_run / "loop_0" / "rm"
+    rows = [{**base_row, "loop": 0, **eval_row(seed_run / "loop_0" / "rm"), "status": "seed", "selected": 0,
+             "pseudo_label_precision": None, "wall_s": wall_s(seed_run, 0)}]
     if spec["kind"] == "seed":
         return rows
     run = work / name
-    prev, selected, seed_scores = rm0, [], {}
-    filter_args = [*grid["filter"], "--probability", spec["probability"], "--selection", spec["selection"],
-                   "--max_length", str(grid["max_length"])]
+    if not (run / "loop_0" / "rm" / "eval_results.json").is_file():
+        shutil.rmtree(run / "loop_0", ignore_errors=True)
+        shutil.copytree(seed_run / "loop_0", run / "loop_0")
+    ser_loop(driver_env(grid, spec, seed, data, start_model, run, grid["max_loops"]))
+    # RM_0's scores of the whole pool: did the seed RM already prefer what later loops select?
+    seed_scores = {r["id"]: {r["response_j"]: r["reward_j"], r["response_k"]: r["reward_k"]}
+                   for r in read_records(run / "loop_1" / "scored.jsonl")}
+    selected = 0
     for t in range(1, grid["max_loops"] + 1):
-        t0 = time.perf_counter()
         loop = run / f"loop_{t}"
-        pool = [str(data), "--subset", "data/unlabeled"] if t == 1 else [str(run / f"loop_{t - 1}" / "remaining.jsonl")]
         if not (loop / "stats.json").is_file():
-            stage("rm_loop_filter_by_self.py", "--dataset_name", *pool, "--reward_model_name", prev,
-                  "--tokenizer_name", start_model, "--rm_next_loop_save_path", loop / "selected.jsonl",
-                  "--remaining_data_save_path", loop / "remaining.jsonl", *filter_args)
-        if t == 1:  # RM_0's scores of the whole pool: did the seed RM already prefer what later loops select?
-            seed_scores = {r["id"]: {r["response_j"]: r["reward_j"], r["response_k"]: r["reward_k"]}
-                           for r in read_records(loop / "scored.jsonl")}
-        sel = selection_row(loop, seed_scores, gold_fn)
-        if sel["status"] == "stop":
-            rows.append({**base_row, "loop": t, "accuracy": None, "tie_rate": None, "n_eval": None, **sel,
-                         "wall_s": time.perf_counter() - t0})
             break
-        selected.append(loop / "selected.jsonl")
-        sources = ([data] if spec["keep_seed"] else []) + (selected if spec["union"] else selected[-1:])
-        init = prev if spec["continue_from_previous"] else start_model
-        train_rm(grid, loop / "rm", init, sources, grid["loop_epochs"], spec["loss"], seed, "data/reward", evaluation,
-                 tokenizer=start_model)
-        rows.append({**base_row, "loop": t, **eval_row(loop / "rm"), **sel,
-                     "selected_total": sum(len(read_records(p)) for p in selected), "wall_s": time.perf_counter() - t0})
-        prev = loop / "rm"
+        sel = selection_row(loop, seed_scores, gold_fn)
+        if sel["status"] == STOP:
+            rows.append({**base_row, "loop": t, "accuracy": None, "tie_rate": None, "n_eval": None, **sel,
+                         "wall_s": wall_s(run, t)})
+            break
+        selected += sel["selected"]
+        rows.append({**base_row, "loop": t, **eval_row(loop / "rm"), **sel, "selected_total": selected,
+                     "wall_s": wall_s(run, t)})
     return rows
 
 
@@ -302,7 +324,7 @@ def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_
     if rm_variant == "full":
         rm_dir = work / "ppo-rms" / "full"
     elif final["loop"] == 0:  # a seed RM, or a SER run that stopped before its first retraining
-        rm_dir = work / "ppo-rms" / f"seed-rm@{spec['fraction']}-{spec['loss']}"
+        rm_dir = seed_rms[(spec["fraction"], spec["loss"])]
     else:
         rm_dir = work / "ppo-rms" / rm_variant / f"loop_{final['loop']}" / "rm"
     out = work / name.replace(":", "-")

@@ -14,6 +14,7 @@ set -euo pipefail
 : "${RUN:?RUN: the folder for this run}"
 MAX_LOOPS=${MAX_LOOPS:-3}     # self-evolution loops after Loop 0 (the paper runs 3)
 KEEP_SEED=${KEEP_SEED:-1}     # 1: the human seed stays in every retraining mix; 0: self-labels only
+UNION=${UNION:-1}             # 1: retrain on every loop's self-labels so far (the paper); 0: on the newest loop's only
 CONTINUE=${CONTINUE:-1}       # 1: RM_t+1 continues from RM_t (the paper's curves); 0: restarts from SFT
 MAX_LENGTH=${MAX_LENGTH:-512} # tokens per sequence in training, self-labelling and evaluation alike (the paper: 512)
 SEED_EPOCHS=${SEED_EPOCHS:-2} # epochs of RM_0 on the human seed (the release: 2)
@@ -57,20 +58,30 @@ if ((lock_rc != 0)); then
   echo "ser: $RUN's filesystem has no flock; this driver holds $pidfile instead" >&2
 fi
 
-# The extra flags, split as a shell would split them (quotes kept, no globbing).
-split() { $PY -c 'import shlex, sys; sys.stdout.write("\0".join(shlex.split(sys.argv[1])))' "$1"; }
-RM_EXTRA=(); FILTER_EXTRA=()
-if [[ -n $RM_ARGS ]]; then mapfile -d '' -t RM_EXTRA < <(split "$RM_ARGS"); fi
-if [[ -n $FILTER_ARGS ]]; then mapfile -d '' -t FILTER_EXTRA < <(split "$FILTER_ARGS"); fi
-GENERATE_EXTRA=(); if [[ -n $GENERATE_ARGS ]]; then mapfile -d '' -t GENERATE_EXTRA < <(split "$GENERATE_ARGS"); fi
+# The extra flags, split as a shell would split them (quotes kept, no globbing); a value that cannot be
+# split (an unclosed quote) stops the driver before any stage, naming the variable.
+split_flags() {  # VARIABLE ARRAY
+  local -n into=$2
+  local tmp; tmp=$(mktemp)
+  into=()
+  if ! $PY -c 'import shlex, sys; sys.stdout.write("\0".join(shlex.split(sys.argv[1])))' "${!1}" >"$tmp" 2>"$tmp.err"; then
+    echo "ser: $1 cannot be split into flags ($(tail -n 1 "$tmp.err")): $1=${!1}" >&2
+    rm -f "$tmp" "$tmp.err"; exit 2
+  fi
+  if [[ -s $tmp ]]; then mapfile -d '' -t into <"$tmp"; fi
+  rm -f "$tmp" "$tmp.err"
+}
+split_flags RM_ARGS RM_EXTRA; split_flags FILTER_ARGS FILTER_EXTRA; split_flags GENERATE_ARGS GENERATE_EXTRA
 
 # RUN/config.json: a re-run with other settings must not skip stages made with the old ones.
+# (UNION is recorded when it is not the default, so runs made before it existed still match.)
+union_setting=(); if [[ $UNION != 1 ]]; then union_setting=(UNION="$UNION"); fi
 force=(); if [[ $FORCE == 1 ]]; then force=(--force); fi
 # the pool's settings are recorded only when generating, so runs made before they existed still match
 pool_settings=(); if [[ $POOL_FROM != data ]]; then
   pool_settings=(POOL_FROM="$POOL_FROM" POOL_PROMPTS="$POOL_PROMPTS" GENERATE_ARGS="$GENERATE_ARGS"); fi
 $PY -m ser.run_config --run "$RUN" "${force[@]}" DATA="$DATA" SFT="$SFT" MAX_LOOPS="$MAX_LOOPS" \
-  KEEP_SEED="$KEEP_SEED" CONTINUE="$CONTINUE" MAX_LENGTH="$MAX_LENGTH" SEED_EPOCHS="$SEED_EPOCHS" \
+  KEEP_SEED="$KEEP_SEED" "${union_setting[@]}" CONTINUE="$CONTINUE" MAX_LENGTH="$MAX_LENGTH" SEED_EPOCHS="$SEED_EPOCHS" \
   LOOP_EPOCHS="$LOOP_EPOCHS" RM_ARGS="$RM_ARGS" FILTER_ARGS="$FILTER_ARGS" "${pool_settings[@]}"
 
 # A stage's wall time runs from its start (recorded before launch) to its done file's mtime, so a kill
@@ -121,11 +132,12 @@ for ((t = 1; t <= MAX_LOOPS; t++)); do
     --rm_next_loop_save_path "$loop/selected.jsonl" --remaining_data_save_path "$loop/remaining.jsonl" \
     --max_length "$MAX_LENGTH" "${FILTER_EXTRA[@]}"
 
-  status=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['status'])" "$loop/stats.json")
-  if [[ $status == stop ]]; then echo "ser: loop $t: Stop (the RM has converged)"; break; fi
+  stopped=$($PY -c "import json, sys; from ser.selection import STOP; print(json.load(open(sys.argv[1]))['status'] == STOP)" \
+    "$loop/stats.json")
+  if [[ $stopped == True ]]; then echo "ser: loop $t: Stop (the RM has converged)"; break; fi
 
   selected+=("$loop/selected.jsonl")
-  sources=("${selected[@]}")
+  if [[ $UNION == 1 ]]; then sources=("${selected[@]}"); else sources=("$loop/selected.jsonl"); fi
   if [[ $KEEP_SEED == 1 ]]; then sources=("$DATA" "${sources[@]}"); fi
   if [[ $CONTINUE == 1 ]]; then init="$prev/rm"; else init="$SFT"; fi
   stage "loop_$t.train" "$loop/rm/eval_results.json" \

@@ -267,6 +267,20 @@ def test_without_flock_the_driver_holds_an_exclusive_lock_file_and_tells_a_stale
     assert not (run / ".lock.pid").exists()
 
 
+@pytest.mark.parametrize("variable", ["RM_ARGS", "FILTER_ARGS", "GENERATE_ARGS"])
+def test_an_unclosed_quote_in_extra_flags_stops_the_driver_before_any_stage(tmp_path, variable):
+    run = tmp_path / "run"
+    env = {**ENV, "DATA": str(tmp_path), "SFT": str(tmp_path), "RUN": str(run), "PY": sys.executable,
+           "LAUNCH": "false", variable: "--use_lora False --learning_rate 1e-3 --run_name 'x"}
+    proc = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"ser: {variable} cannot be split into flags (ValueError: No closing quotation)" \
+        in proc.stderr, proc.stderr[-2000:]
+    assert "loop_0" not in proc.stdout and not (run / "config.json").exists()
+    good = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env={**env, variable: "--run_name 'x y'"},
+                          capture_output=True, text=True, timeout=120)
+    assert "ser: loop_0.train" in good.stdout  # quoted flags split as a shell would (LAUNCH=false then stops it)
+
+
 STUB_STAGE = """
 import os, pathlib, signal, sys, time
 argv = sys.argv[1:]
