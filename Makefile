@@ -38,11 +38,11 @@ experiments-quick: setup
 
 bench: setup
 	$(PY) -m bench.bench_scoring
-	$(PY) -m bench.bench_plan --readme README.md
+	$(PY) -m bench.bench_plan --doc docs/scaling.md
 	$(PY) -m bench.bench_rm_training
 	$(PY) -m bench.bench_scaling
 	$(PY) -m bench.bench_ppo
-	$(PY) -m bench.summary --readme README.md
+	$(PY) -m bench.summary --doc docs/benchmarks.md
 
 clean:
 	rm -rf runs models data/generated

@@ -1,6 +1,6 @@
-"""bench/results/summary.json as a markdown table: bench/results/summary.md and the README's bench block.
+"""bench/results/summary.json as a markdown table: bench/results/summary.md and the bench block of docs/benchmarks.md.
 
-    python -m bench.summary [--readme README.md]
+    python -m bench.summary [--doc docs/benchmarks.md]
 
 Each bench script merges its figures into summary.json; this renders whatever is there, and lists the
 issue's keys not measured yet as such.
@@ -31,7 +31,8 @@ KEYS = {  # key: (what, goal)
 @dataclass
 class Args:
     results: str = field(default=str(ROOT / "bench" / "results"), metadata={"help": "folder of summary.json"})
-    readme: str | None = field(default=None, metadata={"help": "README to update between the bench markers"})
+    doc: str | None = field(default=None, metadata={"help": "markdown file to update between the bench markers "
+                                                        "(docs/benchmarks.md)"})
 
 
 def merge_into_summary(results_folder, figures: dict) -> None:
@@ -65,8 +66,8 @@ def main(args: Args) -> str:
         lines.append(f"| `{key}` | {what} | {fmt(summary[key]) if key in summary else 'not measured yet'} | {goal} |")
     text = "\n".join(lines)
     (Path(args.results) / "summary.md").write_text(text + "\n")
-    if args.readme:
-        replace_between(args.readme, BEGIN, END, text)
+    if args.doc:
+        replace_between(args.doc, BEGIN, END, text)
     print(text)
     return text
 

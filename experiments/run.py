@@ -393,8 +393,9 @@ def main(args: Args):
             save_rows(path, new, (grid["setting"], name, seed))  # after every run: an interruption loses at most it
             if not args.keep_checkpoints and spec["kind"] == "ser":
                 shutil.rmtree(work / name, ignore_errors=True)
-    # the README's Results block shows the committed study only, not a smoke test's folder
-    write_report(results_dir, ROOT / "README.md" if results_dir.resolve() == (ROOT / "experiments" / "results").resolve() else None)
+    # docs/results.md shows the committed study only, not a smoke test's folder
+    write_report(results_dir, ROOT / "docs" / "results.md"
+                 if results_dir.resolve() == (ROOT / "experiments" / "results").resolve() else None)
 
 
 if __name__ == "__main__":
