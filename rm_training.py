@@ -130,6 +130,13 @@ class LengthBatchedForward:
         return SequenceClassifierOutputWithPast(logits=logits)
 
 
+def pair_loss(r_j, r_k, kind: str = "bt", margin: float = 1.0):
+    """Per-pair loss of rewards r_j (preferred) and r_k: Bradley-Terry, -log sigmoid(r_j - r_k) (the released
+    code's, TRL's), or the paper's hinge, max(0, margin - (r_j - r_k)). Training and evaluation both use it."""
+    diff = r_j - r_k
+    return F.relu(margin - diff) if kind == "hinge" else F.softplus(-diff)
+
+
 class PairwiseRewardTrainer(RewardTrainer):
     """TRL's RewardTrainer with the hinge loss as an option, forwards of similar length, and pairwise
     evaluation on held-out pairs."""
@@ -149,7 +156,7 @@ class PairwiseRewardTrainer(RewardTrainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.loss_type == "hinge":
             r_j, r_k = outputs.logits.squeeze(-1).chunk(2)
-            loss = F.relu(self.hinge_margin - (r_j - r_k)).mean()
+            loss = pair_loss(r_j, r_k, "hinge", self.hinge_margin).mean()
             if self.args.center_rewards_coefficient is not None:
                 loss = loss + self.args.center_rewards_coefficient * ((r_j + r_k) ** 2).mean()
         return (loss, outputs) if return_outputs else loss
@@ -164,8 +171,7 @@ class PairwiseRewardTrainer(RewardTrainer):
                                    progress=None if self.args.disable_tqdm else "evaluating")
         r_j, r_k = rewards[:len(pairs)], rewards[len(pairs):]
         self.eval_rewards = (r_j, r_k)  # the last evaluation's rewards, pair by pair
-        diff = torch.tensor(r_j) - torch.tensor(r_k)
-        loss = F.relu(self.hinge_margin - diff) if self.loss_type == "hinge" else F.softplus(-diff)  # the trained loss
+        loss = pair_loss(torch.tensor(r_j), torch.tensor(r_k), self.loss_type, self.hinge_margin)  # the trained loss
         metrics = {**pair_metrics(r_j, r_k), "loss": loss.mean().item(),
                    "padding_share": stats["padding_share"], "sequences_per_second": stats["sequences_per_second"],
                    "model_tflops": stats["model_tflops"],
