@@ -23,6 +23,8 @@ class Args:
     out: str = field(metadata={"help": "the merged model's folder"})
     dtype: str = field(default="auto", metadata={"help": "weights dtype of the merged model: auto (the base's), "
                                                           "bfloat16, float16, float32"})
+    replace: bool = field(default=False, metadata={
+        "help": "replace --out even when it is not a model folder (a model folder is always replaced, by rename)"})
 
 
 def main(args: Args) -> Path:
@@ -36,7 +38,10 @@ def main(args: Args) -> Path:
     except ValueError as e:
         raise SystemExit(f"--adapter {e}") from e
     merged.name_or_path = args.out
-    out = save_whole(args.out, merged, tokenizer)
+    try:
+        out = save_whole(args.out, merged, tokenizer, replace=args.replace)
+    except FileExistsError as e:
+        raise SystemExit(f"--out {e}; --replace True replaces it") from None
     print(f"merge_lora: {args.adapter} merged into {base}: wrote {out}")
     return out
 

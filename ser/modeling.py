@@ -178,19 +178,39 @@ def check_saved_weights(folder) -> None:
                              "ZeRO-3 partitioned weights were saved without being gathered")
 
 
-def save_whole(out, model, tokenizer, state_dict=None) -> Path:
+def is_model_folder(path) -> bool:
+    """A saved model: a config.json naming a model type, beside safetensors weights."""
+    folder = Path(path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config and any(folder.glob("*.safetensors"))
+
+
+def save_whole(out, model, tokenizer, state_dict=None, replace: bool = False) -> Path:
     """save_pretrained of a model and its tokenizer into a temporary folder, then renamed: whole or absent.
-    `state_dict`: the weights to write (e.g. gathered from ZeRO-3 shards) instead of the module's own."""
+    `state_dict`: the weights to write (e.g. gathered from ZeRO-3 shards) instead of the module's own.
+
+    An existing `out` is replaced only when it is a model folder (or `replace`): a run folder named by
+    mistake is refused, not deleted. The old folder is renamed aside before the new one takes its place and
+    removed last, so nothing is deleted before the new model is whole."""
     import shutil
 
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
+    if out.exists() and not replace and not is_model_folder(out) and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not a model folder (no config.json with a model_type beside "
+                              "*.safetensors); choose another output folder, or remove it yourself")
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     check_saved_weights(tmp)
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

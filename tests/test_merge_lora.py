@@ -81,3 +81,13 @@ def test_smollm2_merges_exactly_in_fp32(smollm2, tmp_path):
         want, got = peft_model(ids).logits, merged(ids).logits
     assert (got - want).abs().max().item() < 1e-3 * want.abs().max().item()
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_an_out_folder_that_is_not_a_model_is_refused_not_wiped(sft_model, tmp_path):
+    make_adapter(sft_model, "SEQ_CLS", tmp_path / "rm")
+    run = tmp_path / "demo"
+    (run / "ser").mkdir(parents=True)
+    (run / "report.md").write_text("a run's results")
+    with pytest.raises(SystemExit, match="not a model folder.*--replace True"):
+        merge_lora.main(merge_lora.Args(adapter=str(tmp_path / "rm"), out=str(run)))
+    assert (run / "report.md").read_text() == "a run's results" and (run / "ser").is_dir()

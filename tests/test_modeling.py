@@ -274,3 +274,32 @@ def test_a_pad_token_added_grows_the_embedding_to_a_multiple_of_64(tmp_path):
                                          num_attention_heads=2, num_key_value_heads=2))
     modeling.fit_embeddings(model, tok)
     assert model.get_input_embeddings().num_embeddings == 64 and model.config.pad_token_id == 5
+
+
+def test_save_whole_refuses_a_folder_that_is_not_a_model_and_replaces_a_model_by_rename(tiny_model, tmp_path,
+                                                                                        monkeypatch):
+    """`--out runs/demo` named by mistake must not wipe the run; a model folder is replaced, never deleted first."""
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    model, tok = AutoModelForCausalLM.from_pretrained(str(tiny_model)), load_tokenizer(str(tiny_model))
+    run = tmp_path / "run"
+    (run / "loop_0").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"settings": {"MAX_LOOPS": "3"}}))  # a driver's RUN/config.json
+    with pytest.raises(FileExistsError, match="not a model folder"):
+        modeling.save_whole(run, model, tok)
+    assert (run / "loop_0").is_dir() and (run / "config.json").is_file()
+    modeling.save_whole(tmp_path / "model", model, tok)
+    renames, replace = [], os.replace
+
+    def recorded(a, b):
+        renames.append((os.path.basename(a), os.path.basename(b), os.path.exists(tmp_path / "model")))
+        replace(a, b)
+
+    monkeypatch.setattr(os, "replace", recorded)
+    modeling.save_whole(tmp_path / "model", model, tok)  # a model folder: replaced
+    assert renames == [("model", ".model.old", True), (".model.tmp", "model", False)]  # aside first, then in place
+    assert modeling.is_model_folder(tmp_path / "model") and not (tmp_path / ".model.old").exists()
+    modeling.save_whole(run, model, tok, replace=True)  # said explicitly
+    assert modeling.is_model_folder(run)
