@@ -338,7 +338,9 @@ def check_args(args, scored_path, stats_path) -> None:
 def main(args: ScriptArguments):
     out_dir = Path(args.rm_next_loop_save_path).parent
     scored_path = args.scored_save_path or out_dir / "scored.jsonl"
-    check_args(args, scored_path, args.stats_save_path or out_dir / "stats.json")
+    stats_path = Path(args.stats_save_path or out_dir / "stats.json")
+    check_args(args, scored_path, stats_path)
+    stats_path.unlink(missing_ok=True)  # the done marker goes before the first new write (a re-run into a done folder)
     check_writable(args.rm_next_loop_save_path, args.remaining_data_save_path, scored_path,
                    args.stats_save_path or out_dir / "stats.json")
     pool = read_pool(args)
@@ -361,7 +363,7 @@ def main(args: ScriptArguments):
     status = decision.status
     write_outputs(pool, decision.mask, args, scored_path if args.reward_model_name else None)
     stats = statistics(pool, decision.mask, status, decision.counts, args, scoring)
-    write_json(args.stats_save_path or out_dir / "stats.json", stats)  # written last: marks the step done
+    write_json(stats_path, stats)  # written last: marks the step done
     shutil.rmtree(chunk_folder(scored_path), ignore_errors=True)
     precision = stats["pseudo_label_precision"]
     if stats["duplicate_pairs"]:

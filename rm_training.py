@@ -201,6 +201,16 @@ def tokenize_pairs(records, tokenizer, max_length, progress=None):
     return Dataset.from_list(rows), truncated
 
 
+def clear_output(out: Path, lora: bool) -> None:
+    stale = ["eval_results.json", *(["model.safetensors", "model.safetensors.index.json"] if lora else
+                                    ["adapter_config.json", "adapter_model.safetensors"])]
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    if lora:
+        for shard in out.glob("model-*-of-*.safetensors"):
+            shard.unlink()
+
+
 def eval_source(script_args):
     """--eval_subset: a folder inside the first --dataset_name folder, else a file or folder path."""
     for name in script_args.dataset_name:
@@ -274,7 +284,11 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
     logger.info(f"rm_training: {len(train_records)} training pairs ({truncated} sequences cut from the left), "
                 f"{len(eval_records)} held-out pairs ({eval_truncated} cut)")
 
-    # 2. model and trainer
+    # 2. model and trainer; the folder loses its done marker before the first new write, and the files of the
+    #    other format (a LoRA adapter beside full weights, or full weights beside an adapter), which every later
+    #    stage would otherwise load in place of what this run saves
+    if config.process_index == 0:
+        clear_output(Path(config.output_dir), model_args.use_lora)
     set_seed(config.seed)  # the score head is initialised at load time
     model = load_model(script_args, model_args, config, tokenizer)
     config.disable_dropout = False  # done in load_model, without touching the LoRA dropout

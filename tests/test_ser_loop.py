@@ -155,6 +155,46 @@ def test_chunks_scored_by_another_rm_at_the_same_path_or_in_another_dtype_are_no
     assert read_records(tmp_path / "out" / "scored.jsonl") == read_records(tmp_path / "clean" / "scored.jsonl")
 
 
+def test_a_rerun_into_a_done_folder_drops_its_done_marker_before_writing(synthetic, rm0, tmp_path, monkeypatch):
+    """A filter re-run killed part-way must not leave a folder that looks done (the old stats.json beside
+    outputs being replaced); neither may an RM training re-run (the old eval_results.json)."""
+    import ser.modeling
+
+    F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, tmp_path), "--chunk_pairs", "100"]))
+    assert (tmp_path / "stats.json").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ser.modeling, "score_pairs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, tmp_path), "--chunk_pairs", "50"]))
+    assert not (tmp_path / "stats.json").exists()
+
+    out = tmp_path / "rm"
+    out.mkdir()
+    (out / "eval_results.json").write_text("{}")
+    monkeypatch.setattr(rm_training.PairwiseRewardTrainer, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rm_training.main(*parse(rm_training.ARGUMENTS, [
+            "--model_name", str(rm0), "--dataset_name", str(synthetic), "--output_dir", str(out), *RM_ARGS.split()]))
+    assert not (out / "eval_results.json").exists()
+
+
+def test_a_full_rm_trained_where_a_lora_adapter_was_leaves_no_adapter_behind(sft_model, synthetic, tmp_path):
+    from ser.modeling import is_lora_dir, load_reward_model, load_tokenizer
+
+    out = tmp_path / "rm"
+    common = ["--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
+              "--num_train_epochs", "1", *RM_ARGS.split()]
+    rm_training.main(*parse(rm_training.ARGUMENTS, [*common, "--use_lora", "True"]))
+    assert is_lora_dir(out)
+    rm_training.main(*parse(rm_training.ARGUMENTS, common))  # RM_ARGS says --use_lora False (the later flag)
+    assert not is_lora_dir(out) and not (out / "adapter_model.safetensors").exists()
+    model = load_reward_model(str(out), load_tokenizer(str(out)))
+    assert not hasattr(model, "peft_config")  # every later stage loads the full RM just trained
+
+
 def driver(run, synthetic, sft_model):
     env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "2",
            "MAX_LENGTH": "96", "SEED_EPOCHS": "8", "LOOP_EPOCHS": "6",
