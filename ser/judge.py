@@ -56,10 +56,15 @@ class Cache:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    if n == len(lines):  # the last line, with no newline after it: a write cut short
-                        self.torn += 1
+                    if n == len(lines):  # the last line, with no newline after it: a write cut short. It is cut
+                        self.torn += 1  # off, so the next append starts on a line of its own
+                        with open(self.path, "r+b") as f:
+                            f.truncate(sum(len(x) + 1 for x in lines[:-1]))
                         continue
                     raise ValueError(f"{self.path}:{n}: not a JSON line ({e}); the judge cache is corrupt") from e
+                if not (isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("reply"), str)):
+                    raise ValueError(f"{self.path}:{n}: expected {{\"key\": str, \"reply\": str}}, got {line[:200]!r}; "
+                                     "the judge cache is corrupt")
                 self.replies[row["key"]] = row["reply"]
 
     @staticmethod

@@ -155,3 +155,23 @@ def test_the_cli_reads_answer_files_and_writes_a_table(server, tmp_path):
     with pytest.raises(SystemExit, match=r"a.jsonl:1 and .*c.jsonl:1: different questions"):
         cli.main(cli.Args(answers_a=str(tmp_path / "a.jsonl"), answers_b=str(tmp_path / "c.jsonl")),
                    judge_args(server, tmp_path))
+
+
+def test_a_torn_last_line_is_cut_off_so_later_runs_keep_the_whole_cache(server, tmp_path):
+    a, b = ["a score 3"], ["b score 2"]
+    judge.judge_pair(QUESTIONS[:1], a, b, judge_args(server, tmp_path))
+    cache = tmp_path / "cache.jsonl"
+    whole = cache.read_text()
+    cache.write_text(whole + '{"key": "abc", "rep')  # a kill during a write
+    judge.judge_pair(QUESTIONS[:2], a * 2, b * 2, judge_args(server, tmp_path))  # appends new replies
+    assert cache.read_text().startswith(whole) and '"rep{' not in cache.read_text()
+    before = server.requests
+    again = judge.judge_pair(QUESTIONS[:2], a * 2, b * 2, judge_args(server, tmp_path))  # the run after that
+    assert server.requests == before and again["counts"]["A"]["cache_torn_lines"] == 0
+
+
+def test_cache_lines_of_the_wrong_shape_name_file_and_line(server, tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text('{"key": "k", "reply": "Score: 3"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"cache.jsonl:2: expected"):
+        judge.judge_pair(QUESTIONS[:1], ["a"], ["b"], judge_args(server, tmp_path))
