@@ -75,6 +75,9 @@ class ScriptArguments:
         "help": "pairs whose question caches are held at once with --shared_prefix; default 4 batches"})
     dtype: str = field(default="auto", metadata={"help": "RM weights dtype: auto, float32, bfloat16, float16"})
     device: str | None = field(default=None, metadata={"help": "scoring device; default: the process's accelerator or cpu"})
+    feature_cache: str | None = field(default=None, metadata={
+        "help": "with a frozen-trunk RM (rm_training.py --trunk frozen): read the trunk's features from this cache "
+                "(featurising what it lacks) and score them with the RM's head, instead of running the RM"})
 
 
 def sigmoid(x: float) -> float:
@@ -140,12 +143,7 @@ def self_label(pool, args, scored_path):
             chunks.append({**stats, "pairs_scored": len(chunk), "seconds": time.perf_counter() - t})
             if state.is_main_process:
                 write_records(part, [{"pair": fingerprint(p), "reward_j": a, "reward_k": b} for p, a, b in zip(chunk, r_j, r_k)])
-        for pair, a, b in zip(kept, r_j, r_k):
-            pair["reward_j"], pair["reward_k"] = a, b
-            if args.probability == "pairwise":
-                pair["score_j"], pair["score_k"] = sigmoid(a - b), sigmoid(b - a)
-            else:
-                pair["score_j"], pair["score_k"] = sigmoid(a), sigmoid(b)
+        set_scores(kept, r_j, r_k, args)
         start += len(chunk)
         bar.update(len(chunk))
     bar.close()
@@ -153,6 +151,46 @@ def self_label(pool, args, scored_path):
     stats.update(chunks=c + 1, resumed_pairs=resumed,
                  rm_partitioned=getattr(model, "zero_optimization_stage", lambda: 0)() == 3)  # ZeRO-3 shards
     return state, stats
+
+
+def set_scores(pairs, r_j, r_k, args) -> None:
+    """Each pair's rewards, and its probabilities p = sigmoid(r) (or pairwise, sigmoid(r_j - r_k))."""
+    for pair, a, b in zip(pairs, r_j, r_k, strict=True):
+        pair["reward_j"], pair["reward_k"] = a, b
+        if args.probability == "pairwise":
+            pair["score_j"], pair["score_k"] = sigmoid(a - b), sigmoid(b - a)
+        else:
+            pair["score_j"], pair["score_k"] = sigmoid(a), sigmoid(b)
+
+
+def self_label_cached(pool, args):
+    """Self-labelling by a frozen-trunk RM (rm_training.py --trunk frozen) from the trunk's cached features:
+    rewards = features @ head. What the cache lacks is featurised first (split across processes)."""
+    from ser import features
+    from ser.data import encode
+    from ser.modeling import load_tokenizer, process_state
+
+    info = features.frozen_info(args.reward_model_name)
+    if info is None:
+        raise ValueError(f"--feature_cache {args.feature_cache}: {args.reward_model_name} is not a frozen-trunk RM "
+                         "(rm_training.py --trunk frozen writes frozen_trunk.json); drop --feature_cache to score it")
+    state, start = process_state(), time.perf_counter()
+    tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
+    ids_j, ids_k, truncated = [], [], 0
+    for chunk in pool_chunks(args.dataset_name, args.subset, args.chunk_pairs):
+        for r in chunk:
+            j, k = (encode(tokenizer, r["question"], r[side], args.max_length) for side in ("response_j", "response_k"))
+            ids_j.append(j["input_ids"])
+            ids_k.append(k["input_ids"])
+            truncated += j["truncated"] + k["truncated"]
+    built = features.build_cache(args.feature_cache, info["trunk"], tokenizer.pad_token_id, ids_j + ids_k,
+                                 args.max_length, [info["layer"]], args.batch_size, args.dtype, False, state)
+    set_scores(pool, features.rewards(args.feature_cache, ids_j, args.reward_model_name),
+               features.rewards(args.feature_cache, ids_k, args.reward_model_name), args)
+    seconds = time.perf_counter() - start
+    return state, {"feature_cache": str(args.feature_cache), "feature_layer": info["layer"], "pairs_scored": len(pool),
+                   "sequences": 2 * len(pool), "truncated": truncated, "processes": state.num_processes,
+                   "seconds": seconds, "pairs_per_second": len(pool) / seconds if seconds else None, **built}
 
 
 def chunk_folder(scored_path) -> Path:
@@ -349,7 +387,7 @@ def main(args: ScriptArguments):
                          "(an exhausted pool stops the loop before this stage)")
     scoring = None
     if args.reward_model_name:
-        state, scoring = self_label(pool, args, scored_path)
+        state, scoring = self_label_cached(pool, args) if args.feature_cache else self_label(pool, args, scored_path)
         end_processes()  # what follows is the main process's alone: it selects and writes
         if not state.is_main_process:
             return

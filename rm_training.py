@@ -82,6 +82,16 @@ class ScriptArguments:
     loss: str = field(default="bt", metadata={"help": "bt (Bradley-Terry, released code) or hinge (the paper)",
                                                "choices": ["bt", "hinge"]})
     hinge_margin: float = field(default=1.0, metadata={"help": "margin of the hinge loss"})
+    trunk: str = field(default="full", metadata={
+        "help": "full: train as configured (LoRA or all weights); frozen: the score head alone, on the trunk's "
+                "cached last-token features (--feature_cache), fitted to convergence by L-BFGS", "choices": ["full", "frozen"]})
+    feature_cache: str | None = field(default=None, metadata={
+        "help": "--trunk frozen: the feature cache folder (built here for what it lacks); default: the one a frozen "
+                "--model_name records"})
+    feature_layer: int = field(default=-1, metadata={
+        "help": "--trunk frozen: the trunk layer whose last-token state the head reads (-1: the last); the saved RM "
+                "is the trunk truncated after it"})
+    head_l2: float = field(default=1e-3, metadata={"help": "--trunk frozen: L2 penalty of the head, l2/2 |w|^2"})
 
 
 @dataclass
@@ -201,6 +211,54 @@ def tokenize_pairs(records, tokenizer, max_length, progress=None):
     return Dataset.from_list(rows), truncated
 
 
+def train_frozen(script_args, model_args, config, tokenizer, train_records, eval_records, train_dataset, eval_dataset,
+                 truncated, eval_truncated):
+    """--trunk frozen: the score head alone on the trunk's cached features (ser/features.py). Loop 0 starts
+    from --model_name's trunk; a retraining from a frozen RM keeps its trunk and layer and warm-starts its head."""
+    from transformers import AutoConfig
+
+    from ser import features
+    from ser.modeling import process_state
+
+    state = process_state()
+    info = features.frozen_info(script_args.model_name)
+    trunk = info["trunk"] if info else script_args.model_name
+    n_layers = AutoConfig.from_pretrained(trunk).num_hidden_layers
+    layer = info["layer"] if info else features.layer_index(script_args.feature_layer, n_layers)
+    cache = script_args.feature_cache or (info or {}).get("feature_cache")
+    if not cache:
+        raise ValueError("--trunk frozen needs --feature_cache FOLDER (where the trunk's features are kept)")
+    chosen, rejected = list(train_dataset["chosen_ids"]), list(train_dataset["rejected_ids"])
+    eval_j, eval_k = list(eval_dataset["chosen_ids"]), list(eval_dataset["rejected_ids"])
+    built = features.build_cache(cache, trunk, tokenizer.pad_token_id, chosen + rejected + eval_j + eval_k,
+                                 config.max_length, [layer], config.per_device_eval_batch_size, model_args.dtype,
+                                 bool(config.bf16), state, progress=None if config.disable_tqdm else "featurising")
+    if not state.is_main_process:
+        return None
+    clear_output(Path(config.output_dir), lora=False)
+    start = time.perf_counter()
+    w0 = features.head_weight(script_args.model_name) if info else None
+    w = features.train_head(features.load_features(cache, chosen, layer), features.load_features(cache, rejected, layer),
+                            w0, script_args.head_l2, loss=script_args.loss, margin=script_args.hinge_margin)
+    w = features.save_frozen_rm(config.output_dir, trunk, layer, w, tokenizer, cache, config.max_length, model_args.dtype)
+    r_j = (features.load_features(cache, eval_j, layer) @ w).tolist()  # with the head as saved
+    r_k = (features.load_features(cache, eval_k, layer) @ w).tolist()
+    loss = pair_loss(torch.tensor(r_j), torch.tensor(r_k), script_args.loss, script_args.hinge_margin).mean().item()
+    results = {**pair_metrics(r_j, r_k), "loss": loss, "train_pairs": len(train_records), "train_truncated": truncated,
+               "eval_truncated": eval_truncated, "loss_type": script_args.loss, "model_name": script_args.model_name,
+               "max_length": config.max_length, "trunk": "frozen", "feature_layer": layer, "head_l2": script_args.head_l2,
+               "use_lora": False, "train_seconds": time.perf_counter() - start, "featurising": built,
+               "train_sources": dict(Counter(r.get("_source", "hub") for r in train_records))}
+    write_records(Path(config.output_dir) / "eval_scores.jsonl",
+                  [{"id": r.get("id", i), "reward_j": a, "reward_k": b}
+                   for i, (r, a, b) in enumerate(zip(eval_records, r_j, r_k))])
+    write_json(Path(config.output_dir) / "run_args.json", resolved_args(script_args, model_args, config))
+    write_json(Path(config.output_dir) / "eval_results.json", results)  # written last: marks the stage done
+    logger.info(f"rm_training: frozen trunk, layer {layer}: held-out " +
+                json.dumps({k: results[k] for k in ("accuracy", "tie_rate", "margin", "pairs")}))
+    return results
+
+
 def clear_output(out: Path, lora: bool) -> None:
     stale = ["eval_results.json", *(["model.safetensors", "model.safetensors.index.json"] if lora else
                                     ["adapter_config.json", "adapter_model.safetensors"])]
@@ -283,6 +341,10 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, config: RMCon
     eval_dataset, eval_truncated = tokenize_pairs(eval_records, tokenizer, config.max_length, bar)
     logger.info(f"rm_training: {len(train_records)} training pairs ({truncated} sequences cut from the left), "
                 f"{len(eval_records)} held-out pairs ({eval_truncated} cut)")
+
+    if script_args.trunk == "frozen":
+        return train_frozen(script_args, model_args, config, tokenizer, train_records, eval_records,
+                            train_dataset, eval_dataset, truncated, eval_truncated)
 
     # 2. model and trainer; the folder loses its done marker before the first new write, and the files of the
     #    other format (a LoRA adapter beside full weights, or full weights beside an adapter), which every later

@@ -1,0 +1,222 @@
+"""Frozen-trunk reward models on cached features.
+
+With the trunk frozen, a reward model's reward is its linear `score` head applied to the trunk's hidden
+state at the sequence's last token (its eos), final norm included. `build_cache` computes those states once
+for every token sequence (as `ser.data.encode` builds it) and for the layers asked; `train_head` fits a head
+on them in seconds; `save_frozen_rm` writes an ordinary sequence-classification checkpoint (the trunk,
+truncated after the layer, with the trained head) that every stage loads unchanged, plus
+`frozen_trunk.json`, which lets the filter and the next retraining read the cache instead of the model.
+
+A cache folder holds `meta.json` (the trunk's identity, `max_length`, the layers, the hidden size) and
+parts written as they are done (`part-R-N.safetensors`: float32 features [rows, layers, hidden];
+`part-R-N.json`: the sha1 of each row's token ids). A killed build resumes after its last part; a cache
+built for another trunk, length or set of layers is refused.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ser.data import write_json
+from ser.modeling import FORWARD_COST, deal_out, length_batches, model_identity
+
+META = "meta.json"
+FROZEN = "frozen_trunk.json"
+
+
+def key(ids) -> str:
+    return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()
+
+
+def layer_index(layer: int, num_layers: int) -> int:
+    """A layer number in 0..num_layers (0: the embeddings; negative counts from the last)."""
+    index = layer if layer >= 0 else num_layers + 1 + layer
+    if not 0 < index <= num_layers:
+        raise ValueError(f"layer {layer}: the trunk has layers 1..{num_layers} (or -1 for the last)")
+    return index
+
+
+def load_trunk(path, dtype="auto"):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def check_meta(folder: Path, meta: dict) -> list[int]:
+    """The layers the cache holds (those asked for when it is new). A cache built for another trunk or length,
+    or without a layer asked for, is refused."""
+    path = folder / META
+    if not path.is_file():
+        return meta["layers"]
+    saved = json.loads(path.read_text())
+    for field, what in (("trunk", "trunk model"), ("max_length", "max_length")):
+        if saved.get(field) != meta[field]:
+            raise ValueError(f"{folder}: a feature cache built for another {what} ({saved.get(field)!r}; this run "
+                             f"has {meta[field]!r}); use another --feature_cache folder, or remove this one")
+    missing = set(meta["layers"]) - set(saved["layers"])
+    if missing:
+        raise ValueError(f"{folder}: the cache holds layers {saved['layers']}, not {sorted(missing)}; use another "
+                         "--feature_cache folder")
+    return saved["layers"]
+
+
+def cached_keys(folder: Path) -> dict:
+    """{key: (part file, row)} of every saved part."""
+    index = {}
+    for part in sorted(folder.glob("part-*.json")):
+        for row, k in enumerate(json.loads(part.read_text())):
+            index[k] = (part.with_suffix(".safetensors"), row)
+    return index
+
+
+@torch.no_grad()
+def build_cache(folder, trunk_path, pad_id: int, sequences, max_length: int, layers, batch_size: int = 16,
+                dtype: str = "auto", bf16: bool = False, state=None, part_rows: int = 4096,
+                progress: str | None = "featurising", device=None) -> dict:
+    """Features of every sequence not yet in the cache at `folder`. Each process featurises its share (split
+    like pool scoring) in batches of similar length and saves a part every `part_rows` rows."""
+    from ser.modeling import process_state
+
+    folder, state = Path(folder), state or process_state()
+    trunk = load_trunk(trunk_path, dtype)
+    n_layers = trunk.config.num_hidden_layers
+    layers = sorted({layer_index(x, n_layers) for x in layers})
+    meta = {"trunk": model_identity(trunk_path), "trunk_path": str(Path(trunk_path).resolve()),
+            "max_length": max_length, "layers": layers, "hidden": trunk.config.hidden_size}
+    layers = meta["layers"] = check_meta(folder, meta)
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / META, meta)
+    state.wait_for_everyone()
+    have = cached_keys(folder)
+    todo = list({key(s): s for s in sequences if key(s) not in have}.items())
+    mine = [todo[i] for i in deal_out([len(s) for _, s in todo], state)]
+    device = device or state.device
+    trunk.to(device)
+    batches = length_batches([len(s) for _, s in mine], batch_size, FORWARD_COST)
+    done = len(list(folder.glob(f"part-{state.process_index}-*.json")))
+    rows, keys = [], []
+    bar = tqdm(total=len(mine), desc=progress, unit="seq", disable=progress is None or not state.is_main_process)
+    for b, batch in enumerate(batches):
+        seqs = [mine[i][1] for i in batch]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = trunk(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        at = torch.arange(len(seqs), device=device)
+        # hidden_states[n_layers] is after the final norm; a checkpoint truncated after layer l computes norm(h_l)
+        feats = [hidden[x][at, last] if x == n_layers else trunk.norm(hidden[x][at, last]) for x in layers]
+        rows.append(torch.stack(feats, 1).float().cpu())
+        keys += [mine[i][0] for i in batch]
+        bar.update(len(batch))
+        if len(keys) >= part_rows or b == len(batches) - 1:
+            save_part(folder, f"part-{state.process_index}-{done:06d}", torch.cat(rows), keys)
+            done, rows, keys = done + 1, [], []
+    bar.close()
+    state.wait_for_everyone()
+    return {"sequences": len(sequences), "featurised_here": len(mine), "cached_before": len(sequences) - len(todo)}
+
+
+def save_part(folder: Path, name: str, features: torch.Tensor, keys: list) -> None:
+    """The features, then their keys: a part is in the cache once its key file exists (written by rename)."""
+    from safetensors.torch import save_file
+
+    save_file({"features": features.contiguous()}, folder / f"{name}.safetensors")
+    tmp = folder / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(keys))
+    os.replace(tmp, folder / f"{name}.json")
+
+
+def load_features(folder, sequences, layer: int) -> torch.Tensor:
+    """[len(sequences), hidden] features of one layer, in the order of `sequences`."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    meta = json.loads((folder / META).read_text())
+    index = cached_keys(folder)
+    if layer not in meta["layers"]:
+        raise ValueError(f"{folder}: layer {layer} is not cached (it holds {meta['layers']})")
+    column = meta["layers"].index(layer)
+    parts, out = {}, torch.empty(len(sequences), meta["hidden"])
+    for i, s in enumerate(sequences):
+        k = key(s)
+        if k not in index:
+            raise ValueError(f"{folder}: sequence {i} is not in the cache; build it first")
+        path, row = index[k]
+        if path not in parts:
+            with safe_open(str(path), "pt") as f:
+                parts[path] = f.get_tensor("features")[:, column]
+        out[i] = parts[path][row]
+    return out
+
+
+def train_head(f_j, f_k, w0=None, l2: float = 1e-3, max_iter: int = 200, loss: str = "bt", margin: float = 1.0):
+    """The score head w minimising the mean pairwise loss of rewards f @ w plus l2/2 |w|^2 (full-batch L-BFGS,
+    deterministic). `w0` warm-starts it (a retraining continues from the previous head)."""
+    diff = (f_j - f_k).double()
+    w = torch.zeros(diff.shape[1], dtype=torch.float64) if w0 is None else w0.double().clone()
+    w.requires_grad_(True)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        d = diff @ w
+        value = (torch.relu(margin - d) if loss == "hinge" else torch.nn.functional.softplus(-d)).mean()
+        value = value + 0.5 * l2 * (w * w).sum()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return w.detach().float()
+
+
+def frozen_info(path) -> dict | None:
+    """What a frozen-trunk RM records of its trunk, layer and cache; None for any other model."""
+    p = Path(path) / FROZEN
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def save_frozen_rm(out, trunk_path, layer: int, w: torch.Tensor, tokenizer, cache, max_length: int,
+                   dtype: str = "auto") -> torch.Tensor:
+    """An ordinary sequence-classification checkpoint: the trunk truncated after `layer`, the head `w`, in
+    `dtype` (auto: the trunk's). Returns the head as saved (rounded to that dtype), which is what the
+    checkpoint computes with."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from ser.modeling import fit_embeddings, save_whole
+
+    config = AutoConfig.from_pretrained(str(trunk_path), num_labels=1)
+    config.num_hidden_layers = layer
+    model = AutoModelForSequenceClassification.from_pretrained(str(trunk_path), config=config, dtype=dtype)
+    model = fit_embeddings(model, tokenizer)
+    with torch.no_grad():
+        model.score.weight.copy_(w.view(1, -1).to(model.score.weight.dtype))
+    save_whole(out, model, tokenizer)
+    write_json(Path(out) / FROZEN, {"trunk": str(Path(trunk_path).resolve()), "layer": layer,
+                                    "feature_cache": str(Path(cache).resolve()), "max_length": max_length,
+                                    "trunk_identity": model_identity(trunk_path)})
+    return model.score.weight.detach().float().view(-1)
+
+
+def head_weight(rm_path) -> torch.Tensor:
+    from safetensors import safe_open
+
+    for f in sorted(Path(rm_path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as s:
+            if "score.weight" in s.keys():
+                return s.get_tensor("score.weight").float().view(-1)
+    raise ValueError(f"{rm_path}: no score.weight saved")
+
+
+def rewards(cache, sequences, rm_path) -> list[float]:
+    """A frozen-trunk RM's rewards of token sequences, read from the cache: features @ w."""
+    info = frozen_info(rm_path)
+    return (load_features(cache, sequences, info["layer"]) @ head_weight(rm_path)).tolist()
+
