@@ -184,7 +184,7 @@ def self_label_cached(pool, args):
             ids_k.append(k["input_ids"])
             truncated += j["truncated"] + k["truncated"]
     built = features.build_cache(args.feature_cache, info["trunk"], tokenizer.pad_token_id, ids_j + ids_k,
-                                 args.max_length, [info["layer"]], args.batch_size, args.dtype, False, state)
+                                 args.max_length, [info["layer"]], args.batch_size, args.dtype, None, state)
     set_scores(pool, features.rewards(args.feature_cache, ids_j, args.reward_model_name),
                features.rewards(args.feature_cache, ids_k, args.reward_model_name), args)
     seconds = time.perf_counter() - start

@@ -53,7 +53,7 @@ def check_meta(folder: Path, meta: dict) -> list[int]:
     if not path.is_file():
         return meta["layers"]
     saved = json.loads(path.read_text())
-    for field, what in (("trunk", "trunk model"), ("max_length", "max_length")):
+    for field, what in (("trunk", "trunk model"), ("max_length", "max_length"), ("compute", "precision")):
         if saved.get(field) != meta[field]:
             raise ValueError(f"{folder}: a feature cache built for another {what} ({saved.get(field)!r}; this run "
                              f"has {meta[field]!r}); use another --feature_cache folder, or remove this one")
@@ -75,18 +75,23 @@ def cached_keys(folder: Path) -> dict:
 
 @torch.no_grad()
 def build_cache(folder, trunk_path, pad_id: int, sequences, max_length: int, layers, batch_size: int = 16,
-                dtype: str = "auto", bf16: bool = False, state=None, part_rows: int = 4096,
+                dtype: str = "auto", bf16: bool | None = None, state=None, part_rows: int = 4096,
                 progress: str | None = "featurising", device=None) -> dict:
     """Features of every sequence not yet in the cache at `folder`. Each process featurises its share (split
-    like pool scoring) in batches of similar length and saves a part every `part_rows` rows."""
+    like pool scoring) in batches of similar length and saves a part every `part_rows` rows. The trunk's
+    weights dtype and bf16 autocast are part of the cache's identity; `bf16=None` takes the cache's own
+    (off for a new cache)."""
     from ser.modeling import process_state
 
     folder, state = Path(folder), state or process_state()
+    if bf16 is None:
+        bf16 = (folder / META).is_file() and json.loads((folder / META).read_text())["compute"]["bf16_autocast"]
     trunk = load_trunk(trunk_path, dtype)
     n_layers = trunk.config.num_hidden_layers
     layers = sorted({layer_index(x, n_layers) for x in layers})
     meta = {"trunk": model_identity(trunk_path), "trunk_path": str(Path(trunk_path).resolve()),
-            "max_length": max_length, "layers": layers, "hidden": trunk.config.hidden_size}
+            "max_length": max_length, "layers": layers, "hidden": trunk.config.hidden_size,
+            "compute": {"dtype": str(next(trunk.parameters()).dtype), "bf16_autocast": bool(bf16)}}
     layers = meta["layers"] = check_meta(folder, meta)
     if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
