@@ -239,7 +239,8 @@ def train_frozen(script_args, model_args, config, tokenizer, train_records, eval
     start = time.perf_counter()
     w0 = features.head_weight(script_args.model_name) if info else None
     w = features.train_head(features.load_features(cache, chosen, layer), features.load_features(cache, rejected, layer),
-                            w0, script_args.head_l2, loss=script_args.loss, margin=script_args.hinge_margin)
+                            w0, script_args.head_l2, loss=script_args.loss, margin=script_args.hinge_margin,
+                            center=config.center_rewards_coefficient or 0.0)
     w = features.save_frozen_rm(config.output_dir, trunk, layer, w, tokenizer, cache, config.max_length, model_args.dtype)
     r_j = (features.load_features(cache, eval_j, layer) @ w).tolist()  # with the head as saved
     r_k = (features.load_features(cache, eval_k, layer) @ w).tolist()
@@ -247,6 +248,7 @@ def train_frozen(script_args, model_args, config, tokenizer, train_records, eval
     results = {**pair_metrics(r_j, r_k), "loss": loss, "train_pairs": len(train_records), "train_truncated": truncated,
                "eval_truncated": eval_truncated, "loss_type": script_args.loss, "model_name": script_args.model_name,
                "max_length": config.max_length, "trunk": "frozen", "feature_layer": layer, "head_l2": script_args.head_l2,
+               "center_rewards_coefficient": config.center_rewards_coefficient,
                "use_lora": False, "train_seconds": time.perf_counter() - start, "featurising": built,
                "train_sources": dict(Counter(r.get("_source", "hub") for r in train_records))}
     write_records(Path(config.output_dir) / "eval_scores.jsonl",

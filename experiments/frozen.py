@@ -96,6 +96,7 @@ def main(args: Args):
     from experiments import frozen_study
 
     frozen_study.run(args, work, splits)
+    print(frozen_study.write_report(Path(args.results), args.setting))
 
 
 if __name__ == "__main__":

@@ -161,10 +161,15 @@ def load_features(folder, sequences, layer: int) -> torch.Tensor:
     return out
 
 
-def train_head(f_j, f_k, w0=None, l2: float = 1e-3, max_iter: int = 200, loss: str = "bt", margin: float = 1.0):
+def train_head(f_j, f_k, w0=None, l2: float = 1e-3, max_iter: int = 200, loss: str = "bt", margin: float = 1.0,
+               center: float = 0.0):
     """The score head w minimising the mean pairwise loss of rewards f @ w plus l2/2 |w|^2 (full-batch L-BFGS,
-    deterministic). `w0` warm-starts it (a retraining continues from the previous head)."""
+    deterministic). `w0` warm-starts it (a retraining continues from the previous head). `center` adds TRL's
+    reward-centring term, center * mean((r_j + r_k)^2): a head has no bias, and the features share a large
+    common component, so without it the rewards carry an arbitrary offset that probabilities p = sigmoid(r)
+    (the paper's status thresholds) read as confidence."""
     diff = (f_j - f_k).double()
+    both = (f_j + f_k).double()
     w = torch.zeros(diff.shape[1], dtype=torch.float64) if w0 is None else w0.double().clone()
     w.requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
@@ -174,7 +179,7 @@ def train_head(f_j, f_k, w0=None, l2: float = 1e-3, max_iter: int = 200, loss: s
         opt.zero_grad()
         d = diff @ w
         value = (torch.relu(margin - d) if loss == "hinge" else torch.nn.functional.softplus(-d)).mean()
-        value = value + 0.5 * l2 * (w * w).sum()
+        value = value + 0.5 * l2 * (w * w).sum() + (center * ((both @ w) ** 2).mean() if center else 0)
         value.backward()
         return value
 

@@ -1,0 +1,489 @@
+"""The frozen-trunk study's runs, on the feature cache of experiments/frozen.py.
+
+Every RM is `rm_training.py --trunk frozen`'s head (`ser.features.train_head`) and every selection is the
+filter's (`ser.selection.select`); a SER run is scripts/ser_loop.sh's loop on those two, run in this process
+because a run on cached features takes a fraction of a second while a driver run starts a dozen Python
+processes. `tests/test_frozen_study.py` checks that this loop and scripts/ser_loop.sh (with
+`RM_ARGS="--trunk frozen ..."` and `FILTER_ARGS="--feature_cache ..."`) give the same rows.
+
+Order of work (each step is written to results.json before the next runs, and skipped when present):
+ 1. tuning on the validation split (never the held-out pairs): the layer, then the head's L2 per fraction;
+ 2. the learning curve: seed-RM accuracy against the number of human labels, 20 seeds;
+ 3. the pre-registration: the primary label fraction, chosen from the curve alone;
+ 4. the SER grid: 20 seeds at each fraction for seed / ser-paper / full, the secondary variants and the
+    controls at the primary fraction, with each loop's mechanism.
+"""
+
+import json
+import math
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ser import features
+from ser.data import write_json
+from ser.selection import STATUS1, STATUS2, STOP, Decision, Thresholds, eligibility, select
+
+SEEDS = list(range(20))
+FRACTIONS = [0.01, 0.02, 0.05, 0.10, 0.15, 0.30, 0.50, 1.0]
+GRID_FRACTIONS = [0.01, 0.05, 0.15, 0.30]
+L2S = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+DEFAULT_L2 = 1e-3  # rm_training.py's --head_l2 default
+VALIDATION = 500   # pairs carved from the pool, once, for every choice made before the held-out pairs are read
+MAX_LOOPS = 3
+PAPER_FLOOR = 600 / 136_000  # the paper's count floor as a share of its pool (0.44 %)
+
+
+# ----------------------------------------------------------------------------- data on features
+
+
+class Pairs:
+    """Features of both sides of pairs at one layer; side j is the human-preferred response."""
+
+    def __init__(self, f_j, f_k):
+        self.j, self.k = f_j, f_k
+
+    def __len__(self):
+        return len(self.j)
+
+    def take(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Pairs(self.j[idx], self.k[idx])
+
+
+def load(work: Path, splits: dict, layer: int):
+    cache = work / "cache"
+    pool = Pairs(*(features.load_features(cache, splits["reward_full"][i], layer) for i in (1, 2)))
+    held = Pairs(*(features.load_features(cache, splits["evaluation"][i], layer) for i in (1, 2)))
+    return pool, held
+
+
+def universe_split(n: int):
+    """(validation, the rest) indices of the pool; the validation pairs are the same for every seed."""
+    order = list(range(n))
+    random.Random(12345).shuffle(order)
+    return order[:VALIDATION], order[VALIDATION:]
+
+
+def seed_split(rest, fraction: float, seed: int):
+    """(labelled seed, unlabelled pool) of the non-validation pairs for one seed."""
+    order = list(rest)
+    random.Random(seed).shuffle(order)
+    n = max(2, round(fraction * len(order)))
+    return order[:n], order[n:]
+
+
+CENTER = 0.01  # TRL's center_rewards_coefficient, the value its docs suggest (see ser.features.train_head)
+
+
+def fit(train_j, train_k, l2, w0=None):
+    return features.train_head(train_j, train_k, w0, l2, center=CENTER)
+
+
+def accuracy(w, pairs: Pairs) -> tuple[float, list[bool]]:
+    d = (pairs.j - pairs.k) @ w
+    correct = (d > 0).tolist()
+    return sum(correct) / len(correct), correct
+
+
+def ece(w, pairs: Pairs) -> float:
+    """Expected calibration error of sigmoid(|r_j - r_k|) in ten bins over [0.5, 1]."""
+    d = ((pairs.j - pairs.k) @ w).tolist()
+    bins = [[0, 0, 0.0] for _ in range(10)]
+    for x in d:
+        conf = 1 / (1 + math.exp(-abs(x)))
+        b = bins[min(9, int((conf - 0.5) * 20))]
+        b[0], b[1], b[2] = b[0] + 1, b[1] + (x > 0), b[2] + conf
+    return sum(abs(c - s) for m, c, s in bins if m) / len(d)
+
+
+# ----------------------------------------------------------------------------- one SER run
+
+
+def probabilities(r_j, r_k, how: str):
+    if how == "pairwise":
+        return torch.sigmoid(r_j - r_k), torch.sigmoid(r_k - r_j)
+    if how == "centred":  # rewards centred on the pool's mean before the sigmoid
+        mean = torch.cat([r_j, r_k]).mean()
+        return torch.sigmoid(r_j - mean), torch.sigmoid(r_k - mean)
+    return torch.sigmoid(r_j), torch.sigmoid(r_k)
+
+
+def ensemble_decision(heads, pool: Pairs, t: Thresholds, how: str) -> tuple[Decision, torch.Tensor]:
+    """Pairs on which every head prefers the same response, with the heads' mean probabilities then passing
+    the paper's status rules; returns the decision and the agreed preference (True: j)."""
+    prefs, ps_j, ps_k = [], [], []
+    for w in heads:
+        r_j, r_k = pool.j @ w, pool.k @ w
+        p_j, p_k = probabilities(r_j, r_k, how)
+        prefs.append(p_j >= p_k)
+        ps_j.append(p_j)
+        ps_k.append(p_k)
+    prefs = torch.stack(prefs)
+    agree = prefs.all(0) | (~prefs).all(0)
+    p_j, p_k = torch.stack(ps_j).mean(0), torch.stack(ps_k).mean(0)
+    flags = [eligibility(a, b, t) for a, b in zip(p_j.tolist(), p_k.tolist())]
+    s1 = [f[0] and g for f, g in zip(flags, agree.tolist())]
+    s2 = [f[1] and g for f, g in zip(flags, agree.tolist())]
+    if sum(s1) >= t.status1_min_pairs:
+        return Decision(STATUS1, s1, sum(s1), sum(s2)), p_j >= p_k
+    if sum(s2) >= t.status2_min_pairs:
+        return Decision(STATUS2, s2, sum(s1), sum(s2)), p_j >= p_k
+    return Decision(STOP, [False] * len(flags), sum(s1), sum(s2)), p_j >= p_k
+
+
+def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, probability="sigmoid", rule="paper",
+            forward_only=False, ensemble=0, seed=0, thresholds: dict | None = None):
+    """scripts/ser_loop.sh's loop (KEEP_SEED=1, UNION=1, CONTINUE=1) on features: Loop 0 on the labelled seed,
+    then each loop self-labels the remaining pool, decides its status, selects, and retrains on the seed plus
+    every loop's selections, until Stop. Returns one row per loop, with the mechanism figures, and each
+    loop's selected pool indices."""
+    t = Thresholds(status1_min_pairs=floor, status2_min_pairs=floor,
+                   probability="pairwise" if probability == "pairwise" else "sigmoid", **(thresholds or {}))
+    w = fit(labelled.j, labelled.k, l2)
+    w0 = w
+    acc, correct = accuracy(w, held)
+    rows = [{"loop": 0, "accuracy": acc, "correct": bits(correct), "ece": ece(w, held), "status": "seed", "selected": 0}]
+    selections = []
+    remaining = torch.arange(len(pool))
+    train_j, train_k = [labelled.j], [labelled.k]
+    reached_status2 = False
+    for loop in range(1, MAX_LOOPS + 1):
+        cur = pool.take(remaining)
+        r_j, r_k = cur.j @ w, cur.k @ w
+        if ensemble:
+            gen = torch.Generator().manual_seed(seed * 1000 + loop)
+            mix_j, mix_k = torch.cat(train_j), torch.cat(train_k)
+            heads = [fit(mix_j[idx], mix_k[idx], l2) for idx in
+                     (torch.randint(len(mix_j), (len(mix_j),), generator=gen) for _ in range(ensemble))]
+            decision, pref_j = ensemble_decision(heads, cur, t, probability)
+        else:
+            p_j, p_k = probabilities(r_j, r_k, probability)
+            if forward_only and reached_status2:  # the status only moves forward: Status 1 is not tried again
+                t2 = replace(t, status1_min_pairs=len(cur) + 1)
+                decision = select(p_j.tolist(), p_k.tolist(), t2, rule)
+            else:
+                decision = select(p_j.tolist(), p_k.tolist(), t, rule)
+            pref_j = p_j >= p_k
+        mask = torch.tensor(decision.mask, dtype=torch.bool)
+        row = {"loop": loop, "status": decision.status, "status1_eligible": decision.status1_eligible,
+               "status2_eligible": decision.status2_eligible, "pool": len(cur),
+               "reward_mean": torch.cat([r_j, r_k]).mean().item(), "reward_std": torch.cat([r_j, r_k]).std().item(),
+               "selected": int(mask.sum())}
+        if decision.status == STOP or not mask.any():
+            rows.append({**row, "accuracy": None})
+            break
+        reached_status2 |= decision.status == STATUS2
+        sel = cur.take(mask.nonzero().view(-1))
+        agrees = pref_j[mask]  # the self-label agrees with the human label (side j) where the RM prefers j
+        gap = (r_j - r_k)[mask].abs()
+        conf = torch.sigmoid(gap)
+        bins = [[int(((conf >= lo) & (conf < lo + 0.05)).sum()), int((agrees & (conf >= lo) & (conf < lo + 0.05)).sum())]
+                for lo in [0.5 + 0.05 * b for b in range(10)]]
+        seed_pref = ((sel.j - sel.k) @ w0 > 0) == agrees  # the seed RM already preferred the self-labelled side
+        selections.append(remaining[mask])
+        train_j.append(torch.where(agrees[:, None], sel.j, sel.k))  # oriented as the RM prefers
+        train_k.append(torch.where(agrees[:, None], sel.k, sel.j))
+        w = fit(torch.cat(train_j), torch.cat(train_k), l2, w)
+        remaining = remaining[~mask]
+        acc, correct = accuracy(w, held)
+        rows.append({**row, "accuracy": acc, "correct": bits(correct), "ece": ece(w, held),
+                     "self_label_precision": agrees.float().mean().item(),
+                     "precision_by_confidence": [{"pairs": m, "precision": c / m if m else None} for m, c in bins],
+                     "seed_rm_agreement": seed_pref.float().mean().item(),
+                     "selected_total": sum(len(x) for x in train_j[1:])})
+    return rows, selections
+
+
+def bits(correct) -> str:
+    return "".join("1" if c else "0" for c in correct)
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+def run(args, work: Path, splits: dict):
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.setting}.json"
+    state = json.loads(path.read_text()) if path.is_file() else {"setting": args.setting}
+    save = lambda: write_json(path, state)  # noqa: E731 (after every step: an interruption loses at most it)
+    n_pool = len(splits["reward_full"][0])
+    validation, rest = universe_split(n_pool)
+    state.update(pool_pairs=n_pool, held_out_pairs=len(splits["evaluation"][0]), validation_pairs=len(validation))
+
+    # 1. tuning on the validation split: the layer at 15 % labels, then L2 per fraction
+    if "tuning" not in state:
+        t0 = time.perf_counter()
+        by_layer = {}
+        for layer in json.loads((work / "cache" / features.META).read_text())["layers"]:
+            pool, _ = load(work, splits, layer)
+            val = pool.take(validation)
+            by_layer[layer] = {str(l2): sum(accuracy(fit(*_seed(pool, rest, 0.15, s), l2), val)[0] for s in SEEDS[:5]) / 5
+                               for l2 in L2S}
+        layer = max(by_layer, key=lambda x: max(by_layer[x].values()))
+        pool, _ = load(work, splits, layer)
+        val = pool.take(validation)
+        l2_by_fraction = {}
+        for f in sorted(set(FRACTIONS + GRID_FRACTIONS)):
+            scores = {l2: sum(accuracy(fit(*_seed(pool, rest, f, s), l2), val)[0] for s in SEEDS[:5]) / 5 for l2 in L2S}
+            l2_by_fraction[str(f)] = max(scores, key=scores.get)
+        state["tuning"] = {"layer": layer, "validation_accuracy_by_layer_and_l2_at_15pct": by_layer,
+                           "l2_by_fraction": l2_by_fraction, "seconds": time.perf_counter() - t0}
+        save()
+    layer = state["tuning"]["layer"]
+    l2_of = lambda f: state["tuning"]["l2_by_fraction"][str(f)]  # noqa: E731
+    pool, held = load(work, splits, layer)
+
+    # 2. the learning curve (held-out accuracy of the seed RM, tuned L2), 20 seeds
+    if "curve" not in state:
+        state["curve"] = {str(f): [accuracy(fit(*_seed(pool, rest, f, s), l2_of(f)), held)[0] for s in SEEDS]
+                          for f in FRACTIONS}
+        save()
+
+    # 3. pre-registration, from the curve alone
+    if "preregistration" not in state:
+        mean = {f: sum(v) / len(v) for f, v in state["curve"].items()}
+        gaps = {f: mean["1.0"] - mean[f] for f in mean if f != "1.0"}
+        primary = "0.15" if gaps["0.15"] >= 0.03 else max(gaps, key=gaps.get)
+        state["preregistration"] = {
+            "gap_all_labels_over_15pct": gaps["0.15"], "gaps": gaps, "primary_fraction": float(primary),
+            "rule": "15 % if all labels beat it by 3 points or more, else the fraction with the largest gap",
+            "primary_test": "ser-paper vs its own seed RM, paired over 20 seeds, same held-out pairs",
+            "floor": "the paper's count floor as a share of the pool (600 of 136k = 0.44 %)",
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        save()
+    primary = state["preregistration"]["primary_fraction"]
+
+    # 4. the SER grid
+    rows = state.setdefault("rows", [])
+    done = {(r["variant"], r["fraction"], r["seed"]) for r in rows}
+    write_report(out, args.setting)  # the curve and the choice are in the report before any SER row exists
+    plan = [(v, f) for f in sorted(set(GRID_FRACTIONS) | {primary}) for v in ("seed", "ser-paper")] + [("full", primary)]
+    plan += [(v, primary) for v in ("ser-paper@l2=default", "seed@l2=default", "ser-released", "ser-pairwise",
+                                    "ser-centred", "ser-floor10", "ser-forward", "ser-ensemble", "oracle", "random")]
+    for variant, fraction in plan:
+        for s in SEEDS:
+            if (variant, fraction, s) in done:
+                continue
+            rows += run_one(variant, fraction, s, pool, held, rest, l2_of)
+        save()
+    return state
+
+
+def _seed(pool: Pairs, rest, fraction, seed):
+    labelled, _ = seed_split(rest, fraction, seed)
+    sub = pool.take(labelled)
+    return sub.j, sub.k
+
+
+def run_one(variant, fraction, seed, pool: Pairs, held: Pairs, rest, l2_of):
+    t0 = time.perf_counter()
+    labelled_idx, pool_idx = seed_split(rest, fraction, seed)
+    labelled, unlabelled = pool.take(labelled_idx), pool.take(pool_idx)
+    default = variant.endswith("@l2=default")
+    l2 = 1e-3 if default else l2_of(fraction)
+    base = variant.split("@")[0]
+    floor = max(1, math.ceil(PAPER_FLOOR * len(unlabelled)))
+    if base == "full":
+        everything = pool.take(rest)
+        acc, correct = accuracy(fit(everything.j, everything.k, l2_of(1.0)), held)
+        loops = [{"loop": 0, "accuracy": acc, "correct": bits(correct), "status": "full", "selected": 0}]
+    elif base == "seed":
+        acc, correct = accuracy(fit(labelled.j, labelled.k, l2), held)
+        loops = [{"loop": 0, "accuracy": acc, "correct": bits(correct), "status": "seed", "selected": 0}]
+    elif base == "oracle":  # ser-paper's selected pairs of each loop, with their hidden human labels
+        paper, selections = ser_run(labelled, unlabelled, held, l2, floor)
+        loops, w = [paper[0]], None
+        for t in range(1, len(selections) + 1):
+            union = unlabelled.take(torch.cat(selections[:t]))
+            w = fit(torch.cat([labelled.j, union.j]), torch.cat([labelled.k, union.k]), l2, w)
+            acc, correct = accuracy(w, held)
+            loops.append({"loop": t, "accuracy": acc, "correct": bits(correct), "status": "oracle", "selected": len(union)})
+    elif base == "random":  # as many random pool pairs as ser-paper selected in all, self-labelled by the seed RM
+        paper, _ = ser_run(labelled, unlabelled, held, l2, floor)
+        n = max([r.get("selected_total", 0) for r in paper])
+        idx = torch.randperm(len(unlabelled), generator=torch.Generator().manual_seed(seed))[:n]
+        w0 = fit(labelled.j, labelled.k, l2)
+        sub = unlabelled.take(idx)
+        pref = (sub.j - sub.k) @ w0 > 0
+        tj = torch.cat([labelled.j, torch.where(pref[:, None], sub.j, sub.k)])
+        tk = torch.cat([labelled.k, torch.where(pref[:, None], sub.k, sub.j)])
+        acc, correct = accuracy(fit(tj, tk, l2, w0), held)
+        loops = [{"loop": 0, "accuracy": paper[0]["accuracy"], "correct": paper[0]["correct"], "status": "seed", "selected": 0},
+                 {"loop": 1, "accuracy": acc, "correct": bits(correct), "status": "random", "selected": int(n),
+                  "self_label_precision": pref.float().mean().item() if n else None}]
+    else:
+        kwargs = {"ser-paper": {}, "ser-released": {"rule": "released"}, "ser-pairwise": {"probability": "pairwise"},
+                  "ser-centred": {"probability": "centred"}, "ser-forward": {"forward_only": True},
+                  "ser-ensemble": {"ensemble": 5, "seed": seed}, "ser-floor10": {}}[base]
+        if base == "ser-floor10":
+            floor = max(1, math.ceil(0.10 * len(unlabelled)))
+        loops, _ = ser_run(labelled, unlabelled, held, l2, floor, **kwargs)
+    seconds = time.perf_counter() - t0
+    return [{"variant": variant, "fraction": fraction, "seed": seed, "l2": l2, "floor": floor,
+             "labelled": len(labelled_idx), "pool": len(pool_idx), "seconds": seconds, **r} for r in loops]
+
+
+# ----------------------------------------------------------------------------- the report (from the JSON alone)
+
+SECONDARY = ["ser-released", "ser-pairwise", "ser-centred", "ser-floor10", "ser-forward", "ser-ensemble"]
+CONTROLS = ["oracle", "random"]
+
+
+def final(rows):
+    """{(variant, fraction, seed): the run's last row with an accuracy}."""
+    out = {}
+    for r in rows:
+        if r.get("accuracy") is not None:
+            k = (r["variant"], r["fraction"], r["seed"])
+            if k not in out or r["loop"] > out[k]["loop"]:
+                out[k] = r
+    return out
+
+
+def sign_flip_p(diffs) -> float:
+    """Exact two-sided paired sign-flip permutation p-value of the mean difference."""
+    import itertools
+
+    observed = abs(sum(diffs))
+    n = len(diffs)
+    if n > 20:
+        raise ValueError("the exact test enumerates 2^n sign patterns; at most 20 seeds")
+    hits = sum(abs(sum(d if s else -d for d, s in zip(diffs, signs))) >= observed - 1e-12
+               for signs in itertools.product((True, False), repeat=n))
+    return hits / 2 ** n
+
+
+def paired(finals, a, b, fraction, rng):
+    seeds = sorted(s for (v, f, s) in finals if v == a and f == fraction and (b, fraction, s) in finals)
+    diffs = [finals[(a, fraction, s)]["accuracy"] - finals[(b, fraction, s)]["accuracy"] for s in seeds]
+    if not diffs:
+        return None
+    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(2000))
+    return {"seeds": len(diffs), "mean": sum(diffs) / len(diffs), "ci": (means[49], means[1949]),
+            "p": sign_flip_p(diffs) if len(diffs) <= 16 else sign_flip_p_mc(diffs, rng)}
+
+
+def sign_flip_p_mc(diffs, rng, n=200_000) -> float:
+    """The sign-flip p-value by Monte Carlo (2^20 patterns are many to enumerate in Python)."""
+    observed = abs(sum(diffs))
+    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in diffs)) >= observed - 1e-12 for _ in range(n))
+    return (hits + 1) / (n + 1)
+
+
+def holm(ps: dict) -> dict:
+    order = sorted(ps, key=ps.get)
+    out, running = {}, 0.0
+    for i, k in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * ps[k]))
+        out[k] = running
+    return out
+
+
+def pct(x):
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def report(state) -> str:
+    rng = random.Random(0)
+    rows = state.get("rows", [])
+    finals = final(rows)
+    pre = state["preregistration"]
+    primary = pre["primary_fraction"]
+    t = state["tuning"]
+    lines = [f"# Frozen-trunk study: `{state['setting']}`", "",
+             f"SmolLM2-135M-Instruct, frozen; a linear score head on the last-token state of layer {t['layer']} "
+             f"(chosen on {state['validation_pairs']} validation pairs carved from the pool, never the held-out ones). "
+             f"Pool {state['pool_pairs'] - state['validation_pairs']} pairs; {state['held_out_pairs']} held-out pairs, "
+             "the same for every seed. Accuracy is strict, in %. Generated from the JSON beside this file by "
+             "`python -m experiments.frozen` (experiments/frozen_study.py).", "",
+             "## 1. Tuning (validation split)", "",
+             "| layer | " + " | ".join(f"L2 {x}" for x in L2S) + " |", "|---|" + "---:|" * len(L2S)]
+    for layer, by in t["validation_accuracy_by_layer_and_l2_at_15pct"].items():
+        lines.append(f"| {layer} | " + " | ".join(pct(by[str(x)]) for x in L2S) + " |")
+    lines += ["", "L2 chosen per label fraction (validation, 5 seeds): " +
+              ", ".join(f"{float(f):g}: {v:g}" for f, v in t["l2_by_fraction"].items()), "",
+              "## 2. Learning curve (seed RM, tuned L2, 20 seeds)", "",
+              "| human-labelled share of the pool | pairs | accuracy mean ± std | 95 % CI (seeds) |", "|---|---:|---|---|"]
+    n_pool = state["pool_pairs"] - state["validation_pairs"]
+    for f, accs in state["curve"].items():
+        m = sum(accs) / len(accs)
+        sd = (sum((a - m) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+        boot = sorted(sum(rng.choices(accs, k=len(accs))) / len(accs) for _ in range(2000))
+        lines.append(f"| {100 * float(f):g} % | {max(2, round(float(f) * n_pool))} | {pct(m)} ± {pct(sd)} | "
+                     f"[{pct(boot[49])}, {pct(boot[1949])}] |")
+    lines += ["", "## 3. Pre-registration (written before any SER run)", "",
+              f"All labels beat the 15 % seed RM by {100 * pre['gap_all_labels_over_15pct']:.1f} points"
+              + (" (less than 3)" if pre["gap_all_labels_over_15pct"] < 0.03 else "") +
+              f". Primary setting: {100 * primary:g} % of the pool labelled ({pre['rule']}). Primary test: "
+              f"{pre['primary_test']}. Count floor: {pre['floor']}. Recorded at {pre['written_at']}.", ""]
+    if not rows:
+        return "\n".join(lines + ["The SER grid has not run yet."])
+    lines += ["## 4. SER against its seed RM", "",
+              "Final accuracy (the last loop that trained); Δ = variant − its own seed RM on the same seeds and "
+              "held-out pairs; 95 % CI by bootstrap over seeds; p by the paired sign-flip test. "
+              "Secondary variants (at the primary fraction) are Holm-corrected among themselves.", "",
+              "| variant | labelled | seeds | accuracy mean | Δ vs seed RM | 95 % CI | p | Holm p | loops run (min–max) |",
+              "|---|---|---:|---:|---:|---|---:|---:|---|"]
+    fractions = sorted({f for (_, f, _) in finals})
+    secondary_ps = {}
+    stats = {}
+    for v in ["seed", "ser-paper", "full", "seed@l2=default", "ser-paper@l2=default", *SECONDARY, *CONTROLS]:
+        for f in fractions:
+            keys = [k for k in finals if k[0] == v and k[1] == f]
+            if not keys:
+                continue
+            base = "seed@l2=default" if v.endswith("@l2=default") else "seed"
+            cmp = paired(finals, v, base, f, rng) if v not in ("seed", "full", "seed@l2=default") else None
+            stats[(v, f)] = (keys, cmp)
+            if v in SECONDARY and cmp:
+                secondary_ps[v] = cmp["p"]
+    adjusted = holm(secondary_ps)
+    for (v, f), (keys, cmp) in stats.items():
+        accs = [finals[k]["accuracy"] for k in keys]
+        loops = [max(r["loop"] for r in rows if (r["variant"], r["fraction"], r["seed"]) == k) for k in keys]
+        lines.append(f"| {v} | {100 * f:g} % | {len(keys)} | {pct(sum(accs) / len(accs))} | "
+                     + (f"{100 * cmp['mean']:+.1f} | [{100 * cmp['ci'][0]:+.1f}, {100 * cmp['ci'][1]:+.1f}] | "
+                        f"{cmp['p']:.3g} | " if cmp else "– | – | – | ")
+                     + (f"{adjusted[v]:.3g}" if v in adjusted else "–") + f" | {min(loops)}–{max(loops)} |")
+    lines += ["", f"## 5. Mechanism per loop (`ser-paper`, {100 * primary:g} % labelled)", "",
+              "Means over the seeds that reached the loop (their number is given).", "",
+              "| loop | seeds | status (count) | status-1 eligible | status-2 eligible | selected | reward mean ± std | "
+              "self-label precision | seed RM already preferred | accuracy | ECE |",
+              "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    paper = [r for r in rows if r["variant"] == "ser-paper" and r["fraction"] == primary]
+    for loop in sorted({r["loop"] for r in paper}):
+        at = [r for r in paper if r["loop"] == loop]
+        mean = lambda key: (lambda xs: sum(xs) / len(xs) if xs else None)([r[key] for r in at if r.get(key) is not None])  # noqa: E731
+        counts = {}
+        for r in at:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        rm, rs = mean("reward_mean"), mean("reward_std")
+        lines.append(f"| {loop} | {len(at)} | {', '.join(f'{k} {v}' for k, v in counts.items())} | "
+                     f"{mean('status1_eligible') or 0:.0f} | {mean('status2_eligible') or 0:.0f} | {mean('selected') or 0:.0f} | "
+                     + (f"{rm:+.2f} ± {rs:.2f}" if rm is not None else "–") + f" | {pct(mean('self_label_precision'))} | "
+                     f"{pct(mean('seed_rm_agreement'))} | {pct(mean('accuracy'))} | "
+                     + (f"{mean('ece'):.3f}" if mean("ece") is not None else "–") + " |")
+    bins = [[0, 0.0] for _ in range(10)]
+    for r in paper:
+        for b, cell in enumerate(r.get("precision_by_confidence") or []):
+            if cell["pairs"]:
+                bins[b][0] += cell["pairs"]
+                bins[b][1] += cell["precision"] * cell["pairs"]
+    lines += ["", "Self-label precision by the RM's confidence sigmoid(|r_j − r_k|), all loops and seeds pooled:", "",
+              "| confidence | " + " | ".join(f"{0.5 + 0.05 * b:.2f}–{0.55 + 0.05 * b:.2f}" for b in range(10)) + " |",
+              "|---|" + "---:|" * 10,
+              "| pairs | " + " | ".join(str(n) for n, _ in bins) + " |",
+              "| precision | " + " | ".join(pct(c / n) if n else "–" for n, c in bins) + " |", ""]
+    return "\n".join(lines)
+
+
+def write_report(results: Path, setting: str) -> str:
+    state = json.loads((results / f"{setting}.json").read_text())
+    text = report(state)
+    (results / f"REPORT-{setting}.md").write_text(text + "\n")
+    return text
