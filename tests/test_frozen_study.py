@@ -32,7 +32,8 @@ def test_the_study_loop_gives_the_driver_s_rows(sft_model, synthetic, tmp_path):
     cache, run, floor = tmp_path / "cache", tmp_path / "run", 40  # a small L2 and pairwise p: three loops run
     common = ["--feature_cache", str(cache), "--dtype", "float32"]
     env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "3", "MAX_LENGTH": "96",
-           "RM_ARGS": " ".join(["--trunk", "frozen", "--head_l2", "1e-5", *common, *CPU]),
+           "RM_ARGS": " ".join(["--trunk", "frozen", "--head_l2", "1e-5", "--center_rewards_coefficient",
+                                str(frozen_study.CENTER), *common, *CPU]),
            "FILTER_ARGS": " ".join([*common, "--status1_min_pairs", str(floor), "--status2_min_pairs", str(floor),
                                     "--probability", "pairwise"]),
            "PY": sys.executable, "LAUNCH": sys.executable}
