@@ -197,6 +197,10 @@ def main(args: Args):
             pool.append({"id": r.get("id", f"gen-{i}"), "question": r["question"], "response_j": a, "response_k": b})
     stats = {"prompts": len(records), "pairs": len(pool), "dropped_identical": identical, "dropped_empty": empty,
              "processes": state.num_processes, "models": models, "args": asdict(args)}
+    if not pool:  # an empty pool marked done would make the driver's next stage fail far from the cause
+        raise DataError(f"generate_pairs: none of the {len(records)} prompts gave two different, non-empty answers "
+                        f"({identical} identical, {empty} with an empty answer): raise --temperature, or give --model_b; "
+                        "nothing was written")
     write_records(args.out, pool)
     write_json(Path(args.out).with_suffix(".stats.json"), stats)  # written last: marks the pool done
     logger.info(f"generate_pairs: {len(pool)} pairs from {len(records)} prompts ({identical} identical and "

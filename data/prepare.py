@@ -338,6 +338,14 @@ def split(pairs, args: Args):
 def main(args: Args):
     if args.dataset not in PARSERS:
         raise DataError(f"--dataset {args.dataset}: unknown dataset; choose one of {', '.join(PARSERS)}")
+    for name in ("labeled_fraction", "eval_fraction", "finetune_fraction", "rl_fraction"):
+        value = getattr(args, name)
+        if not 0 <= value <= 1:  # NaN too
+            raise DataError(f"--{name} {value}: a share between 0 and 1")
+    held = args.eval_fraction + args.finetune_fraction + args.rl_fraction
+    if held >= 1:
+        raise DataError(f"--eval_fraction + --finetune_fraction + --rl_fraction = {held:g}: nothing would be left for the "
+                        "reward pool; they must sum to less than 1")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not an empty folder; choose a new --out")

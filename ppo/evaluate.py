@@ -80,6 +80,9 @@ def rm_rewards(rm, tokenizer, rollouts, args):
 
 
 def main(args: Args):
+    for name in ("n_prompts", "samples_per_prompt", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} {getattr(args, name)}: at least 1; nothing was written")
     torch.manual_seed(args.seed)
     if not args.device:
         check_accelerator()

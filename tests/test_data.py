@@ -125,3 +125,15 @@ def test_left_truncation_keeps_the_end_of_the_response(tiny_model):
     short = encode(tok, "Beach?", response, max_length=512)
     assert not short["truncated"]
     assert tok.decode(short["input_ids"][1:-1]) == "Question: Beach?\n\nAnswer: Bring kite, towel, hat."
+
+
+def test_write_json_never_follows_a_link_planted_at_a_predictable_name(tmp_path):
+    from ser.data import write_json
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".stats.json.tmp").symlink_to(outside)  # the old temporary name
+    write_json(tmp_path / "out" / "stats.json", {"a": 1})
+    assert outside.read_text() == "keep me" and json.loads((tmp_path / "out" / "stats.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".stats.json.tmp", "stats.json"]  # no leftover of ours

@@ -131,3 +131,12 @@ def test_vllm_engine_seeds_each_request_prompts_the_hf_ids_and_keeps_one_engine_
     hf = {tuple(model_prompt(tok, prompt_ids(tok, q), 12)) for q in questions}  # what `sample` prompts with
     assert prompts == hf and all(len(p) == 12 and p[0] == tok.bos_token_id for p in prompts)  # cut from the left
     assert stats["pairs"] + stats["dropped_identical"] == stats["prompts"] and stats["pairs"] > 0
+
+
+def test_a_pool_with_no_pair_is_an_error_not_a_done_stage(sft_model, synthetic, tmp_path, monkeypatch):
+    from ser.data import DataError
+
+    monkeypatch.setattr(G, "answers_hf", lambda model, tok, questions, *a: ["same"] * len(questions))
+    with pytest.raises(DataError, match="none of the 32 prompts gave two different"):
+        generate(sft_model, synthetic, tmp_path / "pool.jsonl")
+    assert not (tmp_path / "pool.jsonl").exists() and not (tmp_path / "pool.stats.json").exists()

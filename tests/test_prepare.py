@@ -188,3 +188,18 @@ def test_stages_run_on_prepared_real_data(prepared, tmp_path):
         res = json.loads((tmp_path / name / "rm" / "eval_results.json").read_text())
         assert res["pairs"] == 16 and res["train_pairs"] == 32
         assert res["train_truncated"] > 0 or name == "ultrafeedback"  # long HH conversations are cut, not dropped
+
+
+@pytest.mark.parametrize("flag,value,message", [("--labeled_fraction", "-0.1", "a share between 0 and 1"),
+                                                ("--eval_fraction", "1.5", "a share between 0 and 1"),
+                                                ("--eval_fraction", "nan", "a share between 0 and 1"),
+                                                ("--rl_fraction", "0.9", "nothing would be left")])
+def test_fractions_outside_their_range_are_refused(tmp_path, flag, value, message):
+    from ser.cli import parse
+    from ser.data import DataError
+
+    (args,) = parse([prepare.Args], ["--dataset", "hh-rlhf", "--source", str(tmp_path), "--out", str(tmp_path / "o"),
+                                     flag, value])
+    with pytest.raises(DataError, match=message):
+        prepare.main(args)
+    assert not (tmp_path / "o").exists()
