@@ -199,7 +199,9 @@ def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, pr
 
 
 def bits(correct) -> str:
-    return "".join("1" if c else "0" for c in correct)
+    """Which held-out pairs a model ranks right, as hex digits of the bit string (pair i is bit i)."""
+    text = "".join("1" if c else "0" for c in correct)
+    return f"{len(text)}:" + (f"{int(text, 2):0{(len(text) + 3) // 4}x}" if text else "")
 
 
 # ----------------------------------------------------------------------------- the study
@@ -446,7 +448,8 @@ def report(state) -> str:
     for (v, f), (keys, cmp) in stats.items():
         accs = [finals[k]["accuracy"] for k in keys]
         loops = [max(r["loop"] for r in rows if (r["variant"], r["fraction"], r["seed"]) == k) for k in keys]
-        lines.append(f"| {v} | {100 * f:g} % | {len(keys)} | {pct(sum(accs) / len(accs))} | "
+        labelled = "all" if v == "full" else f"{100 * f:g} %"
+        lines.append(f"| {v} | {labelled} | {len(keys)} | {pct(sum(accs) / len(accs))} | "
                      + (f"{100 * cmp['mean']:+.1f} | [{100 * cmp['ci'][0]:+.1f}, {100 * cmp['ci'][1]:+.1f}] | "
                         f"{cmp['p']:.3g} | " if cmp else "– | – | – | ")
                      + (f"{adjusted[v]:.3g}" if v in adjusted else "–") + f" | {min(loops)}–{max(loops)} |")
