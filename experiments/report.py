@@ -147,13 +147,15 @@ def loop_table(rows, variant):
         rs = [r for r in sel if r["loop"] == t]
         statuses = ", ".join(f"{k} {v}" for k, v in sorted(_count(r["status"] for r in rs).items()))
         trained = [r for r in rs if r.get("accuracy") is not None]
+        n = len(trained)
+        fewer = f" ({n} seed{'s' if n != 1 else ''})" if trained and n < len(rs) else ""  # a mean over fewer seeds says so
         lines.append(
             f"| {t} | {len(rs)} | {statuses} | {fmt(mean_std([r['selected'] for r in rs])[0], pct=False)} | "
-            f"{fmt(mean_std([r['accuracy'] for r in trained])[0])} | "
+            f"{fmt(mean_std([r['accuracy'] for r in trained])[0])}{fewer} | "
             f"{fmt(mean_std([r.get('pseudo_label_precision') for r in rs])[0])} | "
             f"{fmt(mean_std([r.get('gold_precision') for r in rs])[0])} | "
             f"{fmt(mean_std([r.get('seed_rm_agreement') for r in rs])[0])} | "
-            f"{fmt(mean_std([r.get('ece') for r in trained])[0])} |")
+            f"{fmt(mean_std([r.get('ece') for r in trained])[0])}{fewer} |")
     return lines + [""]
 
 
@@ -187,7 +189,8 @@ def analysis(setting, rows, summary, seeds):
         idle = [r for r in first if r["status"] == STOP]
         if idle:
             out.append(f"* `{v}` reached Stop at loop 1, having selected nothing, in {len(idle)} of {len(first)} seeds: "
-                       "no pool pair passed its status thresholds, so its final RM there is the seed RM.")
+                       "fewer pool pairs were eligible for either status than its count floor "
+                       "(--status1_min_pairs / --status2_min_pairs), so its final RM there is the seed RM.")
     # the paper's condition: above 50 % initial accuracy, training on confident self-labels improves
     runs = []
     for r in rows:
