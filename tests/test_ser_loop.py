@@ -99,21 +99,26 @@ def test_a_killed_self_labelling_resumes_after_the_last_saved_chunk(synthetic, r
     assert not (resumed / "scored.jsonl.parts").exists()
 
 
-def test_chunks_saved_by_another_run_are_never_reused(synthetic, rm0, tmp_path, monkeypatch):
+def filter_killed_at_the_second_chunk(monkeypatch, flags):
+    """The filter run with `flags`, killed while it scores its second chunk (the first is saved)."""
     import ser.modeling
 
     score_pairs, calls = ser.modeling.score_pairs, []
 
-    def killed_at_the_second_chunk(*args, **kwargs):
+    def killed(*args, **kwargs):
         calls.append(len(args[2]))
         if len(calls) == 2:
             raise KeyboardInterrupt
         return score_pairs(*args, **kwargs)
 
-    monkeypatch.setattr(ser.modeling, "score_pairs", killed_at_the_second_chunk)
+    monkeypatch.setattr(ser.modeling, "score_pairs", killed)
     with pytest.raises(KeyboardInterrupt):
-        F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, tmp_path), "--chunk_pairs", "100"]))
+        F.main(*parse([F.ScriptArguments], flags))
     monkeypatch.setattr(ser.modeling, "score_pairs", score_pairs)
+
+
+def test_chunks_saved_by_another_run_are_never_reused(synthetic, rm0, tmp_path, monkeypatch):
+    filter_killed_at_the_second_chunk(monkeypatch, [*filter_flags(synthetic, rm0, tmp_path), "--chunk_pairs", "100"])
     F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, tmp_path), "--chunk_pairs", "100",
                                         "--max_length", "40"]))  # other settings: the saved chunk is not theirs
     assert json.loads((tmp_path / "stats.json").read_text())["scoring"]["resumed_pairs"] == 0
@@ -126,22 +131,9 @@ def test_chunks_scored_by_another_rm_at_the_same_path_or_in_another_dtype_are_no
 
     from safetensors.torch import load_file, save_file
 
-    import ser.modeling
-
     rm = tmp_path / "rm"
     shutil.copytree(rm0, rm)
-    score_pairs, calls = ser.modeling.score_pairs, []
-
-    def killed_at_the_second_chunk(*args, **kwargs):
-        calls.append(len(args[2]))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return score_pairs(*args, **kwargs)
-
-    monkeypatch.setattr(ser.modeling, "score_pairs", killed_at_the_second_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm, tmp_path / "out"), "--chunk_pairs", "100"]))
-    monkeypatch.setattr(ser.modeling, "score_pairs", score_pairs)
+    filter_killed_at_the_second_chunk(monkeypatch, [*filter_flags(synthetic, rm, tmp_path / "out"), "--chunk_pairs", "100"])
     extra = []
     if change == "dtype":
         extra = ["--dtype", "bfloat16"]
