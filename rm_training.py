@@ -233,6 +233,7 @@ def train_frozen(script_args, model_args, config, tokenizer, train_records, eval
     built = features.build_cache(cache, trunk, tokenizer.pad_token_id, chosen + rejected + eval_j + eval_k,
                                  config.max_length, [layer], config.per_device_eval_batch_size, model_args.dtype,
                                  bool(config.bf16), state, progress=None if config.disable_tqdm else "featurising")
+    end_processes()  # the head is fitted and saved by the main process alone
     if not state.is_main_process:
         return None
     clear_output(Path(config.output_dir), lora=False)
