@@ -48,9 +48,17 @@ def test_same_seed_same_pool_and_every_prompt_accounted_for(sft_model, synthetic
 
 
 def test_identical_answers_are_dropped_and_counted(sft_model, synthetic, tmp_path):
-    stats = generate(sft_model, synthetic, tmp_path / "pool.jsonl", top_k=1)  # greedy: both answers are the same
-    assert stats["dropped_identical"] + stats["dropped_empty"] == 32 and stats["pairs"] == 0
-    assert read_records(tmp_path / "pool.jsonl") == []
+    """Greedy decoding: both answers are the same for every prompt. The drops are counted, and a pool with no
+    pair left is an error, not an empty pool that the driver would mark done."""
+    import re
+
+    from ser.data import DataError
+
+    with pytest.raises(DataError, match="none of the 32 prompts gave two different") as refused:
+        generate(sft_model, synthetic, tmp_path / "pool.jsonl", top_k=1)
+    identical, empty = map(int, re.search(r"\((\d+) identical, (\d+) with an empty answer\)", str(refused.value)).groups())
+    assert identical + empty == 32 and identical > 0
+    assert not (tmp_path / "pool.jsonl").exists()
 
 
 @pytest.mark.slow
