@@ -378,9 +378,8 @@ def main(args: ScriptArguments):
     scored_path = args.scored_save_path or out_dir / "scored.jsonl"
     stats_path = Path(args.stats_save_path or out_dir / "stats.json")
     check_args(args, scored_path, stats_path)
+    check_writable(args.rm_next_loop_save_path, args.remaining_data_save_path, scored_path, stats_path)
     stats_path.unlink(missing_ok=True)  # the done marker goes before the first new write (a re-run into a done folder)
-    check_writable(args.rm_next_loop_save_path, args.remaining_data_save_path, scored_path,
-                   args.stats_save_path or out_dir / "stats.json")
     pool = read_pool(args)
     if not pool:
         raise ValueError(f"{args.dataset_name}: the pool is empty; there is nothing to self-label "
