@@ -203,9 +203,13 @@ def save_whole(out, model, tokenizer, state_dict=None, replace: bool = False) ->
                               "*.safetensors); choose another output folder, or remove it yourself")
     tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    check_saved_weights(tmp)
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        check_saved_weights(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        raise
     if out.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)

@@ -230,7 +230,7 @@ def test_a_saved_model_with_an_empty_tensor_is_refused_and_not_written(tiny_mode
     state["model.layers.0.mlp.up_proj.weight"] = torch.empty(0)
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight of shape \(0,\).*ZeRO-3"):
         modeling.save_whole(tmp_path / "out", model, tok, state_dict=state)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()
     modeling.save_whole(tmp_path / "out", model, tok)  # the module's own, whole weights pass
     modeling.check_saved_weights(tmp_path / "out")
 
