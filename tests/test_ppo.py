@@ -34,6 +34,9 @@ def test_mfu_peak_is_the_devices_own_without_a_flag(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA A100-SXM4-80GB")
     assert ppo.device_peak_tflops(SimpleNamespace(device=torch.device("cuda", 0), mixed_precision="bf16")) == \
         pytest.approx(312.0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")  # as an H200 SXM names itself
+    assert ppo.device_peak_tflops(SimpleNamespace(device=torch.device("cuda", 0), mixed_precision="bf16")) == \
+        pytest.approx(989.4)  # dense, as for the H100 (Lightning's 2000 is the sparse rate)
 
 
 def test_gae_matches_the_textbook_recursion():
