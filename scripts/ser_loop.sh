@@ -27,10 +27,14 @@ FORCE=${FORCE:-0}             # 1: continue a RUN made with other settings (see 
 POOL_FROM=${POOL_FROM:-data}  # data: DATA/data/unlabeled; generate: two answers sampled by SFT per question
 POOL_PROMPTS=${POOL_PROMPTS:-data/unlabeled} # with POOL_FROM=generate: the split of DATA whose questions are used
 GENERATE_ARGS=${GENERATE_ARGS:-} # extra data/generate_pairs.py flags: --model_b, --max_tokens, --temperature, ...
+ASK_HUMANS=${ASK_HUMANS:-0}   # N > 0: after each loop's filter, export the N pairs most worth a human label and stop
+HUMAN_LABELS=${HUMAN_LABELS:-} # on resume: the labels of the export the driver stopped at (data/import_labels.py)
+IMPORT_ARGS=${IMPORT_ARGS:-}  # extra data/import_labels.py flags: --unlabelled skip
 
 # Paths are the caller's: resolve them before moving to the repository.
 abspath() { [[ $1 == /* ]] && printf '%s' "$1" || printf '%s/%s' "$PWD" "$1"; }
 DATA=$(abspath "$DATA"); SFT=$(abspath "$SFT"); RUN=$(abspath "$RUN")
+if [[ -n $HUMAN_LABELS ]]; then HUMAN_LABELS=$(abspath "$HUMAN_LABELS"); fi
 cd "$(dirname "$0")/.."
 mkdir -p "$RUN"
 
@@ -72,6 +76,7 @@ split_flags() {  # VARIABLE ARRAY
   rm -f "$tmp" "$tmp.err"
 }
 split_flags RM_ARGS RM_EXTRA; split_flags FILTER_ARGS FILTER_EXTRA; split_flags GENERATE_ARGS GENERATE_EXTRA
+split_flags IMPORT_ARGS IMPORT_EXTRA
 
 # RUN/config.json: a re-run with other settings must not skip stages made with the old ones.
 # (UNION is recorded when it is not the default, so runs made before it existed still match.)
@@ -80,6 +85,7 @@ force=(); if [[ $FORCE == 1 ]]; then force=(--force); fi
 # the pool's settings are recorded only when generating, so runs made before they existed still match
 pool_settings=(); if [[ $POOL_FROM != data ]]; then
   pool_settings=(POOL_FROM="$POOL_FROM" POOL_PROMPTS="$POOL_PROMPTS" GENERATE_ARGS="$GENERATE_ARGS"); fi
+if ((ASK_HUMANS > 0)); then pool_settings+=(ASK_HUMANS="$ASK_HUMANS"); fi
 $PY -m ser.run_config --run "$RUN" "${force[@]}" DATA="$DATA" SFT="$SFT" MAX_LOOPS="$MAX_LOOPS" \
   KEEP_SEED="$KEEP_SEED" "${union_setting[@]}" CONTINUE="$CONTINUE" MAX_LENGTH="$MAX_LENGTH" SEED_EPOCHS="$SEED_EPOCHS" \
   LOOP_EPOCHS="$LOOP_EPOCHS" RM_ARGS="$RM_ARGS" FILTER_ARGS="$FILTER_ARGS" "${pool_settings[@]}"
@@ -121,11 +127,37 @@ case $POOL_FROM in
   *) echo "ser: POOL_FROM=$POOL_FROM: expected data or generate" >&2; exit 2 ;;
 esac
 
+# ask_humans T: with ASK_HUMANS, loop T's least certain pairs go to annotators (data/ask_humans.py). The driver
+# stops (exit 5) until their labels come back: HUMAN_LABELS is imported into the first loop that waits for
+# them in this invocation, recorded in RUN/config.json, and its pairs join the seed in every later retraining.
+human=(); labels_used=0
+ask_humans() {
+  local t=$1 ask="$RUN/loop_$1/ask"
+  if [[ ! -f $ask/ask.json ]]; then
+    $PY data/ask_humans.py --pool "$RUN/loop_$t/remaining.jsonl" --n "$ASK_HUMANS" --out "$ask" --seed "$t"
+  fi
+  if [[ ! -f $ask/import.json ]]; then
+    if [[ -z $HUMAN_LABELS || $labels_used == 1 ]]; then
+      local n; n=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['asked'])" "$ask/ask.json")
+      echo "ser: loop $t: $n pairs await human labels: $ask/label_studio.json (a Label Studio project with" \
+        "the config $ask/label_studio.xml) or $ask/pairs.jsonl (fill its choice column). Then run the same" \
+        "command with HUMAN_LABELS=<the export or the filled pairs.jsonl>." >&2
+      exit 5
+    fi
+    $PY data/import_labels.py --asked "$ask" --labels "$HUMAN_LABELS" "${IMPORT_EXTRA[@]}"
+    labels_used=1
+    $PY -m ser.run_config --run "$RUN" --note "human_labels.loop_$t=$HUMAN_LABELS"
+  fi
+  if [[ -s $ask/human.jsonl ]]; then human+=("$ask/human.jsonl"); fi
+}
+
 selected=()
 for ((t = 1; t <= MAX_LOOPS; t++)); do
   prev="$RUN/loop_$((t - 1))"
   loop="$RUN/loop_$t"
-  if ((t == 1)); then pool=("${first_pool[@]}"); else pool=(--dataset_name "$prev/remaining.jsonl"); fi
+  if ((t == 1)); then pool=("${first_pool[@]}")
+  elif [[ -f $prev/ask/import.json ]]; then pool=(--dataset_name "$prev/ask/remaining.jsonl")  # less the human pairs
+  else pool=(--dataset_name "$prev/remaining.jsonl"); fi
 
   stage "loop_$t.filter" "$loop/stats.json" \
     rm_loop_filter_by_self.py "${pool[@]}" --reward_model_name "$prev/rm" \
@@ -136,8 +168,11 @@ for ((t = 1; t <= MAX_LOOPS; t++)); do
     "$loop/stats.json")
   if [[ $stopped == True ]]; then echo "ser: loop $t: Stop (the RM has converged)"; break; fi
 
+  if ((ASK_HUMANS > 0)); then ask_humans "$t"; fi
+
   selected+=("$loop/selected.jsonl")
   if [[ $UNION == 1 ]]; then sources=("${selected[@]}"); else sources=("$loop/selected.jsonl"); fi
+  sources=("${human[@]}" "${sources[@]}")
   if [[ $KEEP_SEED == 1 ]]; then sources=("$DATA" "${sources[@]}"); fi
   if [[ $CONTINUE == 1 ]]; then init="$prev/rm"; else init="$SFT"; fi
   stage "loop_$t.train" "$loop/rm/eval_results.json" \

@@ -1,12 +1,15 @@
 """RUN/config.json: how a run was made, and the check that a re-run asks for the same thing.
 
     python -m ser.run_config --run RUN [--force] DATA=... SFT=... MAX_LOOPS=3 RM_ARGS="..."
+    python -m ser.run_config --run RUN --note human_labels.loop_1=PATH
 
 The loop driver and the demo call this before any stage. The first call writes RUN/config.json with
 the settings, the git revision and the package versions. A later call into the same RUN compares the
 settings: when one differs, the finished stages in RUN were made with other settings and must not be
 skipped as if they were this run's, so it stops and names the setting (exit 3), unless --force
-(FORCE=1 in the driver), which records the new settings and lets the run continue.
+(FORCE=1 in the driver), which records the new settings and lets the run continue. A note (--note KEY=VALUE)
+records what a run took in along the way, such as the human labels each loop imported; notes are kept,
+never compared.
 """
 
 import json
@@ -60,19 +63,32 @@ def check(run: Path, settings: dict, force: bool = False) -> str:
                   file=sys.stderr)
             raise SystemExit(3)
         record["forced_over"] = previous
+        record["notes"] = json.loads(path.read_text()).get("notes", {})
         write_json(path, record)
         return f"settings changed under FORCE ({said})"
     write_json(path, record)
     return "new run"
 
 
+def note(run: Path, key: str, value: str) -> None:
+    """Record KEY=VALUE under RUN/config.json's notes (kept, never compared)."""
+    path = run / "config.json"
+    record = json.loads(path.read_text())
+    record.setdefault("notes", {})[key] = value
+    write_json(path, record)
+    print(f"ser: {path}: noted {key}={value}")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--run" not in argv:
-        raise SystemExit("usage: python -m ser.run_config --run RUN [--force] KEY=VALUE ...")
+        raise SystemExit("usage: python -m ser.run_config --run RUN [--force] KEY=VALUE ... | --note KEY=VALUE")
     i = argv.index("--run")
     run = Path(argv[i + 1])
     rest = argv[:i] + argv[i + 2:]
+    if rest[:1] == ["--note"] and len(rest) == 2 and "=" in rest[1]:
+        note(run, *rest[1].split("=", 1))
+        return
     force = "--force" in rest
     pairs = [a for a in rest if a != "--force"]
     bad = [a for a in pairs if "=" not in a]

@@ -1,0 +1,122 @@
+"""Export the pool pairs most worth a human label, for annotators.
+
+    python data/ask_humans.py --pool RUN/loop_1/remaining.jsonl --n 200 --out RUN/loop_1/ask
+
+The pool is a loop's scored pairs (the filter's remaining.jsonl: the pairs it did not self-label, each with
+the RM's reward_j and reward_k). The n pairs are chosen by ser/ask.py's rule: the RM's least certain,
+one per question, near-duplicate questions spread out. OUT gets:
+  label_studio.json   Label Studio tasks (import them into a project with label_studio.xml as its labelling
+                      config); `predictions` holds the RM's choice: leave "use predictions to prelabel" off
+                      so that annotators do not see it
+  label_studio.xml    the labelling config: the question and a Pairwise choice between answer A and answer B
+  pairs.jsonl         the same pairs for Argilla or a spreadsheet: pair_id, question, answer_a, answer_b,
+                      rm_probability_a, and an empty `choice` column to fill with A, B, tie or skip
+  asked.jsonl         the key: each pair as the pool holds it, and which response is answer A
+  ask.json            what was asked, written last (the step's done marker)
+Which response is answer A is random per pair (seeded by --seed and the pair id), so the RM's preference
+never shows as a position. data/import_labels.py reads the labels back.
+"""
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ser import ask
+from ser.cli import parse
+from ser.data import DataError, RecordWriter, check_writable, iter_records, strip_meta, write_json
+
+CONTROL = "preference"  # the Pairwise control's name in label_studio.xml; the import looks for it
+LABEL_CONFIG = f"""<View>
+  <Header value="Which answer to the question is better? Click it."/>
+  <Text name="question" value="$question"/>
+  <Pairwise name="{CONTROL}" toName="answer_a,answer_b"/>
+  <View style="display: flex; gap: 1em;">
+    <View style="flex: 1;"><Header value="Answer A" size="5"/><Text name="answer_a" value="$answer_a"/></View>
+    <View style="flex: 1;"><Header value="Answer B" size="5"/><Text name="answer_b" value="$answer_b"/></View>
+  </View>
+</View>
+"""
+FILES = ("label_studio.json", "label_studio.xml", "pairs.jsonl", "asked.jsonl")
+
+
+@dataclass
+class Args:
+    pool: str = field(metadata={"help": "scored pool pairs (a JSON/JSONL file with reward_j and reward_k): a loop's remaining.jsonl"})
+    n: int = field(metadata={"help": "pairs to ask humans about"})
+    out: str = field(metadata={"help": "folder for the export"})
+    diverse: bool = field(default=True, metadata={"help": "spread near-duplicate questions out (False: plain uncertainty order)"})
+    seed: int = field(default=0, metadata={"help": "seed of the answers' order (A/B) per pair"})
+
+
+def read_scored(path) -> list[dict]:
+    """The pool's pairs, each with its id and the RM's probability that response j is better."""
+    pairs, where = [], {}
+    for r in iter_records(path):
+        at = f"{path}:{r['_line']}"
+        for key in ("question", "response_j", "response_k"):
+            if not isinstance(r.get(key), str):
+                raise DataError(f"{at}: field '{key}' is {'missing' if key not in r else repr(r[key])}; expected text")
+        for key in ("reward_j", "reward_k"):
+            value = r.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+                raise DataError(f"{at}: field '{key}' is {'missing' if key not in r else repr(value)}; expected the RM's "
+                                "reward (a scored pool: the filter's remaining.jsonl or scored.jsonl)")
+        r["pair_id"] = ask.pair_id(r)
+        if r["pair_id"] in where:
+            raise DataError(f"{at}: pair id {r['pair_id']!r} is also the id of line {where[r['pair_id']]}; "
+                            "every pair needs its own id")
+        where[r["pair_id"]] = r["_line"]
+        r["p_j"] = ask.pairwise_probability(r["reward_j"], r["reward_k"])
+        pairs.append(r)
+    return pairs
+
+
+def task(record, a_is: str) -> tuple[dict, dict]:
+    """The pair as Label Studio shows it and as the JSONL lists it, answer A being response `a_is`."""
+    b_is = {"j": "k", "k": "j"}[a_is]
+    prob_a = record["p_j"] if a_is == "j" else 1 - record["p_j"]
+    data = {"pair_id": record["pair_id"], "question": record["question"],
+            "answer_a": record[f"response_{a_is}"], "answer_b": record[f"response_{b_is}"]}
+    prediction = {"model_version": "ser-rm", "score": max(prob_a, 1 - prob_a),
+                  "result": [{"from_name": CONTROL, "to_name": "answer_a,answer_b", "type": "pairwise",
+                              "value": {"selected": "left" if prob_a >= 0.5 else "right"}}]}
+    return {"data": data, "predictions": [prediction]}, {**data, "rm_probability_a": prob_a, "choice": ""}
+
+
+def main(args: Args):
+    if args.n < 1:
+        raise SystemExit(f"--n {args.n}: ask about at least 1 pair")
+    out = Path(args.out)
+    check_writable(*(out / name for name in (*FILES, "ask.json")))
+    (out / "ask.json").unlink(missing_ok=True)  # the done marker goes before the first new write
+    pool = read_scored(args.pool)
+    if not pool:
+        raise SystemExit(f"{args.pool}: no pairs to ask about")
+    vectors = ask.ngram_vectors([r["question"] for r in pool])
+    chosen = [pool[i] for i in ask.pick([r["p_j"] for r in pool], vectors, args.n,
+                                        groups=[r["question"] for r in pool], diverse=args.diverse)]
+    with (RecordWriter(out / "label_studio.json") as ls, RecordWriter(out / "pairs.jsonl") as plain,
+          RecordWriter(out / "asked.jsonl") as key):
+        for r in chosen:
+            a_is = random.Random(f"{args.seed}:{r['pair_id']}").choice("jk")
+            ls_task, row = task(r, a_is)
+            ls.write(ls_task)
+            plain.write(row)
+            key.write({**{k: v for k, v in strip_meta(r).items() if k != "p_j"}, "answer_a_is": a_is,
+                       "source": f"{args.pool}:{r['_line']}"})
+    (out / "label_studio.xml").write_text(LABEL_CONFIG)
+    u = [ask.uncertainty(r["p_j"]) for r in chosen]
+    summary = {"pool": str(Path(args.pool).resolve()), "pool_pairs": len(pool), "asked": len(chosen),
+               "distinct_questions_in_pool": len({r["question"] for r in pool}), "rule": "ser/ask.py pick",
+               "diverse": args.diverse, "seed": args.seed, "uncertainty_min": min(u), "uncertainty_mean": sum(u) / len(u),
+               "files": list(FILES)}
+    write_json(out / "ask.json", summary)
+    print(f"ask_humans: {len(chosen)} of {len(pool)} pairs to label in {out}/label_studio.json "
+          f"(config {out}/label_studio.xml) or {out}/pairs.jsonl; then: python data/import_labels.py "
+          f"--asked {out} --labels EXPORT")
+    print(json.dumps({k: v for k, v in summary.items() if k != "files"}))
+
+
+if __name__ == "__main__":
+    main(*parse([Args]))

@@ -1,0 +1,325 @@
+"""Asking humans: the choice rule (ser/ask.py), the export (data/ask_humans.py), the import of Label Studio and
+JSONL labels (data/import_labels.py), and the driver's stop and resume (ASK_HUMANS, HUMAN_LABELS)."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT
+from data import ask_humans, import_labels
+from ser import ask
+from ser.data import DataError, read_records, strip_meta
+
+# ----------------------------------------------------------------------------- the rule
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.integers(0, 6)), min_size=1, max_size=40), st.integers(0, 12),
+       st.booleans())
+def test_pick_asks_each_question_once_most_uncertain_first(rows, n, diverse):
+    p = [x for x, _ in rows]
+    groups = [g for _, g in rows]
+    vectors = torch.randn(len(rows), 8, generator=torch.Generator().manual_seed(len(rows)))
+    chosen = ask.pick(p, vectors, n, groups=groups, diverse=diverse)
+    assert len(chosen) == min(n, len(set(groups)))
+    assert len({groups[i] for i in chosen}) == len(chosen)  # no question twice
+    for i in chosen:  # the pair asked for a question is that question's most uncertain one
+        assert ask.uncertainty(p[i]) == max(ask.uncertainty(p[j]) for j in range(len(p)) if groups[j] == groups[i])
+    if chosen:  # the first is the most uncertain of all
+        assert ask.uncertainty(p[chosen[0]]) == max(ask.uncertainty(x) for x in p)
+    if not diverse:
+        u = [ask.uncertainty(p[i]) for i in chosen]
+        assert u == sorted(u, reverse=True)
+
+
+def test_near_duplicate_questions_are_spread_out():
+    """Ten rewordings of one question, a little more uncertain than ten distinct questions: plain uncertainty
+    asks five rewordings; the diverse rule asks one and then the distinct ones."""
+    dup = [f"how do I bake sourdough bread at home {w}" for w in "abcdefghij"]
+    distinct = ["what is the capital of peru", "explain recursion to a child", "best way to learn chess openings",
+                "why is the sky blue", "how to fix a flat bicycle tire", "write a haiku about autumn rain",
+                "what causes inflation", "tips for a job interview", "how do vaccines work", "translate hello to french"]
+    questions = dup + distinct
+    p = [0.50 + 0.001 * i for i in range(10)] + [0.52 + 0.001 * i for i in range(10)]
+    vectors = ask.ngram_vectors(questions)
+    plain = ask.pick(p, vectors, 5, groups=questions, diverse=False)
+    diverse = ask.pick(p, vectors, 5, groups=questions)
+    assert sum(i < 10 for i in plain) == 5
+    assert sum(i < 10 for i in diverse) == 1 and diverse[0] == 0
+
+
+def test_pick_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="one of each per pair"):
+        ask.pick([0.5, 0.5], torch.zeros(3, 2), 1)
+    with pytest.raises(ValueError, match="0 or more"):
+        ask.pick([0.5], torch.zeros(1, 2), -1)
+
+
+# ----------------------------------------------------------------------------- export and import
+
+
+def scored_pool(path, n=30, seed=0):
+    """A scored pool as the filter writes remaining.jsonl: random response order, the hidden human label in
+    gold_preferred, the RM's rewards; a few questions repeat."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good, bad = f"a careful answer {i} with detail", f"a curt answer {i}"
+        j_is_good = rng.random() < 0.5
+        rows.append({"id": f"p{i}", "question": f"question number {i % 20} about topic {i % 20 % 7}",
+                     "response_j": good if j_is_good else bad, "response_k": bad if j_is_good else good,
+                     "gold_preferred": "j" if j_is_good else "k",
+                     "reward_j": rng.gauss(0, 1), "reward_k": rng.gauss(0, 1)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+@pytest.fixture
+def exported(tmp_path):
+    rows = scored_pool(tmp_path / "remaining.jsonl")
+    out = tmp_path / "ask"
+    ask_humans.main(ask_humans.Args(pool=str(tmp_path / "remaining.jsonl"), n=12, out=str(out)))
+    return out, {r["id"]: r for r in rows}
+
+
+def human_choice(task_data, rows) -> str:
+    """The hidden label's answer, as left (answer A) or right (answer B)."""
+    r = rows[task_data["pair_id"]]
+    preferred = r[f"response_{r['gold_preferred']}"]
+    return "left" if task_data["answer_a"] == preferred else "right"
+
+
+def label_studio_export(out, rows, cancel=(), extra=None):
+    """Label Studio's JSON export of the imported tasks: each task with its `annotations`, each annotation's
+    `result` holding the Pairwise control's {"selected": "left" | "right"} (Label Studio's Pairwise tag)."""
+    tasks = json.loads((out / "label_studio.json").read_text())
+    items = []
+    for n, t in enumerate(tasks, start=1):
+        result = [{"id": f"r{n}", "from_name": "preference", "to_name": "answer_a", "type": "pairwise",
+                   "origin": "manual", "value": {"selected": human_choice(t["data"], rows)}}]
+        annotation = {"id": 100 + n, "completed_by": 1, "result": [] if n in cancel else result,
+                      "was_cancelled": n in cancel, "ground_truth": False, "lead_time": 3.2,
+                      "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z"}
+        items.append({"id": n, "data": t["data"], "annotations": [annotation], "predictions": t["predictions"],
+                      "meta": {}, "created_at": "2026-11-29T09:00:00Z", "project": 1})
+    if extra:
+        extra(items)
+    return items
+
+
+def import_(out, labels, path, **kw):
+    path.write_text(labels if isinstance(labels, str) else json.dumps(labels))
+    import_labels.main(import_labels.Args(asked=str(out), labels=str(path), **kw))
+    return read_records(out / "human.jsonl"), json.loads((out / "import.json").read_text())
+
+
+def test_export_writes_the_tools_formats_with_random_answer_order(exported):
+    out, rows = exported
+    tasks = json.loads((out / "label_studio.json").read_text())
+    plain = read_records(out / "pairs.jsonl")
+    key = read_records(out / "asked.jsonl")
+    assert len(tasks) == len(plain) == len(key) == 12
+    assert len({t["data"]["question"] for t in tasks}) == 12  # no question twice
+    assert {k["answer_a_is"] for k in key} == {"j", "k"}  # the order is random per pair
+    for t, row, k in zip(tasks, plain, key):
+        assert set(t["data"]) == {"pair_id", "question", "answer_a", "answer_b"}
+        assert t["data"]["answer_a"] == rows[k["pair_id"]][f"response_{k['answer_a_is']}"]
+        prediction = t["predictions"][0]["result"][0]
+        assert prediction["type"] == "pairwise" and prediction["from_name"] == "preference"
+        assert (prediction["value"]["selected"] == "left") == (row["rm_probability_a"] >= 0.5)
+        assert row["choice"] == "" and row["pair_id"] == t["data"]["pair_id"]
+    assert '<Pairwise name="preference" toName="answer_a,answer_b"/>' in (out / "label_studio.xml").read_text()
+    assert json.loads((out / "ask.json").read_text())["asked"] == 12
+
+
+def test_label_studio_round_trip_gives_the_human_s_response_j(exported, tmp_path):
+    out, rows = exported
+    human, result = import_(out, label_studio_export(out, rows, cancel={3}), tmp_path / "export.json")
+    assert len(human) == 11 and result["skipped"] == 1 and result["labelled"] == 11
+    a_is = {k["pair_id"]: k["answer_a_is"] for k in read_records(out / "asked.jsonl")}
+    assert {a_is[h["id"]] for h in human} == {"j", "k"}  # both answer orders were imported
+    for h in human:
+        r = rows[h["id"]]
+        assert h["response_j"] == r[f"response_{r['gold_preferred']}"] and h["label_source"] == "human"
+        assert h["question"] == r["question"] and "reward_j" not in h and "gold_preferred" not in h
+    assert result["gold_agreement"] == 1.0
+    remaining = read_records(out / "remaining.jsonl")
+    assert len(remaining) == 30 - 11 and not {r["id"] for r in remaining} & {h["id"] for h in human}
+
+
+def test_json_min_export_and_filled_jsonl_give_the_same_pairs(exported, tmp_path):
+    out, rows = exported
+    tasks = json.loads((out / "label_studio.json").read_text())
+    json_min = [{"id": n, **t["data"], "preference": [{"selected": human_choice(t["data"], rows)}], "annotator": 1,
+                 "annotation_id": 100 + n, "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:00Z",
+                 "lead_time": 3.2} for n, t in enumerate(tasks, start=1)]
+    from_min, _ = import_(out, json_min, tmp_path / "min.json")
+    plain = read_records(out / "pairs.jsonl")
+    for row in plain:
+        row["choice"] = {"left": "A", "right": "B"}[human_choice(row, rows)]
+    plain[0]["choice"], plain[1]["choice"] = "tie", "skip"
+    from_jsonl, result = import_(out, "".join(json.dumps(r) + "\n" for r in plain), tmp_path / "filled.jsonl")
+    assert result["ties"] == 1 and result["skipped"] == 1 and len(from_jsonl) == 10
+    assert [strip_meta(h) for h in from_min if h["id"] not in (plain[0]["pair_id"], plain[1]["pair_id"])] == \
+        [strip_meta(h) for h in from_jsonl]
+
+
+def _unknown_id(items):
+    items[2]["data"]["pair_id"] = "not-asked"
+
+
+def _no_annotation(items):
+    items[4]["annotations"] = []
+
+
+def _conflict(items):
+    second = json.loads(json.dumps(items[5]["annotations"][0]))
+    second["result"][0]["value"]["selected"] = {"left": "right", "right": "left"}[second["result"][0]["value"]["selected"]]
+    items[5]["annotations"].append(second)
+
+
+def _bad_choice(items):
+    items[1]["annotations"][0]["result"][0]["value"]["selected"] = "middle"
+
+
+def _another_task(items):
+    for item in items:
+        item["data"] = {"text": item["data"]["question"]}
+
+
+def _other_ids(items):
+    for n, item in enumerate(items):
+        item["data"]["pair_id"] = f"other-{n}"
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_unknown_id, r"item 3 \(pair not-asked\), annotation 1: its pair id \(field 'pair_id'\) is 'not-asked', a pair that was not"),
+    (_no_annotation, r"1 of the 12 asked pairs have no choice"),
+    (_conflict, r"item 6 \(pair p\d+\), annotation 2: pair p\d+ is labelled [AB] here and [AB] at"),
+    (_bad_choice, r"item 2 \(pair p\d+\), annotation 1: field 'value.selected' is 'middle'"),
+    (_another_task, r"item 1: field 'data.pair_id' is missing: not an export of the tasks"),
+    (_other_ids, r"none of its 12 items names a pair of this export"),
+])
+def test_bad_exports_are_refused_and_nothing_is_written(exported, tmp_path, damage, message):
+    out, rows = exported
+    with pytest.raises(DataError, match=message):
+        import_(out, label_studio_export(out, rows, extra=damage), tmp_path / "export.json")
+    assert not any((out / name).exists() for name in ("human.jsonl", "remaining.jsonl", "import.json"))
+
+
+def test_unlabelled_pairs_can_be_counted_as_skipped(exported, tmp_path):
+    out, rows = exported
+    human, result = import_(out, label_studio_export(out, rows, extra=_no_annotation), tmp_path / "export.json",
+                            unlabelled="skip")
+    assert len(human) == 11 and result["unlabelled"] == 1 and result["skipped"] == 1
+
+
+def test_jsonl_with_an_unknown_choice_names_the_line(exported, tmp_path):
+    out, _ = exported
+    plain = read_records(out / "pairs.jsonl")
+    for row in plain:
+        row["choice"] = "A"
+    plain[6]["choice"] = "maybe"
+    with pytest.raises(DataError, match=r"filled.jsonl:7: field 'choice' is 'maybe'; expected A, B, tie or skip"):
+        import_(out, "".join(json.dumps(r) + "\n" for r in plain), tmp_path / "filled.jsonl")
+
+
+def test_a_pool_without_rewards_is_refused_naming_line_and_field(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"question": "q", "response_j": "a", "response_k": "b", "reward_j": 1.0}) + "\n")
+    with pytest.raises(DataError, match=r"pool.jsonl:1: field 'reward_k' is missing"):
+        ask_humans.main(ask_humans.Args(pool=str(pool), n=1, out=str(tmp_path / "ask")))
+    assert not (tmp_path / "ask" / "ask.json").exists()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+@pytest.mark.slow
+def test_the_driver_stops_for_labels_and_resumes_with_them(sft_model, synthetic, tmp_path):
+    """ASK_HUMANS=20 on frozen-trunk RMs: the driver stops after loop 1's filter, refuses a half-labelled file
+    (naming the count), resumes with the labels (the human pairs train loop 1's RM and leave the pool), and
+    stops again after loop 2's filter."""
+    from test_ser_loop import ENV
+
+    from conftest import CPU
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["--feature_cache", str(cache), "--dtype", "float32"]
+    env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "2", "MAX_LENGTH": "96",
+           "ASK_HUMANS": "20", "RM_ARGS": " ".join(["--trunk", "frozen", "--head_l2", "1e-5", *common, *CPU]),
+           "FILTER_ARGS": " ".join([*common, "--status1_min_pairs", "40", "--status2_min_pairs", "40",
+                                    "--probability", "pairwise"]),
+           "PY": sys.executable, "LAUNCH": sys.executable}
+
+    def driver(**more):
+        return subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env={**env, **more}, capture_output=True,
+                              text=True, timeout=900)
+
+    first = driver()
+    ask_dir = run / "loop_1" / "ask"
+    assert first.returncode == 5, first.stdout[-2000:] + first.stderr[-2000:]
+    assert f"{ask_dir}/label_studio.json" in first.stderr and "HUMAN_LABELS=" in first.stderr
+    assert 10 < json.loads((ask_dir / "ask.json").read_text())["asked"] <= 20
+    assert not (run / "loop_1" / "rm").exists()
+    assert json.loads((run / "config.json").read_text())["settings"]["ASK_HUMANS"] == "20"
+
+    plain = read_records(ask_dir / "pairs.jsonl")
+    key = {k["pair_id"]: k for k in read_records(ask_dir / "asked.jsonl")}
+    for row in plain:  # the hidden label plays the human
+        k = key[row["pair_id"]]
+        row["choice"] = "A" if k["gold_preferred"] == k["answer_a_is"] else "B"
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join(json.dumps({**r, "choice": r["choice"] if i % 2 else ""}) + "\n" for i, r in enumerate(plain)))
+    refused = driver(HUMAN_LABELS=str(half))
+    n = json.loads((ask_dir / "ask.json").read_text())["asked"]  # at most 20: one pair per question
+    said = f"{(n + 1) // 2} of the {n} asked pairs have no choice"
+    assert refused.returncode != 0 and said in refused.stderr, refused.stderr[-2000:]
+    assert not (ask_dir / "import.json").exists()
+
+    full = tmp_path / "labels.jsonl"
+    full.write_text("".join(json.dumps(r) + "\n" for r in plain))
+    resumed = driver(HUMAN_LABELS=str(full))
+    assert resumed.returncode == 5, resumed.stdout[-2000:] + resumed.stderr[-2000:]  # stopped again at loop 2
+    assert f"{run}/loop_2/ask/label_studio.json" in resumed.stderr
+    imported = json.loads((ask_dir / "import.json").read_text())
+    assert imported["labelled"] == n and imported["gold_agreement"] == 1.0
+    assert json.loads((run / "config.json").read_text())["notes"] == {"human_labels.loop_1": str(full)}
+    assert (run / "loop_1" / "rm" / "eval_results.json").is_file()
+    loop_1, loop_2 = (json.loads((run / f"loop_{t}" / "stats.json").read_text()) for t in (1, 2))
+    assert loop_2["pool"] == loop_1["remaining"] - n  # the human pairs left the pool
+    sources = json.loads((run / "loop_1" / "rm" / "eval_results.json").read_text())["train_sources"]
+    assert sources[str(ask_dir / "human.jsonl")] == n  # loop 1's RM was trained on the human pairs
+
+
+# ----------------------------------------------------------------------------- the budget study's report
+
+
+def test_the_budget_report_states_the_paired_differences(tmp_path):
+    """A made-up state in which asked pairs gain one point on random ones in every seed: the report's
+    paired row says +1.0 with a degenerate interval, and names the best arm."""
+    from experiments import ask_study
+
+    rows = []
+    for seed in range(5):
+        base = 0.55 + 0.01 * seed
+        rows += [{"arm": "seed", "budget": 0.0, "seed": seed, "accuracy": base},
+                 {"arm": "ser", "budget": 0.0, "seed": seed, "accuracy": base + 0.005}]
+        for b in (0.01, 0.05):
+            rows += [{"arm": "human-random", "budget": b, "seed": seed, "accuracy": base + 0.02},
+                     {"arm": "human-ask", "budget": b, "seed": seed, "accuracy": base + 0.03},
+                     {"arm": "ser+ask", "budget": b, "seed": seed, "accuracy": base + 0.025}]
+    state = {"setting": "made-up", "layer": 1, "seed_fraction": 0.01, "budgets": [0.01, 0.05], "pool_pairs": 100,
+             "held_out_pairs": 50, "seed_pairs": 1, "budget_pairs": {"0.01": 1, "0.05": 5}, "rows": rows}
+    path = tmp_path / "ask-made-up.json"
+    path.write_text(json.dumps(state))
+    text = ask_study.write_report(path)
+    assert "| 5.0 % | human-ask − human-random | +1.0 | [+1.0, +1.0] | 0.062 |" in text  # 2/32: exact sign flips
+    assert "the best mean is human-ask, +0.5 points over ser+ask" in text
+    assert (tmp_path / "REPORT-ask-made-up.md").is_file() and (tmp_path / "ask-made-up.png").is_file()
