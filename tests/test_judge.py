@@ -112,6 +112,7 @@ def test_malformed_replies_are_counted_never_guessed(server, tmp_path):
     assert judge.parse_score("I'd say 4/5") is None and judge.parse_score("Score: 3 or 4") is None
 
 
+@pytest.mark.slow  # waits out client timeouts: make test runs it, make test-fast does not
 def test_rate_limits_are_retried_and_what_still_fails_is_reported(server, tmp_path):
     a = ["a0 rate-once score 5", "a1 rate-always score 5", "a2 slow score 5"]
     b = ["b0 score 1", "b1 score 1", "b2 score 1"]

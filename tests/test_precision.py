@@ -40,6 +40,7 @@ def relative_error(a: dict, ref: dict) -> float:
     return (num / sum(v.pow(2).sum() for v in ref.values())).sqrt().item()
 
 
+@pytest.mark.slow  # two RM trainings: make test runs it, make test-fast does not
 def test_full_rm_training_from_a_bf16_checkpoint_updates_like_fp32_masters(bf16_sft, synthetic, tmp_path):
     train_rm(bf16_sft, synthetic, tmp_path / "auto", "--use_lora", "False")  # --dtype auto: the checkpoint's bf16
     train_rm(bf16_sft, synthetic, tmp_path / "ref", "--use_lora", "False", "--dtype", "float32")  # fp32 reference
@@ -58,6 +59,7 @@ def test_full_rm_training_from_a_bf16_checkpoint_updates_like_fp32_masters(bf16_
     assert score_init is None or not torch.equal(got["score.weight"], score_init)
 
 
+@pytest.mark.slow  # two RM trainings: make test runs it, make test-fast does not
 def test_lora_rm_from_a_bf16_checkpoint_updates_adapter_and_head_like_fp32_masters(bf16_sft, synthetic, tmp_path):
     train_rm(bf16_sft, synthetic, tmp_path / "auto", "--use_lora", "True")
     train_rm(bf16_sft, synthetic, tmp_path / "ref", "--use_lora", "True", "--dtype", "float32")
