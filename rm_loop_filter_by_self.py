@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ser.cli import get_logger, parse
 from ser.data import RecordWriter, check_writable, pool_chunks, read_records, write_json, write_records
-from ser.modeling import FORWARD_COST, end_processes
+from ser.modeling import FORWARD_COST, DataArguments, default_of, end_processes, hidden
 from ser.selection import PROBABILITIES, RULES, Decision, Thresholds, select
 
 GOLD = "gold_preferred"
@@ -39,11 +39,13 @@ logger = get_logger("filter")
 
 
 @dataclass
-class ScriptArguments:
-    dataset_name: str = field(metadata={"help": "the pool: a JSON/JSONL file, or a data folder with --subset"})
-    rm_next_loop_save_path: str = field(metadata={"help": "where the selected (self-labelled) pairs go"})
-    remaining_data_save_path: str = field(metadata={"help": "where the rest of the pool goes, for the next loop"})
-    subset: str = field(default="data/unlabeled", metadata={"help": "pool folder inside a --dataset_name folder"})
+class ScriptArguments(DataArguments):
+    subset: str | None = default_of(DataArguments, "subset", "data/unlabeled")
+    load_from_json: bool = hidden(False)  # a file pool is read as a file anyway
+    seed: int = hidden(0)  # nothing here is random
+    rm_next_loop_save_path: str = field(kw_only=True, metadata={"help": "where the selected (self-labelled) pairs go"})
+    remaining_data_save_path: str = field(kw_only=True, metadata={
+        "help": "where the rest of the pool goes, for the next loop"})
     left_threshold: float = field(default=0.45, metadata={"help": "tau_low: a 'bad' response has p below this"})
     right_threshold: float = field(default=0.55, metadata={"help": "tau_high: a 'good' response has p above this"})
     delta_threshold: float = field(default=0.3, metadata={"help": "tau_delta: Status-2 gap |p_j - p_k|"})
@@ -58,11 +60,8 @@ class ScriptArguments:
     pairwise_easy_gap: float = field(default=0.6, metadata={
         "help": "--probability pairwise: Status-1 gap |p_j - p_k| (0.6: the RM gives the pair p >= 0.8)"})
     reward_model_name: str | None = field(default=None, metadata={"help": "RM that self-labels the pool"})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer; defaults to the RM's folder"})
     scored_save_path: str | None = field(default=None, metadata={"help": "scored pool; default: scored.jsonl beside the selection"})
     stats_save_path: str | None = field(default=None, metadata={"help": "statistics; default: stats.json beside the selection"})
-    max_length: int = field(default=512, metadata={
-        "help": "tokens per scored sequence, questions cut from the left (as rm_training.py's --max_length)"})
     batch_size: int = field(default=32, metadata={"help": "sequences per scoring batch and process, at most"})
     forward_cost: float = field(default=FORWARD_COST, metadata={
         "help": "a forward pass's fixed cost in padded tokens: batches of similar length are cut where a new one "

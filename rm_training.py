@@ -29,10 +29,13 @@ from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json, write_records
 from ser.modeling import (
     FORWARD_COST,
+    DataArguments,
     check_saved_weights,
+    default_of,
     end_processes,
     fit_embeddings,
     fp32_master_weights,
+    hidden,
     is_lora_dir,
     length_batches,
     load_reward_model,
@@ -55,8 +58,7 @@ class RMConfig(RewardConfig):
     learning_rate: float = field(default=2e-5, metadata={"help": "learning rate (the paper: 2e-5; TRL: 1e-4)"})
     num_train_epochs: float = field(default=2.0, metadata={
         "help": "epochs (the release: 2 for the seed RM, 5 per loop; the loop driver sets SEED_EPOCHS/LOOP_EPOCHS)"})
-    max_length: int | None = field(default=512, metadata={
-        "help": "tokens per sequence, questions cut from the left (the paper: 512; TRL: 1024)"})
+    max_length: int | None = default_of(DataArguments, "max_length")  # TRL: 1024
     train_sampling_strategy: str = field(default="group_by_length", metadata={
         "help": "group_by_length: random batches of pairs of similar length (TRL: random, which pads more)",
         "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]})
@@ -66,10 +68,13 @@ class RMConfig(RewardConfig):
 
 
 @dataclass
-class ScriptArguments:
-    model_name: str = field(metadata={"help": "SFT model (a new score head is added) or a previous RM to continue"})
+class ScriptArguments(DataArguments):
     dataset_name: list[str] = field(metadata={"help": "data folders (with --train_subset), JSON/JSONL files, or hub ids"})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder; defaults to --model_name"})
+    subset: str | None = hidden()  # two splits instead: --train_subset and --eval_subset
+    max_length: int = hidden(512)  # RMConfig's --max_length
+    seed: int = hidden(42)  # TrainingArguments' --seed
+    model_name: str = field(kw_only=True, metadata={
+        "help": "SFT model (a new score head is added) or a previous RM to continue"})
     train_subset: list[str] = field(default_factory=lambda: ["data/reward"],
                                     metadata={"help": "folders of training pairs inside each --dataset_name folder"})
     train_subset_size: int | None = field(default=None, metadata={
@@ -77,7 +82,6 @@ class ScriptArguments:
     eval_subset: str = field(default="data/evaluation",
                              metadata={"help": "held-out pairs: a folder inside the first --dataset_name, or a file"})
     eval_subset_size: int | None = field(default=None, metadata={"help": "use a seeded random sample of this many held-out pairs"})
-    load_from_json: bool = field(default=False, metadata={"help": "every --dataset_name is a JSON/JSONL file"})
     eval_first_step: bool = field(default=False, metadata={"help": "also evaluate after the first optimiser step"})
     loss: str = field(default="bt", metadata={"help": "bt (Bradley-Terry, released code) or hinge (the paper)",
                                                "choices": ["bt", "hinge"]})

@@ -14,10 +14,13 @@ from trl import SFTConfig, SFTTrainer
 from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json
 from ser.modeling import (
+    DataArguments,
     ModelArguments,
     check_saved_weights,
+    default_of,
     end_processes,
     fp32_master_weights,
+    hidden,
     load_causal_lm,
     load_tokenizer,
     merge_lora,
@@ -32,19 +35,17 @@ logger = get_logger("sft")
 class SFTConfigSER(SFTConfig):
     """TRL's SFTConfig with the paper's sequence length and the loss on the answer only."""
 
-    max_length: int | None = field(default=512, metadata={
-        "help": "tokens per example, questions cut from the left (the paper: 512; --seq_length is the old name)"})
+    max_length: int | None = default_of(DataArguments, "max_length")
     completion_only_loss: bool | None = field(default=True, metadata={
         "help": "loss on the answer (and eos) only; the question is conditioning"})
 
 
 @dataclass
-class ScriptArguments:
-    model_name: str = field(metadata={"help": "base model folder or hub id"})
-    dataset_name: str = field(metadata={"help": "data folder (with --subset), a JSON/JSONL file, or a hub id"})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder; defaults to --model_name"})
-    subset: str = field(default="data/finetune", metadata={"help": "folder of demonstrations inside --dataset_name"})
-    load_from_json: bool = field(default=False, metadata={"help": "--dataset_name is a JSON/JSONL file"})
+class ScriptArguments(DataArguments):
+    subset: str | None = default_of(DataArguments, "subset", "data/finetune")
+    max_length: int = hidden(512)  # SFTConfigSER's --max_length
+    seed: int = hidden(42)  # TrainingArguments' --seed
+    model_name: str = field(kw_only=True, metadata={"help": "base model folder or hub id"})
     train_subset_size: int | None = field(default=None, metadata={"help": "use a seeded random sample of this many demonstrations"})
 
 

@@ -25,21 +25,29 @@ from tqdm.auto import tqdm
 
 from ser.cli import check_accelerator, parse
 from ser.data import load_records, subsample, write_json, write_records
-from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, process_state, score_ids
+from ser.modeling import (
+    THIS_PROCESS_ONLY,
+    DataArguments,
+    default_of,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    process_state,
+    score_ids,
+)
 from ser.rollout import lm_logprobs, response_texts, reward_inputs, sample
 
 
 @dataclass
-class Args:
-    base_model: str = field(metadata={"help": "the reference policy (the SFT model)"})
-    policy: str = field(metadata={"help": "the policy to evaluate (ppo.py's output_dir/policy)"})
-    reward_model_name: str = field(metadata={"help": "the RM PPO optimised (its win rate is labelled circular)"})
-    dataset_name: str = field(metadata={"help": "prompts: a data folder (with --subset) or a JSON/JSONL file"})
-    subset: str = field(default="data/evaluation", metadata={"help": "held-out prompts inside --dataset_name"})
+class Args(DataArguments):
+    subset: str | None = default_of(DataArguments, "subset", "data/evaluation")
+    base_model: str = field(kw_only=True, metadata={"help": "the reference policy (the SFT model)"})
+    policy: str = field(kw_only=True, metadata={"help": "the policy to evaluate (ppo.py's output_dir/policy)"})
+    reward_model_name: str = field(kw_only=True, metadata={
+        "help": "the RM PPO optimised (its win rate is labelled circular)"})
     n_prompts: int = field(default=200, metadata={"help": "prompts to answer: a seeded random sample of N distinct questions"})
     judge_reward_model: str | None = field(default=None, metadata={
         "help": "an independent RM that judges too (e.g. the all-label RM); it must share the tokenizer"})
-    max_length: int = field(default=512, metadata={"help": "tokens per RM input (as rm_training.py's --max_length)"})
     samples_per_prompt: int = field(default=1, metadata={"help": "answers per prompt and policy"})
     max_new_tokens: int = field(default=64, metadata={"help": "response length cap"})
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (cut from the left)"})
@@ -48,7 +56,6 @@ class Args:
     gold: str = field(default="none", metadata={"help": "synthetic: also judge with the synthetic task's gold reward",
                                                  "choices": ["none", "synthetic"]})
     output: str | None = field(default=None, metadata={"help": "results JSON; default: beside --policy"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
     device: str | None = field(default=None, metadata={"help": "where the models run; default: the accelerator, else cpu"})
     dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
     llm_judge_model: str | None = field(default=None, metadata={"help": "also judge with this LLM (OpenAI-compatible API; "
@@ -90,9 +97,9 @@ def main(args: Args):
     if state.num_processes > 1:  # each would answer every prompt, all on the first GPU
         raise SystemExit(f"ppo/evaluate.py runs in one process ({state.num_processes} were launched): "
                          "python ppo/evaluate.py ... (--device picks the GPU)")
-    tokenizer = load_tokenizer(args.base_model)
+    tokenizer = load_tokenizer(args.tokenizer_name or args.base_model)
     distinct = list(dict.fromkeys(r["question"] for r in load_records(args.dataset_name, args.subset,
-                                                                      fields=("question",))))
+                                                                      args.load_from_json, fields=("question",))))
     if not distinct:
         raise ValueError(f"{args.dataset_name} (--subset {args.subset}): no prompts to evaluate on; nothing was written")
     distinct = subsample(distinct, args.n_prompts, args.seed)

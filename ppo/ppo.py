@@ -41,7 +41,9 @@ from ser.cli import check_accelerator, get_logger, parse, resolved_args, setup_w
 from ser.data import check_writable, load_records, write_json
 from ser.modeling import (
     THIS_PROCESS_ONLY,
+    DataArguments,
     check_saved_weights,
+    default_of,
     fp32_master_weights,
     load_causal_lm,
     load_reward_model,
@@ -60,14 +62,11 @@ logger = get_logger("ppo")
 
 
 @dataclass
-class ScriptArguments:
-    model_name: str = field(metadata={"help": "the SFT model: the initial policy and the reference"})
-    reward_model_name: str = field(metadata={"help": "the reward model (rm_training.py output)"})
-    dataset_name: str = field(metadata={"help": "prompts: a data folder (with --subset), a JSON/JSONL file, a hub id"})
+class ScriptArguments(DataArguments):
+    subset: str | None = default_of(DataArguments, "subset", "data/rl")
+    model_name: str = field(kw_only=True, metadata={"help": "the SFT model: the initial policy and the reference"})
+    reward_model_name: str = field(kw_only=True, metadata={"help": "the reward model (rm_training.py output)"})
     output_dir: str = field(default="runs/ppo", metadata={"help": "checkpoints and the final policy"})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer; defaults to --model_name"})
-    subset: str = field(default="data/rl", metadata={"help": "prompt folder inside a --dataset_name folder"})
-    load_from_json: bool = field(default=False, metadata={"help": "--dataset_name is a JSON/JSONL file"})
     log_with: str | None = field(default=None, metadata={"help": "wandb, or none"})
     # optimisation
     learning_rate: float = field(default=1.4e-5, metadata={"help": "learning rate"})
@@ -94,8 +93,6 @@ class ScriptArguments:
     reward_baseline: float = field(default=0.0, metadata={"help": "subtracted from every score"})
     reward_norm: bool = field(default=False, metadata={"help": "normalise scores by running mean and std"})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted when a response has no EOS"})
-    max_length: int = field(default=512, metadata={
-        "help": "tokens per RM input, question cut from the left (as rm_training.py's --max_length)"})
     # PPO
     init_kl_coef: float = field(default=0.2, metadata={"help": "initial KL penalty coefficient"})
     adap_kl_ctrl: bool = field(default=True, metadata={"help": "adapt the KL coefficient toward --kl_target"})
@@ -124,7 +121,6 @@ class ScriptArguments:
     save_total_limit: int | None = field(default=2, metadata={
         "help": "keep this many newest checkpoints (each holds optimiser state); None keeps all"})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint folder to continue from"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
     deepspeed: str | None = field(default=None, metadata={
         "help": "not taken here: `accelerate launch --config_file scripts/cluster/zero3.yaml ppo/ppo.py ...`"})

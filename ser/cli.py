@@ -5,6 +5,7 @@ versions; `legacy_argv` maps them onto today's names before `HfArgumentParser` s
 flag that cannot be honoured is an error, never silently ignored.
 """
 
+import dataclasses
 import logging
 import os
 import sys
@@ -105,6 +106,16 @@ def parse(dataclass_types, argv=None, counted=()):
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (see --help for the flags this script takes)")
+    from ser.modeling import DataArguments
+
+    for config in parsed:  # a hidden shared field takes the value of the flag another dataclass declares
+        if not isinstance(config, DataArguments):
+            continue
+        for f in dataclasses.fields(config):
+            if not f.init:
+                for other in parsed:
+                    if other is not config and f.name in {g.name for g in dataclasses.fields(other) if g.init}:
+                        setattr(config, f.name, getattr(other, f.name))
     for config in parsed:
         if getattr(config, "deepspeed", None) and getattr(config, "use_cpu", False):
             # DeepSpeed on the CPU: its communication layer must wrap the (gloo) process group that

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -36,6 +36,40 @@ class ModelArguments:
 
         return LoraConfig(task_type=task_type, r=self.lora_r, lora_alpha=self.lora_alpha,
                           lora_dropout=self.lora_dropout, **kwargs)
+
+
+@dataclass
+class DataArguments:
+    """The data flags of every stage, defined once. A stage's ScriptArguments subclasses this; it redeclares a
+    field only to change its default (`default_of`) or to leave out a flag it does not take (`hidden`), and
+    adds its own flags after these (kw_only when they have no default). Where a TRL config of the same
+    stage declares max_length or seed too (sft.py, rm_training.py), the config's flag is the one on the
+    command line and `ser.cli.parse` copies its value into the hidden field here."""
+
+    dataset_name: str = field(metadata={"help": "a data folder (with --subset), a JSON/JSONL file, or a hub id"})
+    subset: str | None = field(default=None, metadata={"help": "the split's folder inside a --dataset_name folder"})
+    load_from_json: bool = field(default=False, metadata={"help": "--dataset_name is a JSON/JSONL file"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder; default: the model's"})
+    max_length: int = field(default=512, metadata={
+        "help": "tokens per sequence ([bos] prompt response [eos]), questions cut from the left; one value for "
+                "training, self-labelling and evaluation alike (the paper: 512; --seq_length is the old name)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+
+
+def default_of(cls, name: str, default=MISSING):
+    """`cls`'s field `name` with another default (or its own) and `cls`'s help: a subclass's override, or the
+    shared declaration in a config that must hold the flag itself."""
+    meta = cls.__dataclass_fields__[name].metadata
+    if default is MISSING:
+        default = cls.__dataclass_fields__[name].default
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def hidden(default=None):
+    """A shared field that a stage does not take on its command line (the parser skips init=False fields)."""
+    return field(default=default, init=False)
 
 
 def load_tokenizer(name: str):

@@ -101,3 +101,37 @@ def test_policy_evaluation_counts_below_one_are_refused(flag, tmp_path):
                                       "--dataset_name", "d", flag, "0"])
     with pytest.raises(SystemExit, match=f"{flag} 0: at least 1"):
         evaluate.main(args)
+
+
+def test_the_data_flags_are_declared_once_and_reach_every_stage(capsys):
+    """DataArguments holds the data flags; a stage whose TRL config declares --max_length and --seed too
+    has one flag of each, and its script arguments see the same value."""
+    import ast
+    from pathlib import Path
+
+    import rm_loop_filter_by_self as F
+    from ppo import evaluate, ppo
+
+    script, _, config = parse(sft.ARGUMENTS, ["--model_name", "M", "--dataset_name", "D", "--output_dir", "o",
+                                              "--seq_length", "64", "--seed", "5"])
+    assert script.max_length == config.max_length == 64 and script.seed == config.seed == 5
+    script, _, config = parse(rm_training.ARGUMENTS, ["--model_name", "M", "--dataset_name", "D", "--output_dir", "o"])
+    assert script.max_length == config.max_length == 512 and script.seed == config.seed == 42  # TRL's seed
+    (filt,) = parse([F.ScriptArguments], ["--dataset_name", "D", "--rm_next_loop_save_path", "s",
+                                          "--remaining_data_save_path", "r", "--max_length", "96"])
+    assert filt.max_length == 96 and filt.subset == "data/unlabeled"
+    with pytest.raises(SystemExit):  # the filter takes no seed: nothing in it is random
+        parse([F.ScriptArguments], ["--dataset_name", "D", "--rm_next_loop_save_path", "s",
+                                    "--remaining_data_save_path", "r", "--seed", "1"])
+    assert "unrecognized arguments: --seed 1" in capsys.readouterr().err
+    script, _ = parse(ppo.ARGUMENTS, ["--model_name", "M", "--reward_model_name", "R", "--dataset_name", "D"])
+    assert (script.subset, script.max_length, script.seed) == ("data/rl", 512, 0)
+    (ev,) = parse([evaluate.Args], ["--base_model", "B", "--policy", "P", "--reward_model_name", "R",
+                                    "--dataset_name", "D", "--tokenizer_name", "T"])
+    assert (ev.subset, ev.tokenizer_name) == ("data/evaluation", "T")
+
+    root = Path(__file__).resolve().parents[1]  # no stage declares max_length with help text of its own
+    for name in ("sft.py", "rm_training.py", "rm_loop_filter_by_self.py", "ppo/ppo.py", "ppo/evaluate.py"):
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "max_length":
+                assert "help" not in ast.unparse(node), f"{name}: {ast.unparse(node)}"

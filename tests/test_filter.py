@@ -132,7 +132,7 @@ def test_precision_is_counted_against_the_hidden_label():
              F.GOLD: "j"},  # the RM prefers k: wrong
             {"id": 2, "question": "q", "response_j": "a", "response_k": "b", "score_j": 0.2, "score_k": 0.95,
              F.GOLD: "k"}]
-    args = F.ScriptArguments("-", "-", "-", status1_min_pairs=1)
+    args = F.ScriptArguments(dataset_name="-", rm_next_loop_save_path="-", remaining_data_save_path="-", status1_min_pairs=1)
     pool = [{**p, "texts": F.texts_hash(p)} for p in pool]  # what F.read_pool keeps of each pair
     decision = F.decide(pool, args)
     stats = F.statistics(pool, decision.mask, decision.status, decision.counts, args)
@@ -145,8 +145,8 @@ def test_seed_mode_reads_scores_and_writes_json_lists(tmp_path):
     pool = [{"question": "q", "response_j": "a", "response_k": "b", "score_j": 0.2, "score_k": 0.8},
             {"question": "q", "response_j": "c", "response_k": "d", "score_j": 0.5, "score_k": 0.5}]
     (tmp_path / "pool.json").write_text(json.dumps(pool))
-    F.main(F.ScriptArguments(str(tmp_path / "pool.json"), str(tmp_path / "out" / "use.json"),
-                             str(tmp_path / "out" / "rest.json"), selection="released"))
+    F.main(F.ScriptArguments(dataset_name=str(tmp_path / "pool.json"), rm_next_loop_save_path=str(tmp_path / "out" / "use.json"),
+                             remaining_data_save_path=str(tmp_path / "out" / "rest.json"), selection="released"))
     use = json.loads((tmp_path / "out" / "use.json").read_text())
     assert use == [{"question": "q", "response_j": "b", "response_k": "a", "score_j": 0.8, "score_k": 0.2}]
     assert len(load_records(tmp_path / "out" / "rest.json")) == 1
@@ -155,7 +155,8 @@ def test_seed_mode_reads_scores_and_writes_json_lists(tmp_path):
 def test_seed_mode_without_scores_is_a_clear_error(tmp_path):
     write_records(tmp_path / "pool.jsonl", [{"question": "q", "response_j": "a", "response_k": "b"}])
     with pytest.raises(ValueError, match=r"pool.jsonl:1: field 'score_j' missing"):
-        F.main(F.ScriptArguments(str(tmp_path / "pool.jsonl"), str(tmp_path / "u.json"), str(tmp_path / "r.json")))
+        F.main(F.ScriptArguments(dataset_name=str(tmp_path / "pool.jsonl"), rm_next_loop_save_path=str(tmp_path / "u.json"),
+                                remaining_data_save_path=str(tmp_path / "r.json")))
 
 
 # ----------------------------------------------------------------------------- pairwise probability
@@ -265,7 +266,8 @@ def test_any_flags_give_an_exact_partition_or_stop_before_writing_naming_the_fla
     pool = [{"id": i, "question": "q", "response_j": f"a{i}", "response_k": f"b{i}", "score_j": (i % 7) / 7,
              "score_k": (i % 3) / 3} for i in range(12)]
     write_records(folder / "pool.jsonl", pool)
-    args = F.ScriptArguments(str(folder / "pool.jsonl"), str(folder / "use.jsonl"), str(folder / "rest.jsonl"), **flags)
+    args = F.ScriptArguments(dataset_name=str(folder / "pool.jsonl"), rm_next_loop_save_path=str(folder / "use.jsonl"),
+                             remaining_data_save_path=str(folder / "rest.jsonl"), **flags)
     try:
         F.main(args)
     except ValueError as e:
