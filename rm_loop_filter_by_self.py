@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser.cli import get_logger, parse
-from ser.data import RecordWriter, check_writable, pool_chunks, read_records, write_json, write_records
+from ser.data import DataError, RecordWriter, check_writable, pool_chunks, read_records, write_json, write_records
 from ser.modeling import FORWARD_COST, DataArguments, default_of, end_processes, hidden
 from ser.selection import PROBABILITIES, RULES, Decision, Thresholds, select
 
@@ -113,8 +113,11 @@ def self_label(pool, args, scored_path):
            "reward_model_files": model_identity(args.reward_model_name)}
     done = []  # the chunks saved before a kill: the main process looks, and tells the others
     if state.is_main_process:
-        if parts.is_dir() and (not (parts / "run.json").is_file() or json.loads((parts / "run.json").read_text()) != run):
-            logger.warning(f"filter: {parts} holds chunks scored by another run; they are discarded")
+        if parts.exists() and not parts.is_dir():
+            raise ValueError(f"{parts}: a file where the filter keeps its scored chunks; move it away and rerun")
+        if parts.is_dir() and saved_run(parts) != run:
+            logger.warning(f"filter: {parts} holds chunks scored by another run (or an unreadable run.json); "
+                           "they are discarded")
             shutil.rmtree(parts)
         parts.mkdir(parents=True, exist_ok=True)
         write_json(parts / "run.json", run)
@@ -128,11 +131,9 @@ def self_label(pool, args, scored_path):
     for c, chunk in enumerate(pool_chunks(args.dataset_name, args.subset, args.chunk_pairs)):
         part, kept = parts / f"{c:06d}.jsonl", pool[start:start + len(chunk)]
         check_same_pairs(kept, chunk)
-        if part.name in done:  # saved before a kill: no process scores the chunk
-            saved = read_records(part)
-            if [r["pair"] for r in saved] != [fingerprint(p) for p in chunk]:
-                raise ValueError(f"{part}: its pairs are not those of pool chunk {c}; remove {parts} and rerun")
-            r_j, r_k = [r["reward_j"] for r in saved], [r["reward_k"] for r in saved]
+        saved = read_part(part, chunk) if part.name in done else None  # saved before a kill: not scored again
+        if saved:
+            r_j, r_k = saved
             resumed += len(chunk)
         else:
             t = time.perf_counter()
@@ -141,7 +142,7 @@ def self_label(pool, args, scored_path):
                                           forward_cost=args.forward_cost)
             chunks.append({**stats, "pairs_scored": len(chunk), "seconds": time.perf_counter() - t})
             if state.is_main_process:
-                write_records(part, [{"pair": fingerprint(p), "reward_j": a, "reward_k": b} for p, a, b in zip(chunk, r_j, r_k)])
+                write_records(part, [part_record(p, a, b) for p, a, b in zip(chunk, r_j, r_k)])
         set_scores(kept, r_j, r_k, args)
         start += len(chunk)
         bar.update(len(chunk))
@@ -202,6 +203,41 @@ def fingerprint(pair) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+def saved_run(parts: Path):
+    """The run.json of a chunk folder, or None when it is missing or unreadable."""
+    try:
+        return json.loads((parts / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check(fp: str, reward_j, reward_k) -> str:
+    return hashlib.sha1(f"{fp} {reward_j!r} {reward_k!r}".encode()).hexdigest()[:16]
+
+
+def part_record(pair, reward_j, reward_k) -> dict:
+    """One scored pair of a saved chunk, with a check over its fingerprint and rewards."""
+    fp = fingerprint(pair)
+    return {"pair": fp, "reward_j": reward_j, "reward_k": reward_k, "check": _check(fp, reward_j, reward_k)}
+
+
+def read_part(part: Path, chunk):
+    """A saved chunk's rewards, or None (the chunk is scored again, with a warning) when the part is damaged:
+    unreadable, of other pairs, or with a reward that is not a number or not the one its check was written for."""
+    try:
+        saved = read_records(part)
+        ok = [r.get("pair") for r in saved] == [fingerprint(p) for p in chunk] and all(
+            isinstance(r.get("reward_j"), float) and isinstance(r.get("reward_k"), float)
+            and r.get("check") == _check(r["pair"], r["reward_j"], r["reward_k"]) for r in saved)
+    except DataError:
+        ok = False
+    if not ok:
+        logger.warning(f"filter: {part} is damaged (unreadable, other pairs, or a reward that fails its check); "
+                       "its chunk is scored again")
+        return None
+    return [r["reward_j"] for r in saved], [r["reward_k"] for r in saved]
+
+
 def merge_scoring(chunks, processes) -> dict:
     """One record of the scoring figures of the chunks scored by this run (counts summed, shares and rates
     over the totals)."""
@@ -254,8 +290,11 @@ def select_pairs(pool, args):
 
 
 def histogram(values, lo=0.0, hi=1.0, bins=10):
-    counts = Counter(min(bins - 1, max(0, int((v - lo) / (hi - lo) * bins))) for v in values)
-    return {"edges": [lo + (hi - lo) * i / bins for i in range(bins + 1)], "counts": [counts[i] for i in range(bins)]}
+    """Counts in `bins` equal bins over [lo, hi], computed in halves so that rewards near ±1e308 do not overflow."""
+    span = hi / 2 - lo / 2
+    counts = Counter(min(bins - 1, max(0, int((v / 2 - lo / 2) / span * bins))) if span > 0 else 0 for v in values)
+    return {"edges": [lo * (1 - i / bins) + hi * (i / bins) for i in range(bins + 1)],
+            "counts": [counts[i] for i in range(bins)]}
 
 
 def statistics(pool, mask, status, counts, args, scoring=None):
@@ -347,6 +386,8 @@ def check_scores(pool, args, keys=("score_j", "score_k")):
                 source = f"the reward model {args.reward_model_name} returned it" if args.reward_model_name else \
                     "the pool holds it"
                 raise ValueError(f"{where} is {value} ({source}); nothing was written")
+            if key.startswith("score_") and not 0 <= value <= 1:
+                raise ValueError(f"{where} is {value}, expected the RM's probability, in [0, 1]; nothing was written")
 
 
 def check_args(args, scored_path, stats_path) -> None:
@@ -377,6 +418,10 @@ def main(args: ScriptArguments):
     scored_path = args.scored_save_path or out_dir / "scored.jsonl"
     stats_path = Path(args.stats_save_path or out_dir / "stats.json")
     check_args(args, scored_path, stats_path)
+    if args.reward_model_name:
+        from ser.modeling import check_reward_model
+
+        check_reward_model(args.reward_model_name)  # before any work: a bad folder is named, not a tokenizer error
     check_writable(args.rm_next_loop_save_path, args.remaining_data_save_path, scored_path, stats_path)
     stats_path.unlink(missing_ok=True)  # the done marker goes before the first new write (a re-run into a done folder)
     pool = read_pool(args)

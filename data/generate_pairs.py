@@ -149,6 +149,9 @@ def release_vllm() -> None:
 
 
 def main(args: Args):
+    if not args.temperature > 0:  # NaN too
+        raise SystemExit(f"--temperature {args.temperature}: answers are sampled, at a temperature above 0 (the "
+                         "release: 0.2); near-greedy answers come from a small one, such as 0.05")
     if not args.device:
         check_accelerator()
     # the only collective is the gather at the end, after hours of generation: a process that finished first

@@ -48,6 +48,8 @@ def main(args: Args, judge: JudgeArgs) -> dict:
             raise SystemExit(f"{args.answers_a}:{ra['_line']} and {args.answers_b}:{rb['_line']}: different questions")
     if len(args.names) != 2:
         raise SystemExit("--names takes two names")
+    if args.output and Path(args.output).suffix == ".md":
+        raise SystemExit(f"--output {args.output}: the results JSON (its table is written beside it as .md)")
     result = judge_pair([r["question"] for r in a], [r["response"] for r in a], [r["response"] for r in b], judge,
                         tuple(args.names), args.seed)
     if args.output:

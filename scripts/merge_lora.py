@@ -30,7 +30,10 @@ class Args:
 def main(args: Args) -> Path:
     if not is_lora_dir(args.adapter):
         raise SystemExit(f"--adapter {args.adapter}: not a LoRA adapter folder (no adapter_config.json)")
-    base = lora_base(args.adapter)
+    try:
+        base = lora_base(args.adapter)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--adapter {e}") from None
     has_tokenizer = (Path(args.adapter) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(args.adapter if has_tokenizer else base)
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ser.cli import parse, setup_wandb
 from ser.data import write_json
+from ser.selection import STOP
 
 
 @dataclass
@@ -38,9 +39,25 @@ def wall_ms(run, t):
     return sum((read(p) or {}).get("ms", 0) for p in run.glob(f".wall.loop_{t}.*.json"))
 
 
+def max_loops(run: Path) -> int | None:
+    """RUN/config.json's MAX_LOOPS: loop folders beyond it are left over from a run with other settings."""
+    config = read(run / "config.json")
+    settings = config.get("settings") if isinstance(config, dict) else None
+    try:
+        return int(settings["MAX_LOOPS"])
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
 def collect(run: Path) -> dict:
-    loops, t, cumulative = [], 0, 0
+    loops, t, cumulative, left_over = [], 0, 0, []
+    limit = max_loops(run)
     while (run / f"loop_{t}").is_dir():
+        if (limit is not None and t > limit) or (loops and loops[-1]["status"] == STOP):
+            # left over from a run with other settings (FORCE=1 with a lower MAX_LOOPS, or one that stopped later)
+            left_over = sorted(int(p.name[5:]) for p in run.glob("loop_*") if p.name[5:].isdigit() and int(p.name[5:]) >= t)
+            print(f"ser_report: {run}: loop folders {left_over} lie beyond this run's last loop and are not reported")
+            break
         loop = run / f"loop_{t}"
         stats, rm = read(loop / "stats.json"), read(loop / "rm" / "eval_results.json")
         if t > 0 and stats is None:
@@ -63,7 +80,7 @@ def collect(run: Path) -> dict:
         })
         t += 1
     trained = [lp for lp in loops if lp["rm"]]
-    return {"loops": loops, "final_rm": trained[-1]["rm"] if trained else None,
+    return {"loops": loops, "left_over_loops": left_over, "final_rm": trained[-1]["rm"] if trained else None,
             "final_accuracy": trained[-1]["accuracy"] if trained else None}
 
 

@@ -67,6 +67,14 @@ def _decode(raw: bytes, path: Path, line: int) -> str:
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}: {e.reason})") from None
 
 
+def _loads(text: str, path, line: int):
+    """json.loads, with a value nested too deeply for Python's parser named by file and line."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}:{line}: JSON nested too deeply to parse") from None
+
+
 def read_records(path, skipped: list | None = None) -> list[dict]:
     """Read a JSON list or a JSONL file. Each record gets `_line` (1-based line, or list index + 1).
 
@@ -80,7 +88,7 @@ def read_records(path, skipped: list | None = None) -> list[dict]:
     if data.lstrip().startswith(b"["):
         text = _decode(data, path, 1)
         try:
-            rows = json.loads(text)
+            rows = _loads(text, path, 1)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
         records = []
@@ -96,7 +104,7 @@ def read_records(path, skipped: list | None = None) -> list[dict]:
         if not raw.strip():
             continue
         try:
-            row = json.loads(_decode(raw, path, lineno))
+            row = _loads(_decode(raw, path, lineno), path, lineno)
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: record is {type(row).__name__}, expected an object")
         except (json.JSONDecodeError, DataError) as e:
@@ -125,7 +133,7 @@ def iter_records(path):
                     break  # a JSON list
                 first = False
                 try:
-                    row = json.loads(_decode(raw, path, lineno))
+                    row = _loads(_decode(raw, path, lineno), path, lineno)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: malformed JSON line: {e.msg}") from None
                 if not isinstance(row, dict):

@@ -126,9 +126,11 @@ def grade(questions, answers, args: JudgeArgs, desc="judging") -> tuple[list[int
         try:
             response = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
                                                       max_tokens=args.max_tokens, temperature=args.temperature)
-            reply = response.choices[0].message.content or ""
+            reply = response.choices[0].message.content
         except Exception as e:  # the client has retried what can be retried; this one is counted failed
             return key, None, f"{type(e).__name__}: {e}"
+        if reply is None:  # no content (a refusal, a filtered reply): failed, not cached, asked again on a re-run
+            return key, None, f"no content in the reply (finish_reason {response.choices[0].finish_reason!r})"
         cache.put(key, reply)
         return key, reply, None
 

@@ -168,8 +168,37 @@ def is_lora_dir(path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
+def check_model_path(path) -> None:
+    """A local model path exists, holds a config, and its safetensors files are whole (a hub id passes)."""
+    folder = Path(path)
+    local = folder.exists() or str(path).startswith(("/", ".", "~")) or str(path).count("/") > 1
+    if not local:
+        return
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: no such model folder")
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{path}: not a saved model: no config.json (nor adapter_config.json) in the folder")
+    for weights in sorted(folder.glob("*.safetensors")):
+        size = weights.stat().st_size
+        with open(weights, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            raise ValueError(f"{weights}: not a readable safetensors file ({size} bytes): the save was interrupted "
+                             "or the copy is incomplete")
+        end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
+        if size < 8 + n + end:
+            raise ValueError(f"{weights}: truncated ({size} bytes; its header describes {8 + n + end}): the save "
+                             "was interrupted or the copy is incomplete")
+
+
 def check_reward_model(path) -> None:
     """A sequence-classification checkpoint whose `score` weight was saved (or a LoRA adapter that saved it)."""
+    check_model_path(path)
     folder = Path(path)
     expected = ("expected a reward model saved by rm_training.py: a *ForSequenceClassification checkpoint with a "
                 "trained `score` head, or a LoRA adapter that saved it (modules_to_save)")
@@ -276,8 +305,16 @@ def model_identity(path) -> dict:
 
 def lora_base(adapter) -> str:
     """The base model of a LoRA adapter. A relative record ("../../sft") is relative to the adapter's folder."""
-    base = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    if base.startswith(("../", "./")):
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        base = json.loads(path.read_text())["base_model_name_or_path"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: field 'base_model_name_or_path' is missing") from None
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{path}: field 'base_model_name_or_path' is {base!r}, expected the base model's folder")
+    if base.startswith(("../", "./", "/")):
         resolved = (Path(adapter) / base).resolve()
         if not resolved.is_dir():
             raise FileNotFoundError(f"{adapter}: the LoRA adapter's base model {base} (that is, {resolved}) is missing; "

@@ -43,6 +43,7 @@ on CUDA.
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -202,7 +203,34 @@ def forward_flops(s: Shape, tokens: float, seq: float, head: str) -> float:
     return tokens * (2 * s.matmul_params(head) + 2 * s.layers * seq * s.hidden)
 
 
+COUNTS = ("gpus", "pool_pairs", "train_pairs", "lora_r", "micro_batch", "max_length", "ppo_batch", "ppo_prompt",
+          "ppo_response")
+AMOUNTS = ("gpu_mem", "mean_tokens", "epochs", "mfu", "gpu_tflops")
+
+
+def check(a: PlanArgs) -> None:
+    """Refuse sizes that would print a plan of negative memory or zero time, naming each flag."""
+    problems = []
+    for name in COUNTS:
+        v = getattr(a, name)
+        if v is None and name == "train_pairs":
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            problems.append(f"--{name} {v!r}: a whole number, 1 or more")
+    for name in AMOUNTS:
+        v = getattr(a, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            problems.append(f"--{name} {v!r}: a positive number")
+    if isinstance(a.mfu, (int, float)) and a.mfu > 1:
+        problems.append(f"--mfu {a.mfu}: a fraction of the peak, at most 1")
+    if isinstance(a.overhead_gb, bool) or not isinstance(a.overhead_gb, (int, float)) or not 0 <= a.overhead_gb < math.inf:
+        problems.append(f"--overhead_gb {a.overhead_gb!r}: 0 or more GB")
+    if problems:
+        raise ValueError("ser.plan: " + "; ".join(problems))
+
+
 def plan(a: PlanArgs) -> dict:
+    check(a)
     s = Shape.from_config(a.model)
     b = DTYPE_BYTES[a.dtype]
     targets = [t for t in a.lora_targets.split(",") if t]

@@ -51,8 +51,15 @@ def check(run: Path, settings: dict, force: bool = False) -> str:
     if path.is_file():
         try:
             previous = json.loads(path.read_text())["settings"]
+            if not isinstance(previous, dict):
+                raise TypeError(f"field 'settings' is {type(previous).__name__}, expected an object")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: {path}: unreadable run config ({e}); remove it or use another RUN") from None
+            if not force:
+                raise SystemExit(f"error: {path}: unreadable run config ({e}); remove it, use another RUN, or "
+                                 "FORCE=1 to record this run's settings over it") from None
+            record["forced_over"] = path.read_text(errors="replace")
+            write_json(path, record)
+            return f"unreadable run config replaced under FORCE ({e})"
         differ = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         if not differ:
             return "same settings"

@@ -148,3 +148,21 @@ def test_a_pool_with_no_pair_is_an_error_not_a_done_stage(sft_model, synthetic, 
     with pytest.raises(DataError, match="none of the 32 prompts gave two different"):
         generate(sft_model, synthetic, tmp_path / "pool.jsonl")
     assert not (tmp_path / "pool.jsonl").exists() and not (tmp_path / "pool.stats.json").exists()
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+def test_a_temperature_that_cannot_sample_is_refused_with_advice_the_script_takes(tmp_path, temperature):
+    with pytest.raises(SystemExit, match=r"--temperature .*: answers are sampled, at a temperature above 0"):
+        G.main(G.Args(prompts=str(tmp_path / "p.jsonl"), model="m", out=str(tmp_path / "pool.jsonl"),
+                      temperature=temperature))
+    assert not (tmp_path / "pool.jsonl").exists()
+
+
+def test_a_prompt_length_with_no_room_for_the_prompt_is_named(tiny_model):
+    from ser.modeling import load_tokenizer
+    from ser.rollout import model_prompt
+
+    tok = load_tokenizer(str(tiny_model))
+    with pytest.raises(ValueError, match="max_prompt_length 1 leaves no room for the prompt"):
+        model_prompt(tok, [5, 6, 7], 1)
+    assert model_prompt(tok, [5, 6, 7], 3)[-2:] == [6, 7]  # cut from the left

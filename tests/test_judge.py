@@ -42,6 +42,8 @@ class Server:
                     time.sleep(2)
                 last = answer.rsplit(" ", 1)[-1]
                 text = "It rambles." if "malformed" in answer else f"Fine.\nScore: {last if last.isdigit() else 3}"
+                if "null-content" in answer:
+                    text = None
                 self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                                  "choices": [{"index": 0, "finish_reason": "stop",
                                               "message": {"role": "assistant", "content": text}}],
@@ -176,3 +178,26 @@ def test_cache_lines_of_the_wrong_shape_name_file_and_line(server, tmp_path):
     cache.write_text('{"key": "k", "reply": "Score: 3"}\n[1, 2]\n')
     with pytest.raises(ValueError, match=r"cache.jsonl:2: expected"):
         judge.judge_pair(QUESTIONS[:1], ["a"], ["b"], judge_args(server, tmp_path))
+
+
+def test_a_reply_without_content_is_failed_and_asked_again(server, tmp_path):
+    a = ["a0 score 4", "a1 null-content score 5"]
+    b = ["b0 score 2", "b1 score 2"]
+    result = judge.judge_pair(QUESTIONS[:2], a, b, judge_args(server, tmp_path))
+    assert result["scores"]["A"] == [4, None] and result["counts"]["A"]["failed"] == 1
+    assert any("no content in the reply" in e for e in result["counts"]["A"]["first_errors"])
+    before = server.seen["a1 null-content score 5"]
+    judge.judge_pair(QUESTIONS[:2], a, b, judge_args(server, tmp_path))
+    assert server.seen["a1 null-content score 5"] == before + 1  # not cached as an empty reply
+
+
+def test_an_output_named_like_the_table_is_refused(server, tmp_path):
+    from ppo import judge as judge_script
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"question": "q", "response": name}) + "\n")
+    args = judge_script.Args(answers_a=str(tmp_path / "a.jsonl"), answers_b=str(tmp_path / "b.jsonl"),
+                             output=str(tmp_path / "R.md"))
+    with pytest.raises(SystemExit, match=r"--output .*R.md: the results JSON"):
+        judge_script.main(args, judge_args(server, tmp_path))
+    assert server.requests == 0 and not (tmp_path / "R.md").exists()

@@ -91,3 +91,18 @@ def test_an_out_folder_that_is_not_a_model_is_refused_not_wiped(sft_model, tmp_p
     with pytest.raises(SystemExit, match="not a model folder.*--replace True"):
         merge_lora.main(merge_lora.Args(adapter=str(tmp_path / "rm"), out=str(run)))
     assert (run / "report.md").read_text() == "a run's results" and (run / "ser").is_dir()
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{not json", r"adapter_config.json: not valid JSON"),
+    ('{"r": 8}', r"adapter_config.json: field 'base_model_name_or_path' is missing"),
+    ('{"base_model_name_or_path": null}', r"adapter_config.json: field 'base_model_name_or_path' is None"),
+    ('{"base_model_name_or_path": "/nonexistent/sft"}', r"the LoRA adapter's base model /nonexistent/sft .* is missing"),
+])
+def test_an_adapter_with_a_bad_config_is_named(tmp_path, config, message):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(config)
+    with pytest.raises(SystemExit, match=message):
+        merge_lora.main(merge_lora.Args(adapter=str(adapter), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()

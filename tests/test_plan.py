@@ -128,3 +128,16 @@ def test_estimate_within_30_percent_of_measured_smollm2(smollm2, lora):
     measured = check_within(P.PlanArgs(model=str(smollm2), gpus=1, dtype="float32", micro_batch=1, max_length=128,
                                        overhead_gb=0.0, lora=lora))
     assert measured["rm"] > 134e6 * (4 if lora else 16)  # the measurement sees the weights (and Adam's states)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"gpus": -8}, r"--gpus -8: a whole number, 1 or more"),
+    ({"gpus": True}, r"--gpus True: a whole number"),
+    ({"pool_pairs": 0}, r"--pool_pairs 0: a whole number"),
+    ({"gpu_mem": -80.0}, r"--gpu_mem -80.0: a positive number"),
+    ({"mfu": 1.5}, r"--mfu 1.5: a fraction of the peak"),
+    ({"overhead_gb": -1.0}, r"--overhead_gb -1.0: 0 or more GB"),
+])
+def test_sizes_that_would_print_nonsense_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        P.plan(P.PlanArgs(model=str(CONFIGS / "llama-3-8b.json"), **flags))

@@ -1,6 +1,7 @@
 """Bad input and careless use: a clear error that names what is wrong, and nothing half-written."""
 
 import json
+import math
 
 import pytest
 
@@ -31,7 +32,8 @@ def filter_args(pool, out, *extra):
 
 
 @pytest.mark.parametrize("value, message", [("NaN", "is nan"), ("Infinity", "is inf"), ("true", "is True"),
-                                            ('"0.9"', "is '0.9'")])
+                                            ('"0.9"', "is '0.9'"), ("1e308", r"is 1e\+308, expected the RM's probability"),
+                                            ("-0.5", r"is -0.5, expected the RM's probability")])
 def test_bad_scores_stop_the_filter_before_any_output(tmp_path, value, message):
     pool = tmp_path / "pool.jsonl"
     good = '{"question": "q", "response_j": "a", "response_k": "b", "score_j": 0.9, "score_k": 0.1}'
@@ -195,3 +197,52 @@ def test_duplicate_pool_pairs_are_counted(tmp_path, capsys):
     F.main(filter_args(pool, tmp_path / "out", "--status1_min_pairs", "1"))
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["duplicate_pairs"] == 1
     assert "1 pool pairs repeat an earlier one" in capsys.readouterr().out
+
+
+def test_rewards_near_the_float_limit_do_not_overflow_the_statistics():
+    """An RM's rewards of ±1e308 (finite) are binned; the histogram's span would overflow if taken whole."""
+    h = F.histogram([-1e308, 0.0, 1e308], -1e308, 1e308 + 1e-9)
+    assert h["counts"] == [1, 0, 0, 0, 0, 1, 0, 0, 0, 1] and h["edges"][0] == -1e308 and h["edges"][-1] == 1e308
+    assert all(math.isfinite(e) for e in h["edges"])
+
+
+def test_a_pool_line_nested_too_deeply_is_named(tmp_path):
+    from ser.data import iter_records
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"question": "q", "response_j": "a", "response_k": "b"}\n' + "[" * 200_000 + "]" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"pool.jsonl:2: JSON nested too deeply to parse"):
+        read_records(pool)
+    with pytest.raises(DataError, match=r"pool.jsonl:2: JSON nested too deeply to parse"):
+        list(iter_records(pool))
+
+
+@pytest.mark.parametrize("settings", [None, "x", [1, 2]])
+def test_a_run_config_with_settings_of_the_wrong_type_is_named_and_force_replaces_it(tmp_path, settings):
+    from ser import run_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"settings": settings}))
+    with pytest.raises(SystemExit, match=r"config.json: unreadable run config \(field 'settings' is \w+, expected an object"):
+        run_config.check(tmp_path, {"DATA": "d"})
+    assert "replaced under FORCE" in run_config.check(tmp_path, {"DATA": "d"}, force=True)
+    assert json.loads((tmp_path / "config.json").read_text())["settings"] == {"DATA": "d"}
+    assert run_config.check(tmp_path, {"DATA": "d"}) == "same settings"
+
+
+def test_bad_rm_folders_are_named_before_any_work(sft_model, tmp_path):
+    """An empty folder, a missing path and a truncated weights file: each named, nothing written."""
+    import shutil
+
+    pool = tmp_path / "pool.jsonl"
+    write_records(pool, [{"question": "q", "response_j": "a", "response_k": "b"}])
+    (tmp_path / "empty").mkdir()
+    truncated = tmp_path / "truncated"
+    shutil.copytree(sft_model, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    for rm, message in ((tmp_path / "empty", r"empty: not a saved model: no config.json"),
+                        (tmp_path / "gone", r"gone: no such model folder"),
+                        (truncated, r"truncated/model.safetensors: truncated \(\d+ bytes; its header describes \d+\)")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            F.main(filter_args(pool, tmp_path / "out", "--reward_model_name", str(rm)))
+        assert not (tmp_path / "out").exists()

@@ -47,3 +47,17 @@ def test_loops_summary_and_report(tmp_path):
     assert "SER closed 60 % of that gap" in report  # (66 - 60) / (70 - 60)
     assert "PPO raised the mean gold reward over SFT (+0.200 -> +0.500)" in report
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_loops_beyond_max_loops_or_a_stop_are_not_reported(tmp_path):
+    """FORCE=1 with a lower MAX_LOOPS leaves loop folders of the earlier run: the report ends at MAX_LOOPS."""
+    run = fake_run(tmp_path)
+    write_json(run / "config.json", {"settings": {"MAX_LOOPS": "1"}})
+    loops = ser_report.collect(run)
+    assert [lp["loop"] for lp in loops["loops"]] == [0, 1] and loops["left_over_loops"] == [2, 3]
+    assert loops["final_rm"].endswith("loop_1/rm")
+    write_json(run / "loop_4" / "stats.json", {"status": "status1", "selected": 3, "status1_eligible": 3,
+                                               "status2_eligible": 3, "pseudo_label_precision": None})
+    write_json(run / "config.json", {"settings": {"MAX_LOOPS": "9"}})
+    loops = ser_report.collect(run)  # loop_3 said Stop: loop_4 is another run's
+    assert loops["loops"][-1]["status"] == "stop" and loops["left_over_loops"] == [4]

@@ -466,3 +466,33 @@ def test_two_nodes_on_loopback_run_sft_and_ppo_like_one_node(stage, tiny_model, 
     assert one.keys() == two.keys()
     for name in one:
         assert torch.allclose(one[name], two[name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("damage", ["edited reward", "string reward", "garbage", "corrupt run.json"])
+def test_a_damaged_saved_chunk_is_scored_again(synthetic, rm0, tmp_path, monkeypatch, damage):
+    flags = [*filter_flags(synthetic, rm0, tmp_path), "--chunk_pairs", "100"]
+    filter_killed_at_the_second_chunk(monkeypatch, flags)
+    parts = tmp_path / "scored.jsonl.parts"
+    part = parts / "000000.jsonl"
+    rows = read_records(part)
+    original = rows[3]["reward_j"]
+    if damage == "edited reward":
+        rows[3]["reward_j"] = original + 1.0
+    elif damage == "string reward":
+        rows[3]["reward_j"] = str(original)
+    if damage in ("edited reward", "string reward"):
+        part.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_line"}) + "\n" for r in rows))
+    elif damage == "garbage":
+        part.write_text("{not json\n")
+    else:
+        (parts / "run.json").write_text("{")
+    F.main(*parse([F.ScriptArguments], flags))
+    assert json.loads((tmp_path / "stats.json").read_text())["scoring"]["resumed_pairs"] == 0
+    assert read_records(tmp_path / "scored.jsonl")[3]["reward_j"] == original
+
+
+def test_a_file_where_the_chunks_go_is_named(synthetic, rm0, tmp_path):
+    (tmp_path / "scored.jsonl.parts").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"scored.jsonl.parts: a file where the filter keeps its scored chunks"):
+        F.main(*parse([F.ScriptArguments], filter_flags(synthetic, rm0, tmp_path)))
+    assert not (tmp_path / "selected.jsonl").exists()
