@@ -30,7 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser.cli import get_logger, parse
-from ser.data import DataError, RecordWriter, check_writable, pool_chunks, read_records, write_json, write_records
+from ser.data import (
+    DataError,
+    RecordWriter,
+    check_writable,
+    pool_chunks,
+    read_records,
+    remove_stale_temporaries,
+    write_json,
+    write_records,
+)
 from ser.modeling import FORWARD_COST, DataArguments, default_of, end_processes, hidden
 from ser.selection import PROBABILITIES, RULES, Decision, Thresholds, select
 
@@ -424,6 +433,7 @@ def main(args: ScriptArguments):
         check_reward_model(args.reward_model_name)  # before any work: a bad folder is named, not a tokenizer error
     check_writable(args.rm_next_loop_save_path, args.remaining_data_save_path, scored_path, stats_path)
     stats_path.unlink(missing_ok=True)  # the done marker goes before the first new write (a re-run into a done folder)
+    stale = remove_stale_temporaries(args.rm_next_loop_save_path, args.remaining_data_save_path, scored_path, stats_path)
     pool = read_pool(args)
     if not pool:
         raise ValueError(f"{args.dataset_name}: the pool is empty; there is nothing to self-label "
@@ -444,6 +454,7 @@ def main(args: ScriptArguments):
     status = decision.status
     write_outputs(pool, decision.mask, args, scored_path if args.reward_model_name else None)
     stats = statistics(pool, decision.mask, status, decision.counts, args, scoring)
+    stats["stale_temporaries_removed"] = [str(p) for p in stale]  # left by a killed write of an earlier run
     write_json(stats_path, stats)  # written last: marks the step done
     shutil.rmtree(chunk_folder(scored_path), ignore_errors=True)
     precision = stats["pseudo_label_precision"]

@@ -289,6 +289,17 @@ def check_writable(*paths) -> None:
                                   "nothing was computed")
 
 
+def remove_stale_temporaries(*paths) -> list[Path]:
+    """Remove the temporary files a killed RecordWriter or write_json left beside `paths` (`.NAME.*.tmp`):
+    for a stage that alone writes these outputs, at its start. Returns what was removed."""
+    removed = []
+    for path in map(Path, paths):
+        for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 class RecordWriter:
     """Records written one at a time, atomically: they go to a temporary file beside `path`, which
     replaces `path` only when the `with` block ends without an error (a reader sees the old file or the

@@ -246,3 +246,17 @@ def test_bad_rm_folders_are_named_before_any_work(sft_model, tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             F.main(filter_args(pool, tmp_path / "out", "--reward_model_name", str(rm)))
         assert not (tmp_path / "out").exists()
+
+
+def test_temporaries_of_a_killed_write_are_removed_by_the_next_run(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    write_records(pool, [{"question": "q", "response_j": "a", "response_k": "b", "score_j": 0.9, "score_k": 0.1}])
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".sel.jsonl.x1y2.tmp", out / ".rest.jsonl.abcd.tmp", out / ".stats.json.q.tmp"]
+    for path in stale:
+        path.write_text("half a file")
+    (out / ".other.jsonl.zz.tmp").write_text("not ours")
+    F.main(filter_args(pool, out, "--status1_min_pairs", "1"))
+    assert not any(p.exists() for p in stale) and (out / ".other.jsonl.zz.tmp").exists()
+    assert len(json.loads((out / "stats.json").read_text())["stale_temporaries_removed"]) == 3
