@@ -42,6 +42,7 @@ bench: setup
 	$(PY) -m bench.bench_rm_training
 	$(PY) -m bench.bench_scaling
 	$(PY) -m bench.bench_ppo
+	$(PY) -m bench.bench_frozen
 	$(PY) -m bench.summary --doc docs/benchmarks.md
 
 clean:

@@ -25,6 +25,11 @@ KEYS = {  # key: (what, goal)
     "scoring_peak_rss_mb": ("peak RSS of scoring by pool size, MB (tiny)", "100k within 1.2x of 10k"),
     "ppo_tokens_per_s": ("PPO tokens per second (tiny policy, one process)", ""),
     "ppo_generation_share": ("share of a PPO step spent generating", ""),
+    "frozen_ser_run_speedup_first": ("a SER run (Loop 0 + 3 loops), frozen-trunk over LoRA RMs, featurising "
+                                     "included (SmolLM2, small HH pool)", ">= 10"),
+    "frozen_ser_run_speedup_driver_cached": ("the same, the frozen run again through the driver on the built cache",
+                                             ""),
+    "frozen_ser_run_speedup_cached": ("the same, in process on the cache (another seed or variant)", ">= 1000"),
 }
 
 

@@ -33,6 +33,7 @@ GRID_FRACTIONS = [0.01, 0.05, 0.15, 0.30]
 L2S = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 DEFAULT_L2 = 1e-3  # rm_training.py's --head_l2 default
 VALIDATION = 500   # pairs carved from the pool, once, for every choice made before the held-out pairs are read
+VALIDATION_SHARE = 0.2  # at most this share of a small pool (UltraFeedback's 847 pairs) goes to validation
 MAX_LOOPS = 3
 PAPER_FLOOR = 600 / 136_000  # the paper's count floor as a share of its pool (0.44 %)
 
@@ -65,7 +66,8 @@ def universe_split(n: int):
     """(validation, the rest) indices of the pool; the validation pairs are the same for every seed."""
     order = list(range(n))
     random.Random(12345).shuffle(order)
-    return order[:VALIDATION], order[VALIDATION:]
+    size = min(VALIDATION, int(VALIDATION_SHARE * n))
+    return order[:size], order[size:]
 
 
 def seed_split(rest, fraction: float, seed: int):

@@ -1,0 +1,141 @@
+"""A whole SER run (Loop 0 and 3 loops) with frozen-trunk RMs against LoRA RMs: SmolLM2, the same HH pool.
+
+    python -m bench.bench_frozen     # needs `make base-model` and the HH-RLHF sample in ../shared/data
+
+Four timings, side by side in one invocation, on a small HH-RLHF pool (the frozen study's split, a seeded
+sample of --seed_pairs labelled pairs, --pool_pairs unlabelled ones and --eval_pairs held-out ones):
+  lora          scripts/ser_loop.sh with LoRA RMs (the driver's default), MAX_LENGTH tokens;
+  frozen        the same driver with `--trunk frozen --feature_cache` (featurising included, one forward
+                per sequence);
+  frozen_again  the same driver into another RUN on the built cache (what another seed or variant costs);
+  in_process    experiments/frozen_study.py's loop on the same cache (no process starts).
+The same thresholds, epochs and floors everywhere. Writes bench/results/frozen.json and merges the ratios
+`frozen_ser_run_speedup_first` (lora / frozen) and `frozen_ser_run_speedup_cached` (lora / in_process)
+into summary.json.
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.summary import merge_into_summary
+from ser.cli import parse
+from ser.data import load_records, write_records
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = ROOT / "models" / "smollm2-135m-instruct"
+HEAD_L2 = 1e-3  # rm_training.py's --head_l2 default; the centring term is the study's (frozen_study.CENTER)
+
+
+@dataclass
+class Args:
+    seed_pairs: int = field(default=60, metadata={"help": "human-labelled seed pairs"})
+    pool_pairs: int = field(default=300, metadata={"help": "unlabelled pool pairs"})
+    eval_pairs: int = field(default=100, metadata={"help": "held-out pairs"})
+    max_length: int = field(default=128, metadata={"help": "tokens per sequence (MAX_LENGTH)"})
+    floor: int = field(default=15, metadata={"help": "status count floors (5 % of the pool)"})
+    workdir: str = field(default="runs/frozen", metadata={"help": "where the frozen study keeps the prepared HH data"})
+    out: str = field(default=str(ROOT / "bench" / "results"), metadata={"help": "results folder"})
+
+
+def small_task(args: Args, folder: Path) -> None:
+    """A prepared folder: seed (response_j preferred), pool (random order, label in gold_preferred), held-out."""
+    from experiments import frozen
+
+    data = frozen.prepare("hh-rlhf-frozen", Path(args.workdir) / "hh-rlhf-frozen")
+    pool = load_records(str(data), "data/reward_full")
+    held = load_records(str(data), "data/evaluation")
+    rng = random.Random(0)
+    rng.shuffle(pool)
+    seed, rest = pool[:args.seed_pairs], pool[args.seed_pairs:args.seed_pairs + args.pool_pairs]
+    unlabeled = []
+    for r in rest:
+        swap = rng.random() < 0.5
+        unlabeled.append({"question": r["question"], "response_j": r["response_k" if swap else "response_j"],
+                          "response_k": r["response_j" if swap else "response_k"], "gold_preferred": "k" if swap else "j"})
+    write_records(folder / "data" / "reward" / "train.jsonl", seed)
+    write_records(folder / "data" / "unlabeled" / "train.jsonl", unlabeled)
+    write_records(folder / "data" / "evaluation" / "test.jsonl", held[:args.eval_pairs])
+
+
+def driver(args: Args, data: Path, run: Path, rm_args: list[str], filter_args: list[str]) -> dict:
+    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "DATA": str(data), "SFT": str(SMOLLM2),
+           "RUN": str(run), "MAX_LOOPS": "3", "MAX_LENGTH": str(args.max_length), "SEED_EPOCHS": "1",
+           "LOOP_EPOCHS": "1", "PY": sys.executable, "LAUNCH": sys.executable,
+           "RM_ARGS": " ".join(["--use_cpu", "True", "--bf16", "False", "--per_device_train_batch_size", "8", *rm_args]),
+           "FILTER_ARGS": " ".join(["--status1_min_pairs", str(args.floor), "--status2_min_pairs", str(args.floor),
+                                    *filter_args])}
+    start = time.perf_counter()
+    proc = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"the driver failed ({run}):\n{proc.stderr[-3000:]}")
+    loops = json.loads((run / "loops.json").read_text())["loops"]
+    return {"seconds": seconds, "loops": len(loops) - 1, "final_accuracy": loops[-1]["accuracy"]
+            if loops[-1]["accuracy"] is not None else loops[-2]["accuracy"],
+            "statuses": [lp["status"] for lp in loops]}
+
+
+def in_process(args: Args, data: Path, run: Path, cache: Path) -> dict:
+    """The frozen run once more, in this process, on the cache the driver built (experiments/frozen_study.py)."""
+    from experiments import frozen_study as fs
+    from ser import features
+    from ser.data import encode
+    from ser.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(SMOLLM2))
+    layer = features.frozen_info(run / "loop_0" / "rm")["layer"]
+
+    def pairs(split):
+        j, k = [], []
+        for r in load_records(str(data), f"data/{split}"):
+            a, b = (encode(tok, r["question"], r[s], args.max_length)["input_ids"] for s in ("response_j", "response_k"))
+            if r.get("gold_preferred", "j") == "k":
+                a, b = b, a
+            j.append(a)
+            k.append(b)
+        return fs.Pairs(features.load_features(cache, j, layer), features.load_features(cache, k, layer))
+
+    seed, pool, held = pairs("reward"), pairs("unlabeled"), pairs("evaluation")
+    start = time.perf_counter()
+    rows, _ = fs.ser_run(seed, pool, held, HEAD_L2, args.floor)
+    return {"seconds": time.perf_counter() - start, "loops": len(rows) - 1,
+            "final_accuracy": [r for r in rows if r.get("accuracy") is not None][-1]["accuracy"]}
+
+
+def main(args: Args):
+    if not (SMOLLM2 / "config.json").is_file():
+        raise SystemExit(f"{SMOLLM2}: missing; run `make base-model` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data, cache = tmp / "data", tmp / "cache"
+        small_task(args, data)
+        frozen_flags = ["--feature_cache", str(cache), "--dtype", "float32"]
+        frozen_rm = ["--trunk", "frozen", "--head_l2", str(HEAD_L2), "--center_rewards_coefficient", "0.01",
+                     *frozen_flags]
+        results = {"lora": driver(args, data, tmp / "lora", [], [])}
+        results["frozen"] = driver(args, data, tmp / "frozen", frozen_rm, frozen_flags)
+        results["frozen_again"] = driver(args, data, tmp / "frozen_again", frozen_rm, frozen_flags)
+        results["in_process"] = in_process(args, data, tmp / "frozen", cache)
+    lora = results["lora"]["seconds"]
+    ratios = {"frozen_ser_run_speedup_first": lora / results["frozen"]["seconds"],
+              "frozen_ser_run_speedup_driver_cached": lora / results["frozen_again"]["seconds"],
+              "frozen_ser_run_speedup_cached": lora / results["in_process"]["seconds"]}
+    report = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "model": "SmolLM2-135M-Instruct",
+              "cpu_threads": os.cpu_count(), **results, **ratios}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "frozen.json").write_text(json.dumps(report, indent=1) + "\n")
+    merge_into_summary(out, {k: round(v, 1) for k, v in ratios.items()})
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main(parse([Args])[0])
