@@ -107,9 +107,11 @@ class Shape:
         if cfg.get("num_local_experts") or cfg.get("num_experts"):
             raise ValueError(f"{file}: mixture-of-experts configs are not planned (field 'num_local_experts')")
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if not isinstance(cfg.get(key), int):
+            if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool):
                 raise ValueError(f"{file}: field '{key}' missing or not an integer; the planner reads Llama-style "
                                  f"decoder configs")
+            if cfg[key] < 1:
+                raise ValueError(f"{file}: field '{key}' is {cfg[key]}; a model has at least 1")
         heads = cfg["num_attention_heads"]
         return cls(hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
                    layers=cfg["num_hidden_layers"], heads=heads,

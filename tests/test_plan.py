@@ -141,3 +141,12 @@ def test_estimate_within_30_percent_of_measured_smollm2(smollm2, lora):
 def test_sizes_that_would_print_nonsense_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
         P.plan(P.PlanArgs(model=str(CONFIGS / "llama-3-8b.json"), **flags))
+
+
+def test_a_config_with_zero_heads_is_named(tmp_path):
+    config = json.loads((CONFIGS / "llama-3-8b.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    with pytest.raises(ValueError, match=r"config.json: field 'num_attention_heads' is 0; a model has at least 1"):
+        P.plan(P.PlanArgs(model=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"--gpus 0: a whole number, 1 or more.*--mfu 0.0: a positive number"):
+        P.plan(P.PlanArgs(model=str(CONFIGS / "llama-3-8b.json"), gpus=0, mfu=0.0))
