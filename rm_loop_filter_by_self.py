@@ -41,7 +41,7 @@ from ser.data import (
     write_records,
 )
 from ser.modeling import FORWARD_COST, DataArguments, default_of, end_processes, hidden
-from ser.selection import PROBABILITIES, RULES, Decision, Thresholds, select
+from ser.selection import PROBABILITIES, RULES, Decision, Thresholds, select, sigmoid
 
 GOLD = "gold_preferred"
 logger = get_logger("filter")
@@ -86,10 +86,6 @@ class ScriptArguments(DataArguments):
     feature_cache: str | None = field(default=None, metadata={
         "help": "with a frozen-trunk RM (rm_training.py --trunk frozen): read the trunk's features from this cache "
                 "(featurising what it lacks) and score them with the RM's head, instead of running the RM"})
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
 # ----------------------------------------------------------------------------- 1. self-label

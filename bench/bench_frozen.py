@@ -87,23 +87,12 @@ def in_process(args: Args, data: Path, run: Path, cache: Path) -> dict:
     """The frozen run once more, in this process, on the cache the driver built (experiments/frozen_study.py)."""
     from experiments import frozen_study as fs
     from ser import features
-    from ser.data import encode
     from ser.modeling import load_tokenizer
 
     tok = load_tokenizer(str(SMOLLM2))
     layer = features.frozen_info(run / "loop_0" / "rm")["layer"]
-
-    def pairs(split):
-        j, k = [], []
-        for r in load_records(str(data), f"data/{split}"):
-            a, b = (encode(tok, r["question"], r[s], args.max_length)["input_ids"] for s in ("response_j", "response_k"))
-            if r.get("gold_preferred", "j") == "k":
-                a, b = b, a
-            j.append(a)
-            k.append(b)
-        return fs.Pairs(features.load_features(cache, j, layer), features.load_features(cache, k, layer))
-
-    seed, pool, held = pairs("reward"), pairs("unlabeled"), pairs("evaluation")
+    seed, pool, held = (fs.feature_pairs(cache, tok, load_records(str(data), f"data/{split}"), layer, args.max_length)
+                        for split in ("reward", "unlabeled", "evaluation"))
     start = time.perf_counter()
     rows, _ = fs.ser_run(seed, pool, held, HEAD_L2, args.floor, probability="pairwise")
     return {"seconds": time.perf_counter() - start, "loops": len(rows) - 1,

@@ -26,7 +26,7 @@ from ser import ask
 from ser.cli import parse
 from ser.data import DataError, RecordWriter, check_writable, iter_records, strip_meta, write_json
 
-CONTROL = "preference"  # the Pairwise control's name in label_studio.xml; the import looks for it
+CONTROL = ask.CONTROL
 LABEL_CONFIG = f"""<View>
   <Header value="Which answer to the question is better? Click it."/>
   <Text name="question" value="$question"/>

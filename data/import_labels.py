@@ -21,11 +21,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ser.ask import pair_id
+from ser.ask import CONTROL, pair_id
 from ser.cli import parse
 from ser.data import DataError, RecordWriter, check_writable, iter_records, read_records, strip_meta, write_json
 
-CONTROL = "preference"  # data/ask_humans.py's Pairwise control
 CHOICES = {"a": "A", "b": "B", "left": "A", "right": "B", "tie": "tie", "skip": "skip"}
 
 

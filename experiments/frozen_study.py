@@ -55,6 +55,21 @@ class Pairs:
         return Pairs(self.j[idx], self.k[idx])
 
 
+def feature_pairs(cache, tokenizer, records, layer: int, max_length: int) -> Pairs:
+    """Cached features of records' pairs, side j the human-preferred response (a pool pair's order is random;
+    its `gold_preferred` says which)."""
+    from ser.data import encode
+
+    j, k = [], []
+    for r in records:
+        a, b = (encode(tokenizer, r["question"], r[s], max_length)["input_ids"] for s in ("response_j", "response_k"))
+        if r.get("gold_preferred", "j") == "k":
+            a, b = b, a
+        j.append(a)
+        k.append(b)
+    return Pairs(features.load_features(cache, j, layer), features.load_features(cache, k, layer))
+
+
 def load(work: Path, splits: dict, layer: int):
     cache = work / "cache"
     pool = Pairs(*(features.load_features(cache, splits["reward_full"][i], layer) for i in (1, 2)))

@@ -14,12 +14,14 @@ Plain uncertainty sampling is the same rule with every d = 1 (`diverse=False`).
 """
 
 import hashlib
-import math
 import re
 import zlib
 
 import torch
 
+from ser.selection import sigmoid
+
+CONTROL = "preference"  # the Pairwise control of the Label Studio export (data/ask_humans.py, import_labels.py)
 SHORTLIST = 4  # candidates per asked pair that the greedy step considers
 NGRAM_DIM = 4096  # hashed n-gram buckets
 
@@ -34,8 +36,7 @@ def pair_id(record) -> str:
 
 def pairwise_probability(reward_j: float, reward_k: float) -> float:
     """The RM's probability that response j is preferred (Bradley-Terry)."""
-    x = reward_j - reward_k
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+    return sigmoid(reward_j - reward_k)
 
 
 def uncertainty(p: float) -> float:

@@ -13,6 +13,11 @@ from dataclasses import dataclass, fields
 
 # The learning statuses a loop's stats.json records (the driver stops on STOP).
 STATUS1, STATUS2, STOP, RELEASED = "status1", "status2", "stop", "released"
+
+
+def sigmoid(x: float) -> float:
+    """The logistic function, without overflow for large |x|."""
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 PROBABILITIES = ("sigmoid", "pairwise")
 
 

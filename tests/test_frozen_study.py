@@ -10,22 +10,10 @@ from test_ser_loop import ENV
 from conftest import CPU, ROOT
 from experiments import frozen_study
 from ser import features
-from ser.data import encode, load_records
+from ser.data import load_records
 from ser.modeling import load_tokenizer
 
 pytestmark = pytest.mark.slow
-
-
-def pairs(cache, tok, records, layer):
-    """Features with side j the human-preferred response (a pool pair's order is random; its label says)."""
-    j, k = [], []
-    for r in records:
-        a, b = (encode(tok, r["question"], r[s], 96)["input_ids"] for s in ("response_j", "response_k"))
-        if r.get("gold_preferred", "j") == "k":
-            a, b = b, a
-        j.append(a)
-        k.append(b)
-    return frozen_study.Pairs(features.load_features(cache, j, layer), features.load_features(cache, k, layer))
 
 
 def test_the_study_loop_gives_the_driver_s_rows(sft_model, synthetic, tmp_path):
@@ -43,7 +31,7 @@ def test_the_study_loop_gives_the_driver_s_rows(sft_model, synthetic, tmp_path):
 
     tok = load_tokenizer(str(sft_model))
     layer = features.frozen_info(run / "loop_0" / "rm")["layer"]
-    seed, pool, held = (pairs(cache, tok, load_records(str(synthetic), f"data/{split}"), layer)
+    seed, pool, held = (frozen_study.feature_pairs(cache, tok, load_records(str(synthetic), f"data/{split}"), layer, 96)
                         for split in ("reward", "unlabeled", "evaluation"))
     rows, _ = frozen_study.ser_run(seed, pool, held, 1e-5, floor, probability="pairwise")
     assert len(rows) == len(loops) and len(rows) >= 3, (rows, loops)  # Loop 0 and at least two loops
