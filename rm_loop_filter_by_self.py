@@ -103,14 +103,13 @@ def self_label(pool, args, scored_path):
     from tqdm.auto import tqdm
 
     from ser.cli import check_accelerator
-    from ser.modeling import load_reward_model, load_tokenizer, model_identity, process_state, score_pairs, shard_for_scoring
+    from ser.modeling import held_weights, load_scorer, load_tokenizer, model_identity, process_state, score_pairs
 
     if not args.device:
         check_accelerator()
     state = process_state()
     tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
-    model = load_reward_model(args.reward_model_name, tokenizer, args.dtype)
-    model = shard_for_scoring(model, args.device or state.device)
+    model = load_scorer(args.reward_model_name, tokenizer, args.dtype, args.device or state.device)
     parts = chunk_folder(scored_path)
     run = {"reward_model": str(Path(args.reward_model_name).resolve()), "tokenizer": args.tokenizer_name,
            "pool": str(Path(args.dataset_name).resolve()), "subset": args.subset, "pairs": len(pool),
@@ -153,8 +152,10 @@ def self_label(pool, args, scored_path):
         bar.update(len(chunk))
     bar.close()
     stats = merge_scoring(chunks, state.num_processes)
+    held = held_weights(model)
     stats.update(chunks=c + 1, resumed_pairs=resumed,
-                 rm_partitioned=getattr(model, "zero_optimization_stage", lambda: 0)() == 3)  # ZeRO-3 shards
+                 rm_partitioned=getattr(model, "zero_optimization_stage", lambda: 0)() == 3,  # ZeRO-3 shards
+                 rm_share_held=round(held[0] / held[1], 4))  # of the RM's weights, by the main process
     return state, stats
 
 

@@ -45,13 +45,18 @@ from ser.modeling import (
     check_saved_weights,
     default_of,
     fp32_master_weights,
+    held_weights,
+    inference_engine,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
     merge_lora,
+    one_dtype_with_partitions,
+    partitioned_at_load,
     record_lora_base,
     save_whole,
     score_ids,
+    whole_numel,
     whole_weights,
     zero_stage,
 )
@@ -159,47 +164,81 @@ class PolicyAndValue(nn.Module):
         return out.logits, values
 
 
-def build_models(args, model_args, tokenizer, deepspeed=False):
+def build_models(args, model_args, tokenizer, accelerator):
     """Policy and critic with fp32 trainable weights (bf16 is for compute, under autocast) and no dropout:
-    dropout would make the logprobs of the update differ from the rollout's (a detail TRL also keeps)."""
-    policy = load_causal_lm(args.model_name, tokenizer, model_args.dtype)
-    reference = None
-    if model_args.use_lora:
-        from peft import get_peft_model
+    dropout would make the logprobs of the update differ from the rollout's (a detail TRL also keeps).
 
-        policy = get_peft_model(policy, model_args.lora_config("CAUSAL_LM"))
-    else:  # a frozen copy of the SFT model is the reference
-        reference = load_causal_lm(args.model_name, tokenizer, model_args.dtype).eval().requires_grad_(False)
-    disable_dropout_in_model(policy)  # the LoRA dropout too
-    policy = fp32_master_weights(policy, args.bf16, deepspeed)
-    rm = load_reward_model(args.reward_model_name, tokenizer, args.rm_dtype)
-    if hasattr(rm, "merge_and_unload"):
-        rm = rm.merge_and_unload()
-    rm.eval().requires_grad_(False)
+    Under ZeRO-3 every model is partitioned over the processes as it loads, so no process or GPU holds one
+    whole: the policy and critic are trained as one DeepSpeed engine, the reference and the RM become
+    inference engines in `main`. A LoRA RM then scores unmerged (merging needs its whole weights)."""
+    plugin = accelerator.state.deepspeed_plugin
+    deepspeed, zero3 = plugin is not None, zero_stage(plugin) == 3
+    def loading():
+        return partitioned_at_load(accelerator) if zero3 else contextlib.nullcontext()
+
+    with loading():
+        policy = load_causal_lm(args.model_name, tokenizer, model_args.dtype)
+        reference = None
+        if model_args.use_lora:
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, model_args.lora_config("CAUSAL_LM"))
+        else:  # a frozen copy of the SFT model is the reference
+            reference = load_causal_lm(args.model_name, tokenizer, model_args.dtype).eval().requires_grad_(False)
+        disable_dropout_in_model(policy)  # the LoRA dropout too
+        policy = fp32_master_weights(policy, args.bf16, deepspeed)
+        rm = load_reward_model(args.reward_model_name, tokenizer, args.rm_dtype)
+        if hasattr(rm, "merge_and_unload") and not zero3:
+            rm = rm.merge_and_unload()
+        rm.eval().requires_grad_(False)
     if args.critic == "separate":
         # Value-model initialised from the RM (its backbone and score head), trained alongside the policy.
-        critic = load_reward_model(args.reward_model_name, tokenizer)
-        if hasattr(critic, "merge_and_unload"):
-            critic = critic.merge_and_unload()
+        # A LoRA RM is merged into a plain model first, from whole weights (each process, once).
+        lora_rm = hasattr(rm, "merge_and_unload")
+        with whole_weights() if lora_rm else loading():
+            critic = load_reward_model(args.reward_model_name, tokenizer)
+            if lora_rm:
+                critic = critic.merge_and_unload()
         critic.requires_grad_(True).train()
         disable_dropout_in_model(critic)
         critic = fp32_master_weights(critic, args.bf16, deepspeed)
-        return PolicyAndValue(policy, critic=critic), reference, rm
+        return one_dtype_with_partitions(PolicyAndValue(policy, critic=critic)), reference, rm
     hidden = policy.config.get_text_config().hidden_size
     value_head = nn.Linear(hidden, 1, bias=False)  # fp32
     with torch.no_grad():
         if args.value_init == "rm":
             # The RM's head on the SFT backbone is a fair first guess of the return (the detail "initialise
             # the value head from the RM"); a zero head predicts nothing.
-            if rm.score.weight.shape != value_head.weight.shape:
-                raise ValueError(f"--value_init rm: the RM's score head has shape {tuple(rm.score.weight.shape)}, the "
-                                 f"policy's value head needs {tuple(value_head.weight.shape)} (hidden size {hidden}): "
-                                 "the RM was not trained on this policy's backbone. Use --value_init zero or "
-                                 "--critic separate.")
-            value_head.weight.copy_(rm.score.weight.float())
+            with whole_parameters(score_head(rm).weight) as head:
+                if head.shape != value_head.weight.shape:
+                    raise ValueError(f"--value_init rm: the RM's score head has shape {tuple(head.shape)}, the "
+                                     f"policy's value head needs {tuple(value_head.weight.shape)} (hidden size {hidden}): "
+                                     "the RM was not trained on this policy's backbone. Use --value_init zero or "
+                                     "--critic separate.")
+                value_head.weight.copy_(head.float())
         else:
             value_head.weight.zero_()
-    return PolicyAndValue(policy, value_head=value_head), reference, rm
+    return one_dtype_with_partitions(PolicyAndValue(policy, value_head=value_head)), reference, rm
+
+
+def score_head(rm) -> nn.Linear:
+    """The RM's score head: a plain model's `score`, or the trained copy a LoRA RM keeps of it."""
+    head = rm.get_submodule("base_model.model.score") if hasattr(rm, "peft_config") else rm.score
+    if hasattr(head, "modules_to_save"):
+        head = head.modules_to_save["default"]
+    return head
+
+
+@contextlib.contextmanager
+def whole_parameters(param):
+    """`param` whole in every process for the block, also when ZeRO-3 has partitioned it."""
+    if not hasattr(param, "ds_id"):
+        yield param
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        yield param
 
 
 # ----------------------------------------------------------------------------- PPO pieces
@@ -368,16 +407,13 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                                                    fields=("question",))]
 
     # 1. models, optimiser, scheduler
-    # Loaded whole in every process, also under ZeRO-3 (whose zero.Init would partition them at load): the RM
-    # scores each process's own samples, and the value head starts as a copy of the RM's head. Preparing
-    # the policy below is what partitions it.
     plugin = accelerator.state.deepspeed_plugin
-    with whole_weights():
-        model, reference, rm = build_models(args, model_args, tokenizer, deepspeed=plugin is not None)
+    zero3 = zero_stage(plugin) == 3
+    model, reference, rm = build_models(args, model_args, tokenizer, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
-    # counted before preparing: ZeRO-3 leaves each process a shape-(0,) tensor in place of every weight
-    n_trainable = sum(p.numel() for p in params)
-    n_params = sum(p.numel() for p in model.policy.parameters())  # for the FLOPs of a step (MFU)
+    # whole sizes: ZeRO-3 leaves each process a shape-(0,) tensor in place of every partitioned weight
+    n_trainable = sum(whole_numel(p) for p in params)
+    n_params = held_weights(model.policy)[1]  # for the FLOPs of a step (MFU)
     if args.adafactor:
         from transformers.optimization import Adafactor
 
@@ -401,9 +437,18 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                              "give both the same value")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     device = accelerator.device
-    rm.to(device)
-    if reference is not None:
-        reference.to(device)
+    if zero3:  # the RM and the reference stay partitioned: every process runs the same forward passes on them
+        rm = inference_engine(rm, accelerator)
+        reference = None if reference is None else inference_engine(reference, accelerator)
+    else:
+        rm.to(device)
+        if reference is not None:
+            reference.to(device)
+    for name, part in (("policy and value", model), ("reference", reference), ("reward model", rm)):
+        if part is not None:
+            held, whole = held_weights(part)
+            logger.info(f"ppo: process {accelerator.process_index} holds {held:,} of the {whole:,} weights of the {name}",
+                        main_process_only=False)
     unwrapped = accelerator.unwrap_model(model)
     kl_ctl = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon, args.adap_kl_ctrl)
     moments = RunningMoments()
@@ -431,7 +476,6 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     # does so for every new token, and all processes keep generating until the last one is done (synced_gpus),
     # or a finished one would leave the others waiting. With --gather_for_generation the whole policy is
     # gathered once per rollout instead: much faster, but each process then holds all of its weights.
-    zero3 = zero_stage(plugin) == 3
     def gathered():
         if not (zero3 and args.gather_for_generation):
             return contextlib.nullcontext()
@@ -459,7 +503,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         # 3. score: the RM reads the sampled ids, assembled as its training pairs were, at the final eos
         with torch.no_grad(), accelerator.autocast():
             raw, _ = score_ids(rm, tokenizer, reward_inputs(tokenizer, rollout, args.max_length), len(questions),
-                               THIS_PROCESS_ONLY)
+                               THIS_PROCESS_ONLY, in_step_with=accelerator.state if zero3 else None)
         scores = torch.tensor(raw, device=device)
         if not torch.isfinite(scores).all():
             raise FloatingPointError(f"step {state.step}: the reward model returned non-finite scores {raw}")

@@ -164,6 +164,19 @@ def fp32_master_weights(model, mixed_precision: bool, deepspeed: bool = False):
     return model
 
 
+def one_dtype_with_partitions(model):
+    """The weights added after a ZeRO-3 load (a value head, LoRA matrices, a merged critic) in the dtype of
+    the partitioned ones. DeepSpeed casts a model loaded whole to its 16-bit dtype; one partitioned at load
+    it leaves as it is, and its optimizer needs one dtype (it keeps fp32 masters of 16-bit weights)."""
+    dtypes = {p.dtype for p in model.parameters() if hasattr(p, "ds_id")}
+    if len(dtypes) == 1:
+        dtype = dtypes.pop()
+        for p in model.parameters():
+            if not hasattr(p, "ds_id") and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
+
+
 def is_lora_dir(path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
@@ -392,27 +405,68 @@ def load_reward_model(path: str, tokenizer, dtype: str = "auto", trainable: bool
     return model
 
 
-def shard_for_scoring(model, device):
-    """The RM on `device`, or, under `accelerate launch --use_deepspeed --zero_stage 3`, partitioned over
-    the processes for inference (TRL's `prepare_deepspeed`): for RMs too large to load whole on one GPU.
-    Every process must then run the same number of forward passes, which `score_ids` guarantees."""
+def zero3_accelerator():
+    """The Accelerator of a run launched with DeepSpeed ZeRO-3 (`accelerate launch --config_file
+    scripts/cluster/zero3.yaml`, or `--use_deepspeed --zero_stage 3`); None otherwise."""
     from accelerate import Accelerator
     from accelerate.utils import parse_flag_from_env
 
     if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        return model.to(device)
+        return None
     accelerator = Accelerator()  # (`cpu=True` would drop the DeepSpeed plugin; DeepSpeed runs on CPUs too)
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
-        return model.to(device)
+    return accelerator if plugin is not None and plugin.zero_stage == 3 else None
+
+
+@contextlib.contextmanager
+def partitioned_at_load(accelerator):
+    """`from_pretrained` inside partitions each weight over the processes as it is read (zero.Init: the
+    main process reads the checkpoint, one module at a time is gathered to copy it in), so no process, and
+    no GPU, ever holds the model whole. Loaded whole instead, DeepSpeed would move the whole model onto
+    every GPU before partitioning it. All processes must load together."""
+    with accelerator.state.deepspeed_plugin.zero3_init_context_manager(enable=True):
+        yield
+
+
+def inference_engine(model, accelerator):
+    """A frozen model (an RM, the reference policy) partitioned over the processes for inference (TRL's
+    `prepare_deepspeed`). Every process must then run the same number of forward passes."""
     from trl.models.utils import prepare_deepspeed
 
-    config = plugin.deepspeed_config  # no training here: the batch-size fields only need to be consistent
+    config = accelerator.state.deepspeed_plugin.deepspeed_config  # no training: the batch fields need only be consistent
     for key, value in {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                        "train_batch_size": accelerator.num_processes, "gradient_clipping": 0.0}.items():
         if config.get(key) in (None, "auto"):
             config[key] = value
     return prepare_deepspeed(model, accelerator)
+
+
+def load_scorer(path: str, tokenizer, dtype: str, device):
+    """The RM ready to score on `device`; under DeepSpeed ZeRO-3, partitioned at load and wrapped for
+    inference: the path for RMs too large for one GPU."""
+    accelerator = zero3_accelerator()
+    if accelerator is None:
+        return load_reward_model(path, tokenizer, dtype).to(device)
+    with partitioned_at_load(accelerator):
+        model = load_reward_model(path, tokenizer, dtype)
+    return inference_engine(model, accelerator)
+
+
+def is_partitioned(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def whole_numel(param) -> int:
+    """A weight's elements, also when ZeRO-3 has left this process a shape-(0,) tensor in its place."""
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+
+
+def held_weights(model) -> tuple[int, int]:
+    """(elements of `model`'s weights this process holds, elements of the whole model): under ZeRO-3 a
+    partitioned weight's share lives in its `ds_tensor`."""
+    params = list(model.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return held, sum(whole_numel(p) for p in params)
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -6,6 +6,7 @@ persistence threshold, so each process holds shape-(0,) shards of them).
 The launches share their outputs: the SFT run is the base of the RMs, the full RM is PPO's reward model."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -23,8 +24,8 @@ BF16 = ["--bf16", "True", "--report_to", "none", "--save_strategy", "no", "--dis
 ROWS = 576  # embedding rows: the tokenizer's 512 padded to a multiple of 64, as many checkpoints are
 
 
-def launch(cmd):
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+def launch(cmd, env=ENV):
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -120,35 +121,73 @@ def reloaded_scores_match(out, synthetic):
     assert r_k == pytest.approx([s["reward_k"] for s in saved], abs=2e-2)
 
 
+@pytest.fixture(scope="module")
+def recipe_lora_rm(recipe_sft, synthetic, tmp_path_factory):
+    """LoRA RM training under zero3.yaml in bf16."""
+    out = tmp_path_factory.mktemp("recipe_lora_rm")
+    launch([*RECIPE, "rm_training.py", *rm_flags(recipe_sft[0], synthetic, out), "--use_lora", "True"])
+    return out
+
+
 @pytest.mark.parametrize("lora", [True, False])
-def test_rm_training_under_the_zero3_recipe_in_bf16_saves_the_rm_it_evaluated(recipe_sft, recipe_rm, synthetic,
-                                                                              tmp_path, lora):
+def test_rm_training_under_the_zero3_recipe_in_bf16_saves_the_rm_it_evaluated(request, synthetic, lora):
     if lora:
-        out = tmp_path / "rm"
-        launch([*RECIPE, "rm_training.py", *rm_flags(recipe_sft[0], synthetic, out), "--use_lora", "True"])
+        out = request.getfixturevalue("recipe_lora_rm")
         adapter = tensors(out, "adapter_model.safetensors")
         assert adapter and all(t.numel() for t in adapter.values())
         assert any(k.endswith("score.weight") for k in adapter)
     else:
-        out = recipe_rm
+        out = request.getfixturevalue("recipe_rm")
         assert_whole(out)
     reloaded_scores_match(out, synthetic)
 
 
-@pytest.mark.parametrize("lora", [True, False])
-def test_ppo_under_the_zero3_recipe_in_bf16_writes_the_policy_it_trained(recipe_sft, recipe_rm, synthetic, tmp_path, lora):
+def test_the_filter_under_the_zero3_recipe_scores_with_a_lora_rm_as_one_process(recipe_lora_rm, synthetic, tmp_path):
+    """The driver's default RM, a LoRA adapter: its base partitioned at load, the adapter applied unmerged."""
+    import rm_loop_filter_by_self as F
+    from ser.cli import parse
+    from ser.data import read_records
+
+    flags = ["--dataset_name", str(synthetic), "--subset", "data/evaluation", "--reward_model_name", str(recipe_lora_rm),
+             "--batch_size", "8", "--max_length", "96"]
+    def outputs(out):
+        return ["--rm_next_loop_save_path", str(out / "selected.jsonl"), "--remaining_data_save_path", str(out / "remaining.jsonl")]
+    F.main(*parse([F.ScriptArguments], [*flags, *outputs(tmp_path / "one"), "--dtype", "bfloat16"]))
+    launch([*RECIPE, "rm_loop_filter_by_self.py", *flags, *outputs(tmp_path / "sharded")])
+    assert json.loads((tmp_path / "sharded" / "stats.json").read_text())["scoring"]["rm_share_held"] < 0.6
+    a, b = read_records(tmp_path / "one" / "scored.jsonl"), read_records(tmp_path / "sharded" / "scored.jsonl")
+    assert [x["id"] for x in a] == [y["id"] for y in b]
+    for key in ("reward_j", "reward_k"):  # bf16 in both; one merged-free adapter in both
+        assert [x[key] for x in a] == pytest.approx([y[key] for y in b], abs=2e-2)
+
+
+@pytest.mark.parametrize("lora,rm,critic", [(True, "recipe_lora_rm", "separate"), (False, "recipe_rm", "shared"),
+                                            (False, "recipe_rm", "separate")])
+def test_ppo_under_the_zero3_recipe_in_bf16_writes_the_policy_it_trained(request, recipe_sft, synthetic, tmp_path,
+                                                                         lora, rm, critic):
+    """A LoRA or full policy; a LoRA RM (scoring unmerged) or a full one; a value head copied from the RM's head
+    or a critic loaded from the RM (a LoRA RM's merged from whole weights)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     sft, out = recipe_sft[0], tmp_path / "ppo"
-    proc = launch([*RECIPE, "ppo/ppo.py", "--model_name", str(sft), "--reward_model_name", str(recipe_rm),
+    rm = request.getfixturevalue(rm)
+    proc = launch([*RECIPE, "ppo/ppo.py", "--model_name", str(sft), "--reward_model_name", str(rm),
                    "--dataset_name", str(synthetic), "--output_dir", str(out), "--steps", "2", "--batch_size", "4",
                    "--mini_batch_size", "1", "--gradient_accumulation_steps", "2", "--ppo_epochs", "1",
                    "--output_max_length", "8", "--learning_rate", "1e-3", "--save_freq", "0", "--peak_tflops", "1",
-                   "--use_lora", str(lora), "--gather_for_generation", str(not lora)])  # both ways of generating
+                   "--use_lora", str(lora), "--gather_for_generation", str(not lora),  # both ways of generating
+                   "--critic", critic])
     # the launcher's precision (the recipe's bf16) and the stage's own accumulation, not the recipe's
     assert "gradient accumulation 2, bf16 precision" in proc.stdout, proc.stdout[-2000:]
     assert " 0 trainable parameters" not in proc.stdout
+    # no process holds a model whole: each is partitioned as it loads (an RM or reference loaded whole would
+    # be moved whole onto every GPU)
+    held = re.findall(r"ppo: process (\d) holds ([\d,]+) of the ([\d,]+) weights of the (.+)", proc.stdout)
+    models = {"policy and value", "reward model"} | (set() if lora else {"reference"})
+    assert {(rank, name) for rank, *_, name in held} == {(rank, name) for rank in "01" for name in models}, held
+    shares = {(rank, name): int(h.replace(",", "")) / int(w.replace(",", "")) for rank, h, w, name in held}
+    assert all(share < 0.6 for share in shares.values()), shares
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(row["perf/mfu"] > 0 and row["perf/model_tflops"] > 0 for row in log), log
     policy, base = assert_whole(out / "policy"), tensors(sft)
@@ -170,6 +209,49 @@ def test_a_launcher_accumulation_other_than_ppo_s_own_is_refused(recipe_sft, rec
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "the launcher sets gradient_accumulation_steps 1" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def wide_rm(tmp_path_factory):
+    """A full-weight RM of 168M parameters (hidden 1024, 16 layers) saved in fp32: the recipe runs it in bf16,
+    so a process that loaded it whole would hold a whole bf16 copy (336 MB), as a GPU would."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ser import tiny
+    from ser.modeling import load_tokenizer, save_whole
+
+    base = tiny.build(tiny.Args(out=str(tmp_path_factory.mktemp("wide") / "base"), hidden_size=1024, num_layers=16,
+                                num_heads=8))
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1, dtype=torch.float32)
+    tokenizer = load_tokenizer(str(base))
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    return save_whole(tmp_path_factory.mktemp("wide") / "rm", rm, tokenizer), sum(p.numel() for p in rm.parameters())
+
+
+def test_the_filter_under_the_zero3_recipe_never_holds_the_rm_whole(wide_rm, synthetic, tmp_path):
+    """Each process's peak memory while it loads, partitions and scores with an RM is well under the RM's whole
+    bf16 size: the RM is partitioned as it loads. (Loaded whole, DeepSpeed would move it whole onto every GPU
+    before partitioning it; on these CPUs the bf16 cast of the fp32 checkpoint is that whole copy: 1.2x the
+    whole bf16 size per process before the change, 0.75x after.)
+
+    One forward pass per process (4 pairs): from the second on, DeepSpeed keeps gathered weights for reuse, up
+    to `stage3_max_live_parameters` (1e9 by default, more than this model)."""
+    rm, n_params = wide_rm
+    out, memory, pool = tmp_path / "filter", tmp_path / "memory", tmp_path / "data" / "pool" / "train.jsonl"
+    pool.parent.mkdir(parents=True)
+    pool.write_text("".join((synthetic / "data" / "reward" / "train.jsonl").read_text().splitlines(True)[:4]))
+    launch([*RECIPE, "tests/peak_memory.py", str(memory), "rm_loop_filter_by_self.py", "--dataset_name",
+            str(tmp_path), "--subset", "data/pool", "--reward_model_name", str(rm), "--batch_size", "8",
+            "--rm_next_loop_save_path", str(out / "selected.jsonl"),
+            "--remaining_data_save_path", str(out / "remaining.jsonl")],
+           env={**ENV, "MALLOC_MMAP_THRESHOLD_": "131072"})  # freed tensors go back to the system (peak_memory.py)
+    scoring = json.loads((out / "stats.json").read_text())["scoring"]
+    assert scoring["rm_partitioned"] and scoring["rm_share_held"] < 0.55, scoring
+    whole = 2 * n_params  # bytes in bf16
+    peaks = [json.loads(p.read_text())["peak_bytes_above_start"] for p in sorted(memory.glob("rank*.json"))]
+    # a process's share is half; DeepSpeed's engine adds ~50 MB, a module gathered to be read ~10 MB
+    assert len(peaks) == 2 and all(p < 0.9 * whole for p in peaks), ([p / 2**20 for p in peaks], whole / 2**20)
 
 
 def test_lora_rm_with_the_driver_s_defaults_under_ddp_trains_as_without_checkpointing(sft_model, synthetic, tmp_path):
