@@ -96,6 +96,28 @@ def test_two_processes_share_the_prompts(synthetic, sft_model, tmp_path):
     assert len(ids) == len(set(ids)) == stats["pairs"] > 0  # every prompt answered once, by one of the two
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("timeout_hours", [0.0005, 0.01])  # 1.8 s, 36 s
+def test_the_final_gather_waits_for_a_late_process_as_long_as_the_flag_says(synthetic, sft_model, tmp_path,
+                                                                            timeout_hours):
+    """Process 1 reaches the gather 6 s after process 0: past a 1.8 s timeout the run fails naming the timeout
+    and writes nothing; within 36 s it completes."""
+    from test_ser_loop import ENV
+
+    out = tmp_path / "pool.jsonl"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "tests/late_rank.py", "1", "6", "data/generate_pairs.py",
+           "--prompts", str(synthetic), "--model", str(sft_model), "--out", str(out), "--max_tokens", "4",
+           "--max_prompts", "4", "--temperature", "1.0", "--top_k", "0", "--gather_timeout_hours", str(timeout_hours)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    if timeout_hours < 0.001:
+        assert proc.returncode != 0 and not out.exists()
+        assert "Timed out waiting 1800ms" in proc.stderr, proc.stderr[-3000:]  # gloo's words, with the flag's time
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads((tmp_path / "pool.stats.json").read_text())["processes"] == 2
+
+
 def test_vllm_engine_seeds_each_request_prompts_the_hf_ids_and_keeps_one_engine_alive(sft_model, synthetic, tmp_path,
                                                                                       monkeypatch):
     """vLLM is not installed here: a stand-in module records what the engine is asked."""
