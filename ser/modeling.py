@@ -589,7 +589,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
         "sequences_per_second": len(mine) / seconds if seconds > 0 else float("nan"),
         "tokens_per_second": real_tokens / seconds if seconds > 0 else float("nan"),
         # model FLOP/s actually spent (forward = 2 FLOPs per parameter per token, padding included)
-        "model_tflops": 2 * sum(p.numel() for p in model.parameters()) * padded_tokens / seconds / 1e12
+        "model_tflops": 2 * sum(whole_numel(p) for p in model.parameters()) * padded_tokens / seconds / 1e12
         if seconds > 0 else float("nan"),
     }
     return [rewards[i] for i in range(len(sequences))], stats
