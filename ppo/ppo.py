@@ -164,17 +164,17 @@ class PolicyAndValue(nn.Module):
         return out.logits, values
 
 
-def build_models(args, model_args, tokenizer, accelerator):
+def build_models(args, model_args, tokenizer, deepspeed_plugin=None):
     """Policy and critic with fp32 trainable weights (bf16 is for compute, under autocast) and no dropout:
     dropout would make the logprobs of the update differ from the rollout's (a detail TRL also keeps).
 
     Under ZeRO-3 every model is partitioned over the processes as it loads, so no process or GPU holds one
     whole: the policy and critic are trained as one DeepSpeed engine, the reference and the RM become
     inference engines in `main`. A LoRA RM then scores unmerged (merging needs its whole weights)."""
-    plugin = accelerator.state.deepspeed_plugin
-    deepspeed, zero3 = plugin is not None, zero_stage(plugin) == 3
+    deepspeed, zero3 = deepspeed_plugin is not None, zero_stage(deepspeed_plugin) == 3
+
     def loading():
-        return partitioned_at_load(accelerator) if zero3 else contextlib.nullcontext()
+        return partitioned_at_load(deepspeed_plugin) if zero3 else contextlib.nullcontext()
 
     with loading():
         policy = load_causal_lm(args.model_name, tokenizer, model_args.dtype)
@@ -409,7 +409,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     # 1. models, optimiser, scheduler
     plugin = accelerator.state.deepspeed_plugin
     zero3 = zero_stage(plugin) == 3
-    model, reference, rm = build_models(args, model_args, tokenizer, accelerator)
+    model, reference, rm = build_models(args, model_args, tokenizer, plugin)
     params = [p for p in model.parameters() if p.requires_grad]
     # whole sizes: ZeRO-3 leaves each process a shape-(0,) tensor in place of every partitioned weight
     n_trainable = sum(whole_numel(p) for p in params)

@@ -419,12 +419,12 @@ def zero3_accelerator():
 
 
 @contextlib.contextmanager
-def partitioned_at_load(accelerator):
+def partitioned_at_load(deepspeed_plugin):
     """`from_pretrained` inside partitions each weight over the processes as it is read (zero.Init: the
     main process reads the checkpoint, one module at a time is gathered to copy it in), so no process, and
     no GPU, ever holds the model whole. Loaded whole instead, DeepSpeed would move the whole model onto
     every GPU before partitioning it. All processes must load together."""
-    with accelerator.state.deepspeed_plugin.zero3_init_context_manager(enable=True):
+    with deepspeed_plugin.zero3_init_context_manager(enable=True):
         yield
 
 
@@ -447,7 +447,7 @@ def load_scorer(path: str, tokenizer, dtype: str, device):
     accelerator = zero3_accelerator()
     if accelerator is None:
         return load_reward_model(path, tokenizer, dtype).to(device)
-    with partitioned_at_load(accelerator):
+    with partitioned_at_load(accelerator.state.deepspeed_plugin):
         model = load_reward_model(path, tokenizer, dtype)
     return inference_engine(model, accelerator)
 
