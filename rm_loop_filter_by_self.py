@@ -98,7 +98,8 @@ def self_label(pool, args, scored_path):
     The pool's texts are read again and scored in chunks of --chunk_pairs pairs in file order, each split
     across the processes. The main process saves each finished chunk's rewards in SCORED.parts/ (removed
     once the stage is done), so a killed run resumes after the last chunk saved; chunks saved by a run
-    with another RM, pool or settings are discarded, never reused.
+    with another RM, pool or settings are discarded, never reused. Under DeepSpeed ZeRO-3 the RM is partitioned
+    over the processes as it loads (`load_scorer`), for RMs too large for one GPU.
     """
     from tqdm.auto import tqdm
 

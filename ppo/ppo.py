@@ -51,7 +51,6 @@ from ser.modeling import (
     load_reward_model,
     load_tokenizer,
     merge_lora,
-    one_dtype_with_partitions,
     partitioned_at_load,
     record_lora_base,
     save_whole,
@@ -219,6 +218,19 @@ def build_models(args, model_args, tokenizer, deepspeed_plugin=None):
         else:
             value_head.weight.zero_()
     return one_dtype_with_partitions(PolicyAndValue(policy, value_head=value_head)), reference, rm
+
+
+def one_dtype_with_partitions(model):
+    """The weights added after a ZeRO-3 load (a value head, LoRA matrices, a merged critic) in the dtype of
+    the partitioned ones. DeepSpeed casts a model loaded whole to its 16-bit dtype; one partitioned at load
+    it leaves as it is, and its optimizer needs one dtype (it keeps fp32 masters of 16-bit weights)."""
+    dtypes = {p.dtype for p in model.parameters() if hasattr(p, "ds_id")}
+    if len(dtypes) == 1:
+        dtype = dtypes.pop()
+        for p in model.parameters():
+            if not hasattr(p, "ds_id") and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
 
 
 def score_head(rm) -> nn.Linear:
@@ -413,7 +425,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     params = [p for p in model.parameters() if p.requires_grad]
     # whole sizes: ZeRO-3 leaves each process a shape-(0,) tensor in place of every partitioned weight
     n_trainable = sum(whole_numel(p) for p in params)
-    n_params = held_weights(model.policy)[1]  # for the FLOPs of a step (MFU)
+    n_params = sum(whole_numel(p) for p in model.policy.parameters())  # for the FLOPs of a step (MFU)
     if args.adafactor:
         from transformers.optimization import Adafactor
 

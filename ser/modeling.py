@@ -164,19 +164,6 @@ def fp32_master_weights(model, mixed_precision: bool, deepspeed: bool = False):
     return model
 
 
-def one_dtype_with_partitions(model):
-    """The weights added after a ZeRO-3 load (a value head, LoRA matrices, a merged critic) in the dtype of
-    the partitioned ones. DeepSpeed casts a model loaded whole to its 16-bit dtype; one partitioned at load
-    it leaves as it is, and its optimizer needs one dtype (it keeps fp32 masters of 16-bit weights)."""
-    dtypes = {p.dtype for p in model.parameters() if hasattr(p, "ds_id")}
-    if len(dtypes) == 1:
-        dtype = dtypes.pop()
-        for p in model.parameters():
-            if not hasattr(p, "ds_id") and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-    return model
-
-
 def is_lora_dir(path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
@@ -418,14 +405,12 @@ def zero3_accelerator():
     return accelerator if plugin is not None and plugin.zero_stage == 3 else None
 
 
-@contextlib.contextmanager
 def partitioned_at_load(deepspeed_plugin):
-    """`from_pretrained` inside partitions each weight over the processes as it is read (zero.Init: the
-    main process reads the checkpoint, one module at a time is gathered to copy it in), so no process, and
-    no GPU, ever holds the model whole. Loaded whole instead, DeepSpeed would move the whole model onto
-    every GPU before partitioning it. All processes must load together."""
-    with deepspeed_plugin.zero3_init_context_manager(enable=True):
-        yield
+    """A context in which `from_pretrained` partitions each weight over the processes as it is read
+    (zero.Init: the main process reads the checkpoint, one module at a time is gathered to copy it in), so
+    no process, and no GPU, ever holds the model whole. Loaded whole instead, DeepSpeed would move the whole
+    model onto every GPU before partitioning it. All processes must load together."""
+    return deepspeed_plugin.zero3_init_context_manager(enable=True)
 
 
 def inference_engine(model, accelerator):
