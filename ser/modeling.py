@@ -140,6 +140,11 @@ def zero_stage(deepspeed_plugin) -> int:
     return 0 if deepspeed_plugin is None else int(deepspeed_plugin.zero_stage)
 
 
+def is_partitioned(model) -> bool:
+    """Whether ZeRO-3 has partitioned any of `model`'s weights (at load, under zero.Init, or when prepared)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def fp32_master_weights(model, mixed_precision: bool, deepspeed: bool = False):
     """Trainable weights in fp32, whatever dtype the checkpoint came in.
 
@@ -156,8 +161,7 @@ def fp32_master_weights(model, mixed_precision: bool, deepspeed: bool = False):
     if deepspeed and mixed_precision:
         return model
     if deepspeed or not mixed_precision:
-        partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
-        return model if partitioned else model.float()
+        return model if is_partitioned(model) else model.float()
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -435,10 +439,6 @@ def load_scorer(path: str, tokenizer, dtype: str, device):
     with partitioned_at_load(accelerator.state.deepspeed_plugin):
         model = load_reward_model(path, tokenizer, dtype)
     return inference_engine(model, accelerator)
-
-
-def is_partitioned(model) -> bool:
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def whole_numel(param) -> int:
