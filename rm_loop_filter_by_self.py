@@ -181,6 +181,7 @@ def self_label_cached(pool, args):
     if info is None:
         raise ValueError(f"--feature_cache {args.feature_cache}: {args.reward_model_name} is not a frozen-trunk RM "
                          "(rm_training.py --trunk frozen writes frozen_trunk.json); drop --feature_cache to score it")
+    features.check_trunk(info, args.reward_model_name)  # features of a changed trunk would not be this RM's
     state, start = process_state(), time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
     ids_j, ids_k, truncated = [], [], 0

@@ -222,10 +222,13 @@ def train_frozen(script_args, model_args, config, tokenizer, train_records, eval
     from transformers import AutoConfig
 
     from ser import features
-    from ser.modeling import process_state
+    from ser.modeling import check_replaceable, process_state
 
     state = process_state()
+    check_replaceable(config.output_dir)  # before any featurising: save_whole would refuse it at the end
     info = features.frozen_info(script_args.model_name)
+    if info:
+        features.check_trunk(info, script_args.model_name)
     trunk = info["trunk"] if info else script_args.model_name
     n_layers = AutoConfig.from_pretrained(trunk).num_hidden_layers
     layer = info["layer"] if info else features.layer_index(script_args.feature_layer, n_layers)

@@ -18,13 +18,24 @@ never shows as a position. data/import_labels.py reads the labels back.
 """
 
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser import ask
 from ser.cli import parse
-from ser.data import DataError, RecordWriter, check_writable, iter_records, strip_meta, write_json
+from ser.data import (
+    DataError,
+    RecordWriter,
+    check_writable,
+    file_sha256,
+    iter_records,
+    remove_stale_temporaries,
+    strip_meta,
+    write_json,
+    write_text,
+)
 
 CONTROL = ask.CONTROL
 LABEL_CONFIG = f"""<View>
@@ -88,7 +99,12 @@ def main(args: Args):
     if args.n < 1:
         raise SystemExit(f"--n {args.n}: ask about at least 1 pair")
     out = Path(args.out)
-    check_writable(*(out / name for name in (*FILES, "ask.json")))
+    outputs = [out / name for name in (*FILES, "ask.json")]
+    check_writable(*outputs)
+    if any(o.resolve() == Path(args.pool).resolve() for o in outputs):
+        raise SystemExit(f"--out {out}: would overwrite the pool {args.pool}; choose another folder")
+    for tmp in remove_stale_temporaries(*outputs):
+        print(f"ask_humans: removed {tmp}, left by a killed export")
     (out / "ask.json").unlink(missing_ok=True)  # the done marker goes before the first new write
     pool = read_scored(args.pool)
     if not pool:
@@ -105,9 +121,11 @@ def main(args: Args):
             plain.write(row)
             key.write({**{k: v for k, v in strip_meta(r).items() if k != "p_j"}, "answer_a_is": a_is,
                        "source": f"{args.pool}:{r['_line']}"})
-    (out / "label_studio.xml").write_text(LABEL_CONFIG)
+    write_text(out / "label_studio.xml", LABEL_CONFIG)
     u = [ask.uncertainty(r["p_j"]) for r in chosen]
-    summary = {"pool": str(Path(args.pool).resolve()), "pool_pairs": len(pool), "asked": len(chosen),
+    # the pool relative to the export, so a run folder moved or copied whole imports from its own pool
+    summary = {"pool": os.path.relpath(Path(args.pool).resolve(), out.resolve()), "pool_sha256": file_sha256(args.pool),
+               "pool_pairs": len(pool), "asked": len(chosen),
                "distinct_questions_in_pool": len({r["question"] for r in pool}), "rule": "ser/ask.py pick",
                "diverse": args.diverse, "seed": args.seed, "uncertainty_min": min(u), "uncertainty_mean": sum(u) / len(u),
                "files": list(FILES)}

@@ -31,6 +31,18 @@ ASK_HUMANS=${ASK_HUMANS:-0}   # N > 0: after each loop's filter, export the N pa
 HUMAN_LABELS=${HUMAN_LABELS:-} # on resume: the labels of the export the driver stopped at (data/import_labels.py)
 IMPORT_ARGS=${IMPORT_ARGS:-}  # extra data/import_labels.py flags: --unlabelled skip
 
+# Numeric settings are checked before any stage: a value that is not a whole number stops the driver, naming
+# it (inside `((...))` bash would evaluate it as an expression, or an error there would read as false).
+for name in MAX_LOOPS KEEP_SEED UNION CONTINUE MAX_LENGTH SEED_EPOCHS LOOP_EPOCHS FORCE ASK_HUMANS; do
+  if [[ ! ${!name} =~ ^[0-9]+$ ]]; then
+    echo "ser: $name=${!name}: expected a whole number (0 or more)" >&2; exit 2
+  fi
+  printf -v "$name" '%d' "$((10#${!name}))"  # 010 is ten, not octal eight
+done
+for name in KEEP_SEED UNION CONTINUE FORCE; do
+  if ((${!name} > 1)); then echo "ser: $name=${!name}: expected 0 or 1" >&2; exit 2; fi
+done
+
 # Paths are the caller's: resolve them before moving to the repository.
 abspath() { [[ $1 == /* ]] && printf '%s' "$1" || printf '%s/%s' "$PWD" "$1"; }
 DATA=$(abspath "$DATA"); SFT=$(abspath "$SFT"); RUN=$(abspath "$RUN")
@@ -92,12 +104,19 @@ $PY -m ser.run_config --run "$RUN" "${force[@]}" DATA="$DATA" SFT="$SFT" MAX_LOO
 
 # A stage's wall time runs from its start (recorded before launch) to its done file's mtime, so a kill
 # between the two still leaves a wall time: the next run records it from the same files.
+# A file in RUN is data, never code: the start time is read as text and used only if it is a plain number.
 record_wall() {
-  local name=$1 done_file=$2 start_file="$RUN/.wall.$1.start"
+  local name=$1 done_file=$2 start_file="$RUN/.wall.$1.start" start="" tmp
   [[ -f $start_file && ! -f "$RUN/.wall.$name.json" ]] || return 0
-  local ms=$((($(date -r "$done_file" +%s%N) - $(cat "$start_file")) / 1000000))
-  echo "{\"stage\": \"$name\", \"ms\": $ms}" > "$RUN/.wall.$name.json.tmp"
-  mv "$RUN/.wall.$name.json.tmp" "$RUN/.wall.$name.json"
+  read -r start < "$start_file" || true
+  if [[ ! $start =~ ^[0-9]+$ ]]; then
+    echo "ser: $start_file does not hold a start time (nanoseconds); $name's wall time is not recorded" >&2
+    return 0
+  fi
+  local ms=$(((10#$(date -r "$done_file" +%s%N) - 10#$start) / 1000000))
+  tmp=$(mktemp "$RUN/.wall.$name.json.XXXXXX.tmp")
+  echo "{\"stage\": \"$name\", \"ms\": $ms}" > "$tmp"
+  mv "$tmp" "$RUN/.wall.$name.json"
 }
 
 # stage NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exists (each stage writes it last)
@@ -137,9 +156,20 @@ ask_humans() {
     $PY data/ask_humans.py --pool "$RUN/loop_$t/remaining.jsonl" --n "$ASK_HUMANS" --out "$ask" --seed "$t"
   fi
   if [[ ! -f $ask/import.json ]]; then
-    if [[ -z $HUMAN_LABELS || $labels_used == 1 ]]; then
+    local earlier=""  # HUMAN_LABELS already imported by an earlier loop (a rerun of the command that resumed it)
+    if [[ -n $HUMAN_LABELS && $labels_used == 0 ]]; then
+      earlier=$($PY -c 'import json, sys; from pathlib import Path
+labels, run, t = str(Path(sys.argv[1]).resolve()), Path(sys.argv[2]), int(sys.argv[3])
+done = [s for s in range(1, t) if (run / f"loop_{s}/ask/import.json").is_file()
+        and json.loads((run / f"loop_{s}/ask/import.json").read_text()).get("labels") == labels]
+print(done[-1] if done else "")' "$HUMAN_LABELS" "$RUN" "$t")
+    fi
+    if [[ -z $HUMAN_LABELS || $labels_used == 1 || -n $earlier ]]; then
       local n; n=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['asked'])" "$ask/ask.json")
-      echo "ser: loop $t: $n pairs await human labels: $ask/label_studio.json (a Label Studio project with" \
+      if [[ -n $earlier ]]; then
+        echo "ser: HUMAN_LABELS=$HUMAN_LABELS holds the labels loop $earlier imported already" >&2
+      fi
+      echo "ser: loop $t awaits labels: $n pairs in $ask/label_studio.json (a Label Studio project with" \
         "the config $ask/label_studio.xml) or $ask/pairs.jsonl (fill its choice column). Then run the same" \
         "command with HUMAN_LABELS=<the export or the filled pairs.jsonl>." >&2
       exit 5

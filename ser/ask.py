@@ -14,6 +14,7 @@ Plain uncertainty sampling is the same rule with every d = 1 (`diverse=False`).
 """
 
 import hashlib
+import json
 import re
 import zlib
 
@@ -30,8 +31,8 @@ def pair_id(record) -> str:
     """A pool pair's id: its own `id` when it has one, else a hash of its texts."""
     if record.get("id") not in (None, ""):
         return str(record["id"])
-    text = "\0".join(str(record[k]) for k in ("question", "response_j", "response_k"))
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+    text = json.dumps([str(record[k]) for k in ("question", "response_j", "response_k")], ensure_ascii=False)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]  # JSON: no separator inside a text can shift a field
 
 
 def pairwise_probability(reward_j: float, reward_k: float) -> float:

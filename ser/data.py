@@ -10,9 +10,12 @@ A preference pair is one JSON record::
 Files are JSON (a list of records) or JSONL (one record per line), optionally gzipped.
 """
 
+import contextlib
 import gzip
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from pathlib import Path
@@ -347,22 +350,55 @@ def write_records(path, records) -> None:
             out.write(r)
 
 
-def write_json(path, obj) -> None:
-    """A JSON file written whole or not at all: a fresh temporary file beside it (mkstemp: no name a planted
-    link could take), then renamed; a failed write (a full disk) leaves nothing behind."""
+@contextlib.contextmanager
+def replacing(path, folder: bool = False):
+    """The one way this project writes a file or folder whole or not at all: yields a fresh temporary path
+    beside `path` (mkstemp/mkdtemp, `.NAME.*.tmp`: no name a planted link could take, and what
+    `remove_stale_temporaries` removes after a kill), which replaces `path` when the block ends without an
+    error. On an error nothing is left behind. A folder replaces only a missing or empty `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if folder:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode())
+        yield tmp
+        os.chmod(tmp, umask_mode(0o777 if folder else 0o666))
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path, data: bytes) -> None:
+    """A file written whole or not at all (`replacing`), synced to disk before it is renamed into place."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text(path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, obj) -> None:
+    """A JSON file written whole or not at all (`replacing`): a failed write (a full disk) leaves nothing."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def replace_between(path, begin: str, end: str, text: str) -> None:

@@ -8,24 +8,35 @@ truncated after the layer, with the trained head) that every stage loads unchang
 `frozen_trunk.json`, which lets the filter and the next retraining read the cache instead of the model.
 
 A cache folder holds `meta.json` (the trunk's identity, `max_length`, the layers, the hidden size) and
-parts written as they are done (`part-R-N.safetensors`: float32 features [rows, layers, hidden];
-`part-R-N.json`: the sha1 of each row's token ids). A killed build resumes after its last part; a cache
+parts written as they are done (`part-R-ID.safetensors`: float32 features [rows, layers, hidden];
+`part-R-ID.json`: the sha1 of each row's token ids, and the sha256 of the features and keys together).
+A part's tensor is written under a temporary name and renamed, then its key file: a part is in the cache
+once its key file exists, and ID is unique, so builders never write over each other's parts. A builder
+holds `.lock` (flock) while it builds, so two jobs given one cache (a sweep) take turns and the second
+featurises only what the first did not; on a filesystem without flock they build side by side, safely,
+at worst featurising some sequences twice. A part whose check fails (flipped bytes, reordered keys, a
+truncated or missing tensor, a garbage key file) is removed with a warning at the next build and its
+sequences are featurised again; a reader refuses it. A killed build resumes after its last part; a cache
 built for another trunk, length or set of layers is refused.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
-import os
+import uuid
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ser.data import write_json
+from ser.cli import get_logger
+from ser.data import DataError, replacing, write_json
 from ser.modeling import FORWARD_COST, deal_out, length_batches, model_identity
 
 META = "meta.json"
 FROZEN = "frozen_trunk.json"
+logger = get_logger("features")
 
 
 def key(ids) -> str:
@@ -46,13 +57,43 @@ def load_trunk(path, dtype="auto"):
     return AutoModel.from_pretrained(str(path), dtype=dtype).eval()
 
 
+def read_meta(folder: Path) -> dict:
+    """meta.json of a cache, or a DataError naming it when it is missing or unreadable."""
+    path = Path(folder) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{folder}: not a feature cache (no {META}); build it first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable ({e}); remove the cache folder {folder} and build it again") from None
+    if not isinstance(meta, dict) or not all(k in meta for k in ("trunk", "max_length", "layers", "hidden", "compute")):
+        raise DataError(f"{path}: not a feature cache's meta (fields trunk, max_length, layers, hidden, compute); "
+                        f"remove the cache folder {folder} and build it again")
+    return meta
+
+
+def check_trunk(info: dict, rm_path) -> None:
+    """A frozen-trunk RM's trunk is the one it was trained on: features of a changed trunk are not its own."""
+    recorded = info.get("trunk_identity")
+    if recorded is None:
+        return  # saved before the identity was recorded
+    now = model_identity(info["trunk"])
+    if now != recorded:
+        changed = sorted(k for k in set(now.get("files", {})) | set(recorded.get("files", {}))
+                         if now.get("files", {}).get(k) != recorded.get("files", {}).get(k))
+        raise DataError(f"{rm_path}: its trunk {info['trunk']} has changed since the RM was trained (files differing in "
+                        f"size, modification time or hash: {', '.join(changed) or 'the base'}); recorded identity "
+                        f"{json.dumps(recorded)}, now {json.dumps(now)}. Train the RM again on this trunk, or restore "
+                        "the trunk the RM was trained on (a copy keeps its identity only with cp -p)")
+
+
 def check_meta(folder: Path, meta: dict) -> list[int]:
     """The layers the cache holds (those asked for when it is new). A cache built for another trunk or length,
     or without a layer asked for, is refused."""
     path = folder / META
     if not path.is_file():
         return meta["layers"]
-    saved = json.loads(path.read_text())
+    saved = read_meta(folder)
     for field, what in (("trunk", "trunk model"), ("max_length", "max_length"), ("compute", "precision")):
         if saved.get(field) != meta[field]:
             raise ValueError(f"{folder}: a feature cache built for another {what} ({saved.get(field)!r}; this run "
@@ -64,13 +105,85 @@ def check_meta(folder: Path, meta: dict) -> list[int]:
     return saved["layers"]
 
 
-def cached_keys(folder: Path) -> dict:
-    """{key: (part file, row)} of every saved part."""
+def checksum(features: torch.Tensor, keys: list) -> str:
+    """The sha256 of a part's features (float32, contiguous) and its keys, in order."""
+    digest = hashlib.sha256(features.float().contiguous().numpy().tobytes())
+    digest.update(json.dumps(keys).encode())
+    return digest.hexdigest()
+
+
+def read_keys(part: Path) -> dict:
+    """A part's key file: {"keys": [...], "sha256": ...}; the old format (a bare list) has sha256 None."""
+    try:
+        saved = json.loads(part.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{part}: unreadable key file ({e})") from None
+    if isinstance(saved, list) and all(isinstance(k, str) for k in saved):
+        return {"keys": saved, "sha256": None}
+    if not isinstance(saved, dict) or not isinstance(saved.get("keys"), list) or not isinstance(saved.get("sha256"), str):
+        raise DataError(f"{part}: not a part's key file (fields keys, sha256)")
+    return saved
+
+
+def read_part(part: Path) -> tuple[list, torch.Tensor | None]:
+    """A part's keys and features, checked; a DataError naming the part and what is wrong with it. A key file
+    of the old format (no checksum) is read without the check, its tensor left to the caller (None)."""
+    from safetensors import safe_open
+
+    saved = read_keys(part)
+    if saved["sha256"] is None:
+        return saved["keys"], None
+    tensor = part.with_suffix(".safetensors")
+    try:
+        with safe_open(str(tensor), "pt") as f:
+            features = f.get_tensor("features")
+    except Exception as e:  # a missing, truncated or garbage file: safetensors raises several kinds
+        raise DataError(f"{tensor}: unreadable ({type(e).__name__}: {e})") from None
+    if len(features) != len(saved["keys"]) or checksum(features, saved["keys"]) != saved["sha256"]:
+        raise DataError(f"{part}: its features or keys do not match its checksum (changed on disk)")
+    return saved["keys"], features
+
+
+def cached_keys(folder: Path, repair: bool = False) -> dict:
+    """{key: (part file, row)} of every saved part, from the key files. With `repair` (a build, which
+    featurises their sequences again) every part's features are checked too, and a damaged part is removed
+    with a warning; without it a damaged key file is an error naming it (a reader checks the features of
+    each part it opens)."""
     index = {}
     for part in sorted(folder.glob("part-*.json")):
-        for row, k in enumerate(json.loads(part.read_text())):
+        try:
+            keys = read_part(part)[0] if repair else read_keys(part)["keys"]
+        except DataError as e:
+            if not repair:
+                raise DataError(f"{e}; build the cache again (rm_training.py or the filter with this --feature_cache), "
+                                "which featurises a damaged part again") from None
+            logger.warning(f"features: {e}; the part is removed and its sequences are featurised again")
+            part.unlink(missing_ok=True)
+            part.with_suffix(".safetensors").unlink(missing_ok=True)
+            continue
+        for row, k in enumerate(keys):
             index[k] = (part.with_suffix(".safetensors"), row)
     return index
+
+
+@contextlib.contextmanager
+def building(folder: Path, state):
+    """The cache's build lock, held by the main process (the other processes of its job wait at a barrier):
+    concurrent builders take turns. Where the filesystem has no flock, builders proceed side by side."""
+    handle = None
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as e:
+            logger.warning(f"features: {folder} has no flock ({e}); concurrent builders featurise side by side")
+    state.wait_for_everyone()
+    try:
+        yield
+    finally:
+        if handle:
+            handle.close()  # releases the lock
 
 
 @torch.no_grad()
@@ -92,18 +205,25 @@ def build_cache(folder, trunk_path, pad_id: int, sequences, max_length: int, lay
     meta = {"trunk": model_identity(trunk_path), "trunk_path": str(Path(trunk_path).resolve()),
             "max_length": max_length, "layers": layers, "hidden": trunk.config.hidden_size,
             "compute": {"dtype": str(next(trunk.parameters()).dtype), "bf16_autocast": bool(bf16)}}
-    layers = meta["layers"] = check_meta(folder, meta)
-    if state.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / META, meta)
-    state.wait_for_everyone()
-    have = cached_keys(folder)
-    todo = list({key(s): s for s in sequences if key(s) not in have}.items())
-    mine = [todo[i] for i in deal_out([len(s) for _, s in todo], state)]
-    device = device or state.device
+    with building(folder, state):
+        layers = meta["layers"] = check_meta(folder, meta)
+        if state.is_main_process:
+            write_json(folder / META, meta)
+            cached_keys(folder, repair=True)  # damaged parts go before anyone reads the index
+        state.wait_for_everyone()
+        have = cached_keys(folder)
+        todo = list({key(s): s for s in sequences if key(s) not in have}.items())
+        mine = [todo[i] for i in deal_out([len(s) for _, s in todo], state)]
+        featurise(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows, progress,
+                  device or state.device)
+        state.wait_for_everyone()
+    return {"sequences": len(sequences), "featurised_here": len(mine), "cached_before": len(sequences) - len(todo)}
+
+
+def featurise(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows, progress, device):
+    """The features of `mine` ((key, ids) pairs), saved as parts of `part_rows` rows."""
     trunk.to(device)
     batches = length_batches([len(s) for _, s in mine], batch_size, FORWARD_COST)
-    done = len(list(folder.glob(f"part-{state.process_index}-*.json")))
     rows, keys = [], []
     bar = tqdm(total=len(mine), desc=progress, unit="seq", disable=progress is None or not state.is_main_process)
     for b, batch in enumerate(batches):
@@ -121,21 +241,20 @@ def build_cache(folder, trunk_path, pad_id: int, sequences, max_length: int, lay
         keys += [mine[i][0] for i in batch]
         bar.update(len(batch))
         if len(keys) >= part_rows or b == len(batches) - 1:
-            save_part(folder, f"part-{state.process_index}-{done:06d}", torch.cat(rows), keys)
-            done, rows, keys = done + 1, [], []
+            save_part(folder, f"part-{state.process_index}-{uuid.uuid4().hex[:16]}", torch.cat(rows), keys)
+            rows, keys = [], []
     bar.close()
-    state.wait_for_everyone()
-    return {"sequences": len(sequences), "featurised_here": len(mine), "cached_before": len(sequences) - len(todo)}
 
 
 def save_part(folder: Path, name: str, features: torch.Tensor, keys: list) -> None:
-    """The features, then their keys: a part is in the cache once its key file exists (written by rename)."""
+    """The features, then their keys with the checksum of both; each file is written under a temporary name
+    and renamed, so a part is in the cache, whole, once its key file exists."""
     from safetensors.torch import save_file
 
-    save_file({"features": features.contiguous()}, folder / f"{name}.safetensors")
-    tmp = folder / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(keys))
-    os.replace(tmp, folder / f"{name}.json")
+    features = features.float().contiguous()
+    with replacing(folder / f"{name}.safetensors") as tmp:
+        save_file({"features": features}, tmp)
+    write_json(folder / f"{name}.json", {"keys": keys, "sha256": checksum(features, keys)})
 
 
 def load_features(folder, sequences, layer: int) -> torch.Tensor:
@@ -143,7 +262,7 @@ def load_features(folder, sequences, layer: int) -> torch.Tensor:
     from safetensors import safe_open
 
     folder = Path(folder)
-    meta = json.loads((folder / META).read_text())
+    meta = read_meta(folder)
     index = cached_keys(folder)
     if layer not in meta["layers"]:
         raise ValueError(f"{folder}: layer {layer} is not cached (it holds {meta['layers']})")
@@ -155,8 +274,15 @@ def load_features(folder, sequences, layer: int) -> torch.Tensor:
             raise ValueError(f"{folder}: sequence {i} is not in the cache; build it first")
         path, row = index[k]
         if path not in parts:
-            with safe_open(str(path), "pt") as f:
-                parts[path] = f.get_tensor("features")[:, column]
+            try:
+                _, features = read_part(path.with_suffix(".json"))  # checked against its checksum
+            except DataError as e:
+                raise DataError(f"{e}; build the cache again (rm_training.py or the filter with this "
+                                "--feature_cache), which featurises a damaged part again") from None
+            if features is None:  # an old part without a checksum
+                with safe_open(str(path), "pt") as f:
+                    features = f.get_tensor("features")
+            parts[path] = features[:, column]
         out[i] = parts[path][row]
     return out
 

@@ -255,6 +255,14 @@ def is_model_folder(path) -> bool:
     return isinstance(config, dict) and "model_type" in config and any(folder.glob("*.safetensors"))
 
 
+def check_replaceable(out) -> None:
+    """`save_whole`'s refusal, for a stage to make before any work: `out` is absent, empty or a model folder."""
+    out = Path(out)
+    if out.exists() and not is_model_folder(out) and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not a model folder (no config.json with a model_type beside "
+                              "*.safetensors); choose another output folder, or remove it yourself")
+
+
 def save_whole(out, model, tokenizer, state_dict=None, replace: bool = False) -> Path:
     """save_pretrained of a model and its tokenizer into a temporary folder, then renamed: whole or absent.
     `state_dict`: the weights to write (e.g. gathered from ZeRO-3 shards) instead of the module's own.
@@ -263,25 +271,33 @@ def save_whole(out, model, tokenizer, state_dict=None, replace: bool = False) ->
     mistake is refused, not deleted. The old folder is renamed aside before the new one takes its place and
     removed last, so nothing is deleted before the new model is whole."""
     import shutil
+    import tempfile
 
     out = Path(out)
-    if out.exists() and not replace and not is_model_folder(out) and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out}: exists and is not a model folder (no config.json with a model_type beside "
-                              "*.safetensors); choose another output folder, or remove it yourself")
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not replace:
+        check_replaceable(out)
+    from ser.data import umask_mode
+
+    out.parent.mkdir(parents=True, exist_ok=True)  # fresh temporary names (mkdtemp): no planted link is followed
+    tmp, aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")), None
     try:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         check_saved_weights(tmp)
-    except BaseException:
+        os.chmod(tmp, umask_mode(0o777))
+        if out.exists() or out.is_symlink():
+            aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, aside / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if aside:
+                os.replace(aside / out.name, out)  # the old model back in its place
+            raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
-        raise
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+        if aside:
+            shutil.rmtree(aside, ignore_errors=True)
     return out
 
 

@@ -296,6 +296,9 @@ def test_the_driver_stops_for_labels_and_resumes_with_them(sft_model, synthetic,
     assert loop_2["pool"] == loop_1["remaining"] - n  # the human pairs left the pool
     sources = json.loads((run / "loop_1" / "rm" / "eval_results.json").read_text())["train_sources"]
     assert sources[str(ask_dir / "human.jsonl")] == n  # loop 1's RM was trained on the human pairs
+    again = driver(HUMAN_LABELS=str(full))  # the resume command run again: loop 1's labels are not loop 2's
+    assert again.returncode == 5 and "ser: loop 2 awaits labels" in again.stderr, again.stderr[-2000:]
+    assert "holds the labels loop 1 imported already" in again.stderr and not (run / "loop_2" / "ask" / "import.json").exists()
 
 
 # ----------------------------------------------------------------------------- the budget study's report
@@ -323,3 +326,144 @@ def test_the_budget_report_states_the_paired_differences(tmp_path):
     assert "| 5.0 % | human-ask − human-random | +1.0 | [+1.0, +1.0] | 0.062 |" in text  # 2/32: exact sign flips
     assert "the best mean is human-ask, +0.5 points over ser+ask" in text
     assert (tmp_path / "REPORT-ask-made-up.md").is_file() and (tmp_path / "ask-made-up.png").is_file()
+
+
+# ----------------------------------------------------------------------------- bad input (reliability)
+
+
+def filled_pairs(out, rows) -> list[dict]:
+    plain = read_records(out / "pairs.jsonl")
+    for row in plain:
+        row["choice"] = {"left": "A", "right": "B"}[human_choice(row, rows)]
+    return [strip_meta(r) for r in plain]
+
+
+def test_an_import_into_the_pool_s_own_folder_is_refused_and_the_pool_kept(tmp_path):
+    scored_pool(tmp_path / "remaining.jsonl")
+    before = (tmp_path / "remaining.jsonl").read_bytes()
+    ask_humans.main(ask_humans.Args(pool=str(tmp_path / "remaining.jsonl"), n=12, out=str(tmp_path)))
+    rows = {r["id"]: r for r in read_records(tmp_path / "remaining.jsonl")}
+    with pytest.raises(DataError, match=r"remaining.jsonl: is the pool the pairs were asked from; export to another"):
+        import_(tmp_path, "".join(json.dumps(r) + "\n" for r in filled_pairs(tmp_path, rows)), tmp_path / "f.jsonl")
+    assert (tmp_path / "remaining.jsonl").read_bytes() == before and not (tmp_path / "human.jsonl").exists()
+
+
+def test_the_labels_format_is_told_by_content_not_by_name(exported, tmp_path):
+    out, rows = exported
+    filled = filled_pairs(out, rows)
+    human, result = import_(out, "".join(json.dumps(r) + "\n" for r in filled), tmp_path / "pairs.json")  # JSONL as .json
+    assert result["labelled"] == 12 and len(human) == 12
+    human, result = import_(out, filled, tmp_path / "pairs-list.jsonl")  # a JSON list named .jsonl
+    assert result["labelled"] == 12
+    mixed = label_studio_export(out, rows)[:3] + filled[3:]
+    with pytest.raises(DataError, match=r"mixed.json: item 4 is a pairs.jsonl row and item 1 a Label Studio task"):
+        import_(out, mixed, tmp_path / "mixed.json")
+
+
+def _annotation_string(items):
+    items[1]["annotations"][0] = "left"
+
+
+def _result_null(items):
+    items[2]["annotations"][0]["result"] = None
+
+
+def _result_not_objects(items):
+    items[3]["annotations"][0]["result"] = ["left"]
+
+
+def _value_null(items):
+    items[4]["annotations"][0]["result"][0]["value"] = None
+
+
+def _annotations_object(items):
+    items[5]["annotations"] = {"result": []}
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_annotation_string, r"item 2 \(pair p\d+\), annotation 1: is str, expected an annotation object"),
+    (_result_null, r"item 3 \(pair p\d+\), annotation 1: field 'result' is None; expected a list"),
+    (_result_not_objects, r"item 4 \(pair p\d+\), annotation 1: field 'result' is \['left'\]; expected a list"),
+    (_value_null, r"item 5 \(pair p\d+\), annotation 1: field 'value' is None; expected an object"),
+    (_annotations_object, r"item 6: field 'annotations' is dict; expected a list"),
+])
+def test_malformed_label_studio_exports_name_the_item_and_field(exported, tmp_path, damage, message):
+    out, rows = exported
+    with pytest.raises(DataError, match=message):
+        import_(out, label_studio_export(out, rows, extra=damage), tmp_path / "export.json")
+    assert not (out / "import.json").exists()
+
+
+def test_a_json_min_choice_that_is_not_a_choice_names_the_item(exported, tmp_path):
+    out, rows = exported
+    tasks = json.loads((out / "label_studio.json").read_text())
+    json_min = [{"id": n, **t["data"], "preference": [{"selected": human_choice(t["data"], rows)}]}
+                for n, t in enumerate(tasks, start=1)]
+    json_min[2]["preference"] = [["left"]]
+    with pytest.raises(DataError, match=r"min.json: item 3: field 'preference' is \[\['left'\]\]; expected one Pairwise"):
+        import_(out, json_min, tmp_path / "min.json")
+
+
+def test_a_damaged_ask_folder_is_named(exported, tmp_path):
+    out, rows = exported
+    labels = "".join(json.dumps(r) + "\n" for r in filled_pairs(out, rows))
+    asked = (out / "asked.jsonl").read_text().splitlines()
+    (out / "asked.jsonl").write_text("\n".join(asked[:4] + [asked[4].replace('"answer_a_is": "', '"answer_a_is": "x')]
+                                               + asked[5:]) + "\n")
+    with pytest.raises(DataError, match=r"asked.jsonl:5: field 'answer_a_is' is '[xjk]+'; expected 'j' or 'k'"):
+        import_(out, labels, tmp_path / "f.jsonl")
+    (out / "asked.jsonl").write_text("\n".join(asked) + "\n")
+    (out / "ask.json").write_text('{"pool": ')
+    with pytest.raises(DataError, match=r"ask.json: not valid JSON .*run data/ask_humans.py --out"):
+        import_(out, labels, tmp_path / "f.jsonl")
+
+
+@pytest.mark.parametrize("value,ok", [("left", False), ("LEFT", False), (" left", False), (" b ", True), ("Tie", True)])
+def test_a_jsonl_choice_is_normalised_before_it_is_checked(exported, tmp_path, value, ok):
+    out, rows = exported
+    filled = filled_pairs(out, rows)
+    filled[0]["choice"] = value
+    labels = "".join(json.dumps(r) + "\n" for r in filled)
+    if ok:
+        import_(out, labels, tmp_path / "f.jsonl")
+    else:
+        with pytest.raises(DataError, match=r"f.jsonl:1: field 'choice' is .*; expected A, B, tie or skip"):
+            import_(out, labels, tmp_path / "f.jsonl")
+
+
+def test_pair_ids_do_not_collide_where_a_separator_moves_between_fields():
+    a = {"question": "a\0b", "response_j": "c", "response_k": "d"}
+    b = {"question": "a", "response_j": "b\0c", "response_k": "d"}
+    assert ask.pair_id(a) != ask.pair_id(b)
+
+
+def test_killed_exports_and_imports_leave_no_temporaries_behind(exported, tmp_path):
+    out, rows = exported
+    stale = [out / ".human.jsonl.k1.tmp", out / ".remaining.jsonl.k2.tmp", out / ".import.json.k3.tmp"]
+    for p in stale:
+        p.write_text("half")
+    import_(out, "".join(json.dumps(r) + "\n" for r in filled_pairs(out, rows)), tmp_path / "f.jsonl")
+    assert not any(p.exists() for p in stale)
+    stale = [out / ".asked.jsonl.k4.tmp", out / ".ask.json.k5.tmp"]
+    for p in stale:
+        p.write_text("half")
+    ask_humans.main(ask_humans.Args(pool=str(tmp_path / "remaining.jsonl"), n=12, out=str(out)))
+    assert not any(p.exists() for p in stale)
+
+
+def test_a_moved_run_imports_from_its_own_pool_and_a_changed_pool_is_refused(tmp_path):
+    import shutil
+
+    run = tmp_path / "run" / "loop_1"
+    run.mkdir(parents=True)
+    rows = {r["id"]: r for r in scored_pool(run / "remaining.jsonl")}
+    ask_humans.main(ask_humans.Args(pool=str(run / "remaining.jsonl"), n=12, out=str(run / "ask")))
+    moved = tmp_path / "moved" / "loop_1"
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    labels = "".join(json.dumps(r) + "\n" for r in filled_pairs(moved / "ask", rows))
+    _, result = import_(moved / "ask", labels, tmp_path / "f.jsonl")
+    assert result["labelled"] == 12 and len(read_records(moved / "ask" / "remaining.jsonl")) == 30 - 12
+    with open(moved / "remaining.jsonl", "a") as f:
+        f.write(json.dumps({**rows["p0"], "id": "p-new"}) + "\n")
+    with pytest.raises(DataError, match=r"remaining.jsonl: changed since the pairs were asked from it"):
+        import_(moved / "ask", labels, tmp_path / "f.jsonl")

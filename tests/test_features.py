@@ -3,6 +3,7 @@ computes what the saved checkpoint computes, is refused when stale, resumes exac
 ordinary RM for the filter and PPO."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -91,7 +92,7 @@ def test_a_resumed_cache_build_equals_an_uninterrupted_one(sft_model, synthetic,
     with pytest.raises(KeyboardInterrupt):
         features.build_cache(tmp_path / "resumed", **build)
     monkeypatch.setattr(features, "save_part", save_part)
-    saved = sum(len(json.loads(p.read_text())) for p in (tmp_path / "resumed").glob("part-*.json"))
+    saved = sum(len(json.loads(p.read_text())["keys"]) for p in (tmp_path / "resumed").glob("part-*.json"))
     assert len(list((tmp_path / "resumed").glob("part-*.json"))) == 2 and saved >= 32  # parts of >= 16 rows
     again = features.build_cache(tmp_path / "resumed", **build)
     assert again["cached_before"] == saved and again["featurised_here"] == len(set(map(tuple, seqs))) - saved
@@ -136,3 +137,140 @@ def test_a_retraining_from_a_frozen_rm_keeps_its_trunk_and_layer(synthetic, froz
     info = features.frozen_info(tmp_path / "rm1")
     assert info["layer"] == 1 and info["feature_cache"] == str(cache.resolve())
     assert info["trunk"] == str(sft_model.resolve())  # the trunk, not the truncated checkpoint it continued
+
+
+# ----------------------------------------------------------------------------- reliability
+
+
+def test_a_frozen_rm_is_not_scored_or_retrained_on_a_changed_trunk(sft_model, tiny_model, synthetic, tmp_path):
+    """Trained on a copy T of the SFT model, then T's weights overwritten: a new --feature_cache would hold the
+    changed trunk's features, which the old head does not fit. The filter and a retraining refuse it, naming
+    both identities."""
+    import shutil
+
+    trunk = tmp_path / "T"
+    shutil.copytree(sft_model, trunk)
+    frozen_rm(trunk, synthetic, tmp_path / "rm", tmp_path / "cache1", "--feature_layer", "1")
+    shutil.copy(tiny_model / "model.safetensors", trunk / "model.safetensors")  # same shape, other weights
+    with pytest.raises(ValueError, match=r"its trunk .*T has changed since the RM was trained \(files differing in "
+                                         r"size, modification time or hash: model.safetensors\); recorded identity"):
+        F.main(*parse([F.ScriptArguments], [
+            "--dataset_name", str(synthetic), "--reward_model_name", str(tmp_path / "rm"), "--max_length", "96",
+            "--feature_cache", str(tmp_path / "cache2"), "--rm_next_loop_save_path", str(tmp_path / "f" / "sel.jsonl"),
+            "--remaining_data_save_path", str(tmp_path / "f" / "rest.jsonl")]))
+    assert not (tmp_path / "f").exists() and not (tmp_path / "cache2").exists()
+    with pytest.raises(ValueError, match="has changed since the RM was trained"):
+        rm_training.main(*parse(rm_training.ARGUMENTS, [
+            "--model_name", str(tmp_path / "rm"), "--tokenizer_name", str(sft_model), "--dataset_name", str(synthetic),
+            "--output_dir", str(tmp_path / "rm1"), "--trunk", "frozen", "--feature_cache", str(tmp_path / "cache2"),
+            "--max_length", "96", *CPU]))
+
+
+def test_rm_training_refuses_a_folder_it_cannot_save_to_before_featurising(sft_model, synthetic, tmp_path):
+    run = tmp_path / "run"
+    (run / "loop_0").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="is not a model folder"):
+        frozen_rm(sft_model, synthetic, run, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def cache_sequences(sft_model, synthetic, n=80):
+    from ser.data import encode
+
+    tok = load_tokenizer(str(sft_model))
+    records = load_records(str(synthetic), "data/evaluation")[:n]
+    return tok, [encode(tok, r["question"], r[side], 96)["input_ids"] for r in records for side in ("response_j", "response_k")]
+
+
+def build_args(sft_model, tok, seqs):
+    return dict(trunk_path=sft_model, pad_id=tok.pad_token_id, sequences=seqs, max_length=96, layers=[1],
+                batch_size=8, dtype="float32", state=OneProcess(), part_rows=16, progress=None, device="cpu")
+
+
+def test_a_damaged_cache_part_is_refused_by_a_reader_and_featurised_again_by_a_build(sft_model, synthetic, tmp_path,
+                                                                                      caplog):
+    from safetensors.torch import load_file, save_file
+
+    from ser.data import DataError
+
+    tok, seqs = cache_sequences(sft_model, synthetic, 40)
+    cache = tmp_path / "cache"
+    features.build_cache(cache, **build_args(sft_model, tok, seqs))
+    whole = features.load_features(cache, seqs, 1)
+    parts = sorted(cache.glob("part-*.json"))
+    assert len(parts) >= 4
+
+    def flip(part):  # one value changed by 1e24, the file otherwise valid
+        t = load_file(part.with_suffix(".safetensors"))["features"]
+        t[0, 0, 0] += 1e24
+        save_file({"features": t}, part.with_suffix(".safetensors"))
+
+    def reorder(part):  # two keys swapped: each row would be read as the other sequence's
+        saved = json.loads(part.read_text())
+        saved["keys"][0], saved["keys"][1] = saved["keys"][1], saved["keys"][0]
+        part.write_text(json.dumps(saved))
+
+    def truncate(part):
+        data = part.with_suffix(".safetensors").read_bytes()
+        part.with_suffix(".safetensors").write_bytes(data[:len(data) // 2])
+
+    damages = {"flipped bytes": flip, "reordered keys": reorder, "truncated": truncate,
+               "missing tensor": lambda part: part.with_suffix(".safetensors").unlink(),
+               "garbage key file": lambda part: part.write_text("{not json")}
+    for (what, damage), part in zip(damages.items(), parts):
+        damage(part)
+    with pytest.raises(DataError, match="build the cache again"):
+        features.load_features(cache, seqs, 1)
+    with caplog.at_level("WARNING"):
+        again = features.build_cache(cache, **build_args(sft_model, tok, seqs))
+    assert again["featurised_here"] > 0 and caplog.text.count("the part is removed") == len(damages)
+    assert torch.allclose(features.load_features(cache, seqs, 1), whole, atol=1e-5)
+    (cache / "meta.json").write_text("garbage")
+    with pytest.raises(DataError, match=r"meta.json: unreadable .*remove the cache folder"):
+        features.load_features(cache, seqs, 1)
+
+
+BUILDER = """
+import json, pathlib, sys, time
+sys.path.insert(0, sys.argv[1])
+from ser import features
+from ser.modeling import load_tokenizer
+trunk, cache, seqs_file, go = sys.argv[2:6]
+seqs = json.loads(pathlib.Path(seqs_file).read_text())
+tok = load_tokenizer(trunk)
+while not pathlib.Path(go).exists():
+    time.sleep(0.01)
+print(json.dumps(features.build_cache(cache, trunk, tok.pad_token_id, seqs, 96, [1], 4, "float32", False,
+                                     part_rows=4, progress=None, device="cpu")))
+"""
+
+
+@pytest.mark.slow
+def test_two_jobs_building_one_cache_at_once_give_what_one_build_gives(sft_model, synthetic, tmp_path):
+    """Two processes, started together, featurise overlapping sets into one cache: every sequence of both is
+    there with its own features (one build's, to float32 rounding), and the overlap is featurised once."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    tok, seqs = cache_sequences(sft_model, synthetic, 60)
+    distinct = list({tuple(s): s for s in seqs}.values())
+    halves = [distinct[:80], distinct[40:]]  # 40 sequences in both
+    features.build_cache(tmp_path / "one", **build_args(sft_model, tok, distinct))
+    script, go = tmp_path / "builder.py", tmp_path / "go"
+    script.write_text(BUILDER)
+    procs = []
+    for i, half in enumerate(halves):
+        (tmp_path / f"seqs{i}.json").write_text(json.dumps(half))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(ROOT), str(sft_model), str(tmp_path / "shared"),
+                                       str(tmp_path / f"seqs{i}.json"), str(go)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    time.sleep(8)  # both have imported torch and loaded the tokenizer
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    built = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
+    assert sum(b["featurised_here"] for b in built) == len(distinct)  # the overlap once: the builders took turns
+    assert torch.allclose(features.load_features(tmp_path / "shared", distinct, 1),
+                          features.load_features(tmp_path / "one", distinct, 1), atol=1e-5)

@@ -230,7 +230,7 @@ def test_a_saved_model_with_an_empty_tensor_is_refused_and_not_written(tiny_mode
     state["model.layers.0.mlp.up_proj.weight"] = torch.empty(0)
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight of shape \(0,\).*ZeRO-3"):
         modeling.save_whole(tmp_path / "out", model, tok, state_dict=state)
-    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.tmp").exists()
+    assert sorted(tmp_path.iterdir()) == []  # neither the output nor a temporary folder
     modeling.save_whole(tmp_path / "out", model, tok)  # the module's own, whole weights pass
     modeling.check_saved_weights(tmp_path / "out")
 
@@ -299,7 +299,8 @@ def test_save_whole_refuses_a_folder_that_is_not_a_model_and_replaces_a_model_by
 
     monkeypatch.setattr(os, "replace", recorded)
     modeling.save_whole(tmp_path / "model", model, tok)  # a model folder: replaced
-    assert renames == [("model", ".model.old", True), (".model.tmp", "model", False)]  # aside first, then in place
-    assert modeling.is_model_folder(tmp_path / "model") and not (tmp_path / ".model.old").exists()
+    (aside, _, existed), (moved, into, _) = renames  # aside first (into a fresh folder), then in place
+    assert (aside, existed, into) == ("model", True, "model") and moved.startswith(".model.") and moved.endswith(".tmp")
+    assert modeling.is_model_folder(tmp_path / "model") and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     modeling.save_whole(run, model, tok, replace=True)  # said explicitly
     assert modeling.is_model_folder(run)

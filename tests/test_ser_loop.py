@@ -299,6 +299,33 @@ def test_without_flock_the_driver_holds_an_exclusive_lock_file_and_tells_a_stale
     assert not (run / ".lock.pid").exists()
 
 
+def test_a_file_in_the_run_folder_is_never_executed(tmp_path):
+    """A planted wall-clock start file: bash arithmetic would expand `x[$(touch ...)]` and run it on resume."""
+    run = tmp_path / "run"
+    (run / "loop_0" / "rm").mkdir(parents=True)
+    (run / "loop_0" / "rm" / "eval_results.json").write_text("{}")  # loop 0 looks done: its wall time is recorded
+    planted = tmp_path / "pwned"
+    (run / ".wall.loop_0.train.start").write_text(f"lock_rc[$(touch {planted})]\n")
+    env = {**ENV, "DATA": str(tmp_path), "SFT": str(tmp_path), "RUN": str(run), "PY": sys.executable,
+           "LAUNCH": "false"}  # loop 1's filter fails at once
+    proc = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert not planted.exists(), proc.stderr[-2000:]
+    assert "does not hold a start time" in proc.stderr and "ser: loop_0.train already done" in proc.stdout
+    assert not (run / ".wall.loop_0.train.json").exists() and not list(run.glob(".wall.*.tmp"))
+
+
+@pytest.mark.parametrize("setting", ["ASK_HUMANS=2.5", "ASK_HUMANS=abc", "MAX_LOOPS=two", "LOOP_EPOCHS=-1",
+                                     "SEED_EPOCHS=1e3", "MAX_LENGTH=0x10", "KEEP_SEED=2", "UNION=yes"])
+def test_a_driver_setting_that_is_not_a_whole_number_stops_it_before_any_stage(tmp_path, setting):
+    name, value = setting.split("=")
+    run = tmp_path / "run"
+    env = {**ENV, "DATA": str(tmp_path), "SFT": str(tmp_path), "RUN": str(run), "PY": sys.executable,
+           "LAUNCH": "false", name: value}
+    proc = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"ser: {name}={value}: expected" in proc.stderr, proc.stderr[-2000:]
+    assert "unbound variable" not in proc.stderr and "loop_0" not in proc.stdout and not (run / "config.json").exists()
+
+
 @pytest.mark.parametrize("variable", ["RM_ARGS", "FILTER_ARGS", "GENERATE_ARGS"])
 def test_an_unclosed_quote_in_extra_flags_stops_the_driver_before_any_stage(tmp_path, variable):
     run = tmp_path / "run"
