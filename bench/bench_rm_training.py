@@ -26,6 +26,7 @@ import rm_training
 from bench.bench_scoring import SHARED, hh_pairs
 from bench.summary import merge_into_summary, portable
 from ser.cli import parse
+from ser.data import write_text
 from ser.modeling import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,9 +101,7 @@ def main(args: Args):
                          "train_loss": result.training_loss, "padding_share": share})
             print(f"run {r + 1}/{args.repeats} {method}: {seconds:.1f} s, {result.global_step} steps, "
                   f"padding {share:.1%}", flush=True)
-            tmp = partial.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"config": config, "runs": runs}, indent=1) + "\n")
-            tmp.replace(partial)
+            write_text(partial, json.dumps({"config": config, "runs": runs}, indent=1) + "\n")  # whole or not at all
     best = {m: min(x["seconds"] for x in runs if x["method"] == m) for m in METHODS}
     share = {m: next(x["padding_share"] for x in runs if x["method"] == m) for m in METHODS}
     result = {"config": config, "runs": runs, "best_seconds": best, "padding_share": share,

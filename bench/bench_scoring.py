@@ -25,7 +25,7 @@ import torch
 
 from bench.summary import merge_into_summary, portable
 from ser.cli import parse
-from ser.data import encode, format_text, split_transcript
+from ser.data import encode, format_text, split_transcript, write_text
 from ser.modeling import THIS_PROCESS_ONLY, load_tokenizer, score_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,9 +110,7 @@ def main(args: Args):
                                                 shared_prefix=method == "shared prefix")[2]
             runs.append({"repeat": r, "method": method, "seconds": time.perf_counter() - t})
             print(f"run {r + 1}/{args.repeats} {method}: {runs[-1]['seconds']:.1f} s", flush=True)
-            tmp = partial.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"config": config, "runs": runs, "stats": stats}, indent=1) + "\n")
-            tmp.replace(partial)
+            write_text(partial, json.dumps({"config": config, "runs": runs, "stats": stats}, indent=1) + "\n")  # whole or not at all
     best = {m: min(x["seconds"] for x in runs if x["method"] == m) for m in METHODS}
     ours = min(("length-sorted", "shared prefix"), key=best.get)
     tokens = sum(len(encode(tok, p["question"], p[s], args.max_length)["input_ids"])

@@ -49,14 +49,11 @@ def prepare(setting: str, work: Path) -> Path:
 
     data = work / "data"
     if not (data / "manifest.json").is_file():
-        spec = SETTINGS[setting]
-        tmp = work / "data.tmp"
-        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        spec = SETTINGS[setting]  # prepare.py writes its --out whole or not at all
         subprocess.run([sys.executable, str(ROOT / "data" / "prepare.py"), "--dataset", spec["dataset"],
-                        "--source", str(spec["source"]), "--out", str(tmp), "--labeled_fraction", "1.0",
+                        "--source", str(spec["source"]), "--out", str(data), "--labeled_fraction", "1.0",
                         "--eval_fraction", str(spec["eval_fraction"]), "--finetune_fraction", "0", "--rl_fraction", "0",
                         "--seed", "0"], check=True, cwd=ROOT)
-        tmp.rename(data)
     return data
 
 

@@ -224,6 +224,36 @@ def bits(correct) -> str:
 # ----------------------------------------------------------------------------- the study
 
 
+def fingerprint(work: Path) -> dict:
+    """What the saved rows depend on: the prepared data (its source's sha256, seed and split counts) and the
+    features (the trunk's files by content, the cache's length, layers and precision)."""
+    from ser.data import file_sha256
+
+    manifest = json.loads((work / "data" / "manifest.json").read_text())
+    meta = features.read_meta(work / "cache")
+    trunk = Path(meta["trunk_path"])
+    files = {p.name: file_sha256(p) for p in sorted(trunk.iterdir()) if p.suffix in (".safetensors", ".json")} \
+        if trunk.is_dir() else {"name": str(trunk)}
+    return {"data": {k: manifest.get(k) for k in ("source_sha256", "seed", "counts")},
+            "features": {"trunk_files_sha256": files, "max_length": meta["max_length"], "layers": meta["layers"],
+                         "compute": meta["compute"]}}
+
+
+def check_resume(state: dict, now: dict, n_pool: int, n_held: int, path: Path) -> None:
+    """Saved rows are resumed only on the data and features they were computed on."""
+    if "fingerprint" in state and state["fingerprint"] != now:
+        differ = [k for k in now if state["fingerprint"].get(k) != now[k]]
+        raise SystemExit(f"{path}: its rows were computed on other {' and '.join(differ)} ({json.dumps(state['fingerprint'])}; "
+                         f"now {json.dumps(now)}); give another --results folder, or move {path} away to start again")
+    if "fingerprint" not in state and any(k in state for k in ("tuning", "rows", "curve")):
+        if (state.get("pool_pairs"), state.get("held_out_pairs")) != (n_pool, n_held):
+            raise SystemExit(f"{path}: its rows were computed on {state.get('pool_pairs')} pool and "
+                             f"{state.get('held_out_pairs')} held-out pairs, this data has {n_pool} and {n_held}; "
+                             f"give another --results folder, or move {path} away to start again")
+        print(f"frozen: {path} has no fingerprint (saved before one was recorded); its pair counts match, and this "
+              "data's fingerprint is recorded from now on", flush=True)
+
+
 def run(args, work: Path, splits: dict):
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,6 +261,8 @@ def run(args, work: Path, splits: dict):
     state = json.loads(path.read_text()) if path.is_file() else {"setting": args.setting}
     save = lambda: write_json(path, state)  # noqa: E731 (after every step: an interruption loses at most it)
     n_pool = len(splits["reward_full"][0])
+    check_resume(state, now := fingerprint(work), n_pool, len(splits["evaluation"][0]), path)
+    state["fingerprint"] = now
     validation, rest = universe_split(n_pool)
     state.update(pool_pairs=n_pool, held_out_pairs=len(splits["evaluation"][0]), validation_pairs=len(validation))
 

@@ -676,10 +676,18 @@ def device_peak_tflops(accelerator) -> float | None:
 
 def save_checkpoint(accelerator, args, state):
     """Written to a temporary folder and renamed: a checkpoint is whole or absent."""
+    import tempfile
+
+    from accelerate.utils import broadcast_object_list
+
     final = Path(args.output_dir) / f"checkpoint-{state.step}"
-    tmp = Path(args.output_dir) / f".checkpoint-{state.step}.tmp"
+    tmp = [None]  # a fresh name (mkdtemp: no planted link is followed), chosen by the main process for all
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        for stale in Path(args.output_dir).glob(".checkpoint-*.tmp"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = [tempfile.mkdtemp(dir=args.output_dir, prefix=f".checkpoint-{state.step}.", suffix=".tmp")]
+    tmp = Path(broadcast_object_list(tmp)[0] if accelerator.num_processes > 1 else tmp[0])
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()

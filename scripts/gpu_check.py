@@ -335,6 +335,10 @@ def main(args: Args):
         results.append(row)
         shown = {k: v for k, v in detail.items() if k not in ("traceback", "versions")}
         print(f"{status} {name} ({row['seconds']} s) {json.dumps(shown, default=str)[:400]}", flush=True)
+        if name == "environment" and status == "FAIL" and not args.dry_run and not torch.cuda.is_available():
+            print("gpu-check: no CUDA device, so the other checks are not run (they would take minutes to say "
+                  "the same); on a CPU, run the same checks with --dry_run True", flush=True)
+            break
     summary = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                "device": results[0].get("device", "cpu") if results else None, "dry_run": args.dry_run,
                "model": args.model or f"random weights from {args.config}" if not args.dry_run else "tiny (hidden 384)",

@@ -66,11 +66,20 @@ def legacy_argv(argv: list[str], counted: tuple[str, ...] = ()) -> list[str]:
     (`--train_subset "data/reward" ... --train_subset 100000`): an integer value becomes
     `--<flag>_size N`, the other values are the subset folders.
     """
-    out, gathered = [], {flag: [] for flag in counted}
-    for flag, values in _split(argv):
-        if flag in REMOVED:
-            raise SystemExit(f"error: {flag} no longer exists in transformers: {REMOVED[flag]}")
-        flag = RENAMED.get(flag, flag)
+    pairs = list(_split(argv))
+    datasets = [v for flag, values in pairs if flag == "--dataset_name" for v in values]
+    out, gathered, given = [], {flag: [] for flag in counted}, {}
+
+    def give(flag, values, spelt):  # a setting given under two spellings (old and new) must agree
+        if flag in given and given[flag][0] != values and given[flag][1] != spelt:
+            raise SystemExit(f"error: {given[flag][1]} {' '.join(given[flag][0])} and {spelt} {' '.join(values)} "
+                             f"set {flag} to different values; give it once")
+        given.setdefault(flag, (values, spelt))
+
+    for spelt, values in pairs:
+        if spelt in REMOVED:
+            raise SystemExit(f"error: {spelt} no longer exists in transformers: {REMOVED[spelt]}")
+        flag = RENAMED.get(spelt, spelt)
         if flag in DROP_IF and len(values) <= 1 and (values[0] if values else "") in DROP_IF[flag]:
             continue
         if flag in VALUE_MAP and len(values) == 1:
@@ -78,10 +87,16 @@ def legacy_argv(argv: list[str], counted: tuple[str, ...] = ()) -> list[str]:
         if flag in gathered:
             for v in values:
                 if v.isdigit():
+                    if any(Path(d, v).exists() for d in ["", *datasets]):
+                        raise SystemExit(f"error: {flag} {v}: both a folder ({v}) and a sample size; write {flag} "
+                                         f"./{v} for the folder, or {flag}_size {v} for the size")
+                    give(f"{flag}_size", [v], flag)
                     out += [f"{flag}_size", v]
                 else:
                     gathered[flag].append(v)
             continue
+        if flag in RENAMED.values() or flag in {f"{c}_size" for c in counted}:
+            give(flag, values, spelt)
         out += [flag, *values]
     for flag, values in gathered.items():
         if values:

@@ -55,6 +55,12 @@ class DataArguments:
                 "training, self-labelling and evaluation alike (the paper: 512; --seq_length is the old name)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
+    def __post_init__(self):
+        for name in ("train_subset_size", "eval_subset_size"):  # a stage's sample sizes, where it has them
+            value = getattr(self, name, None)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name} {value}: a number of pairs, 0 or more (0 or absent: all of them)")
+
 
 def default_of(cls, name: str, default=MISSING):
     """`cls`'s field `name` with another default (or its own) and `cls`'s help: a subclass's override, or the

@@ -135,3 +135,29 @@ def test_the_data_flags_are_declared_once_and_reach_every_stage(capsys):
         for node in ast.walk(ast.parse((root / name).read_text())):
             if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "max_length":
                 assert "help" not in ast.unparse(node), f"{name}: {ast.unparse(node)}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seq_length", "128", "--max_length", "256"], r"--seq_length 128 and --max_length 256 set --max_length to different"),
+    (["--train_subset", "100", "--train_subset_size", "200"],
+     r"--train_subset 100 and --train_subset_size 200 set --train_subset_size to different"),
+])
+def test_one_setting_given_two_ways_with_different_values_is_refused(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        legacy_argv(argv, counted=("--train_subset",))
+    assert legacy_argv(["--seq_length", "128", "--max_length", "128"]) == ["--max_length", "128", "--max_length", "128"]
+
+
+def test_a_numbered_subset_folder_is_not_read_as_a_sample_size(tmp_path):
+    (tmp_path / "2024").mkdir()
+    with pytest.raises(SystemExit, match=r"--train_subset 2024: both a folder \(2024\) and a sample size; write "
+                                         r"--train_subset ./2024 for the folder, or --train_subset_size 2024"):
+        legacy_argv(["--dataset_name", str(tmp_path), "--train_subset", "2024"], counted=("--train_subset",))
+    assert legacy_argv(["--dataset_name", str(tmp_path), "--train_subset", "./2024"], counted=("--train_subset",)) == \
+        ["--dataset_name", str(tmp_path), "--train_subset", "./2024"]
+
+
+def test_a_negative_sample_size_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"--train_subset_size -5: a number of pairs, 0 or more"):
+        parse(rm_training.ARGUMENTS, ["--model_name", "M", "--dataset_name", "D", "--output_dir", "o",
+                                      "--train_subset_size", "-5"], counted=("--train_subset", "--eval_subset"))

@@ -36,3 +36,18 @@ def test_a_planted_empty_saved_tensor_fails_the_check(tmp_path):
     proc = gpu_check(tmp_path, "--only", "zero3_sft", "--plant", "empty_saved_tensor")
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "FAIL zero3_sft" in proc.stdout and "with no elements" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_without_a_gpu_the_check_stops_after_the_environment_and_says_what_to_run(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the check would run")
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "config.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--config", str(config), "--out", str(tmp_path / "o")],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "FAIL environment" in proc.stdout and "--dry_run True" in proc.stdout, proc.stdout
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert [c["check"] for c in summary["checks"]] == ["environment"]

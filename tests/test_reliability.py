@@ -260,3 +260,50 @@ def test_temporaries_of_a_killed_write_are_removed_by_the_next_run(tmp_path):
     F.main(filter_args(pool, out, "--status1_min_pairs", "1"))
     assert not any(p.exists() for p in stale) and (out / ".other.jsonl.zz.tmp").exists()
     assert len(json.loads((out / "stats.json").read_text())["stale_temporaries_removed"]) == 3
+
+
+def test_every_writer_takes_a_fresh_temporary_name():
+    """A temporary file or folder at a predictable name (`.OUT.tmp`) follows a link planted there: every writer
+    takes a fresh one (ser.data.replacing, mkstemp/mkdtemp, mktemp in shell) instead."""
+    import re
+    import subprocess
+
+    from conftest import ROOT
+
+    files = subprocess.run(["git", "ls-files", "*.py", "*.sh"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    named = re.compile(r"""with_suffix\(\s*["']\.tmp|["'][^"'\n]*\.tmp["'\)]""")
+    fresh = ("mkstemp", "mkdtemp", "mktemp", ".glob(")
+    offenders = [f"{path}:{n}: {line.strip()}" for path in files if not path.startswith("tests/")
+                 for n, line in enumerate((ROOT / path).read_text().splitlines(), start=1)
+                 if named.search(line) and not any(f in line for f in fresh)]
+    assert offenders == []
+
+
+def test_the_frozen_study_resumes_saved_rows_only_on_the_same_data_and_features(tmp_path, tiny_model):
+    from types import SimpleNamespace
+
+    from experiments import frozen_study
+
+    work, results = tmp_path / "work", tmp_path / "results"
+    (work / "data").mkdir(parents=True)
+    (work / "cache").mkdir()
+    manifest = {"source_sha256": "ab" * 32, "seed": 0, "counts": {"reward_full": 3, "evaluation": 2}}
+    (work / "data" / "manifest.json").write_text(json.dumps(manifest))
+    (work / "cache" / "meta.json").write_text(json.dumps({
+        "trunk": {}, "trunk_path": str(tiny_model), "max_length": 96, "layers": [1], "hidden": 8,
+        "compute": {"dtype": "torch.float32", "bf16_autocast": False}}))
+    splits = {"reward_full": ([{}] * 3, [], []), "evaluation": ([{}] * 2, [], [])}
+    args = SimpleNamespace(results=str(results), setting="s")
+    saved = {"setting": "s", "fingerprint": frozen_study.fingerprint(work), "pool_pairs": 3, "held_out_pairs": 2,
+             "tuning": {"layer": 1}}
+    manifest["source_sha256"] = "cd" * 32  # the data was prepared again from another source
+    (work / "data" / "manifest.json").write_text(json.dumps(manifest))
+    results.mkdir()
+    (results / "s.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"s.json: its rows were computed on other data \("):
+        frozen_study.run(args, work, splits)
+    del saved["fingerprint"]
+    (results / "s.json").write_text(json.dumps({**saved, "pool_pairs": 4}))  # an old file: no fingerprint
+    with pytest.raises(SystemExit, match=r"computed on 4 pool and 2 held-out pairs, this data has 3 and 2"):
+        frozen_study.run(args, work, splits)

@@ -14,7 +14,7 @@ set -euo pipefail
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 HOSTFILE=${HOSTFILE:-hostfile.${SLURM_JOB_ID:-local}}
 if [[ ! -s $HOSTFILE ]]; then
-  tmp="$HOSTFILE.$SLURM_NODEID.tmp"
+  tmp=$(mktemp "$HOSTFILE.XXXXXX.tmp")  # a fresh name per node: no planted link is followed
   scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$GPUS_PER_NODE/" > "$tmp"
   mv -f "$tmp" "$HOSTFILE"  # every node writes the same content; the rename is atomic
 fi
