@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ser import loop
 from ser.cli import get_logger, parse
 from ser.data import (
     DataError,
@@ -40,34 +41,37 @@ from ser.data import (
     write_json,
     write_records,
 )
+from ser.loop import probabilities
 from ser.modeling import FORWARD_COST, DataArguments, default_of, end_processes, hidden
-from ser.selection import PROBABILITIES, RULES, Decision, Thresholds, select, sigmoid
+from ser.selection import RULES, STATUS1, STATUS2, WITH_MEMBERS, Decision, Thresholds
 
 GOLD = "gold_preferred"
 logger = get_logger("filter")
 
 
 @dataclass
-class ScriptArguments(DataArguments):
+class ScriptArguments(DataArguments, Thresholds):
+    """The filter's flags: the data flags, the rules' thresholds (ser.selection.Thresholds, declared there
+    once) and these."""
+
     subset: str | None = default_of(DataArguments, "subset", "data/unlabeled")
     load_from_json: bool = hidden(False)  # a file pool is read as a file anyway
     seed: int = hidden(0)  # nothing here is random
     rm_next_loop_save_path: str = field(kw_only=True, metadata={"help": "where the selected (self-labelled) pairs go"})
     remaining_data_save_path: str = field(kw_only=True, metadata={
         "help": "where the rest of the pool goes, for the next loop"})
-    left_threshold: float = field(default=0.45, metadata={"help": "tau_low: a 'bad' response has p below this"})
-    right_threshold: float = field(default=0.55, metadata={"help": "tau_high: a 'good' response has p above this"})
-    delta_threshold: float = field(default=0.3, metadata={"help": "tau_delta: Status-2 gap |p_j - p_k|"})
-    status1_min_pairs: int = field(default=600, metadata={"help": "Status-1 eligible pairs needed for Status 1"})
-    status2_min_pairs: int = field(default=600, metadata={"help": "Status-2 eligible pairs needed for Status 2"})
     selection: str = field(default="paper", metadata={
         "help": "a rule of ser/selection.py: paper (one status per loop, or Stop), released (Status-1 OR a gap > "
-                "tau_delta, no status)", "choices": RULES.keys()})
-    probability: str = field(default="sigmoid", metadata={
-        "help": "sigmoid: p = sigmoid(r) per response (paper); pairwise: p_j = sigmoid(r_j - r_k)",
-        "choices": list(PROBABILITIES)})
-    pairwise_easy_gap: float = field(default=0.6, metadata={
-        "help": "--probability pairwise: Status-1 gap |p_j - p_k| (0.6: the RM gives the pair p >= 0.8)"})
+                "tau_delta, no status), ensemble (the RM and its members agree; their mean p), agreement (the "
+                "previous loop's RM prefers the same response)", "choices": RULES.keys()})
+    reached_status: str | None = field(default=None, metadata={
+        "help": "the furthest status an earlier loop reached (the driver passes it), for --monotone",
+        "choices": [STATUS1, STATUS2]})
+    member_models: list[str] = field(default_factory=list, metadata={
+        "help": "--selection ensemble: other RMs whose probabilities join the RM's (a frozen-trunk RM's own "
+                "bootstrap heads are used without this)"})
+    previous_model: str | None = field(default=None, metadata={
+        "help": "--selection agreement: the previous loop's RM (the driver passes it from loop 2 on)"})
     reward_model_name: str | None = field(default=None, metadata={"help": "RM that self-labels the pool"})
     scored_save_path: str | None = field(default=None, metadata={"help": "scored pool; default: scored.jsonl beside the selection"})
     stats_save_path: str | None = field(default=None, metadata={"help": "statistics; default: stats.json beside the selection"})
@@ -161,13 +165,69 @@ def self_label(pool, args, scored_path):
 
 
 def set_scores(pairs, r_j, r_k, args) -> None:
-    """Each pair's rewards, and its probabilities p = sigmoid(r) (or pairwise, sigmoid(r_j - r_k))."""
-    for pair, a, b in zip(pairs, r_j, r_k, strict=True):
-        pair["reward_j"], pair["reward_k"] = a, b
-        if args.probability == "pairwise":
-            pair["score_j"], pair["score_k"] = sigmoid(a - b), sigmoid(b - a)
+    """Each pair's rewards, and its probabilities by --probability (ser.loop.probabilities)."""
+    p_j, p_k = probabilities(r_j, r_k, args.probability)
+    for pair, a, b, x, y in zip(pairs, r_j, r_k, p_j.tolist(), p_k.tolist(), strict=True):
+        pair["reward_j"], pair["reward_k"], pair["score_j"], pair["score_k"] = a, b, x, y
+
+
+def member_probabilities(pool, args) -> list:
+    """Other RMs' (p_j, p_k) of the pool's pairs, for the rules that read them: a frozen-trunk RM's bootstrap
+    heads and --member_models (ensemble), or --previous_model (agreement). Frozen-trunk RMs are scored from
+    the cache with --feature_cache, any other RM by running it."""
+    from ser import features
+
+    paths = args.member_models if args.selection == "ensemble" else [args.previous_model] if args.previous_model else []
+    if not args.reward_model_name:
+        raise ValueError(f"--selection {args.selection}: needs --reward_model_name (its members score the pool too)")
+    out = []
+    if args.selection == "ensemble" and args.feature_cache and (features.frozen_info(args.reward_model_name) or {}).get(
+            "bootstrap_heads"):
+        ids_j, ids_k = cached_ids(args)
+        for r_j, r_k in features.bootstrap_rewards(args.feature_cache, ids_j, ids_k, args.reward_model_name):
+            out.append(probabilities(r_j, r_k, args.probability))
+    for path in paths:
+        if args.feature_cache and features.frozen_info(path):
+            features.check_trunk(features.frozen_info(path), path)
+            ids_j, ids_k = cached_ids(args)
+            r_j, r_k = features.rewards(args.feature_cache, ids_j, path), features.rewards(args.feature_cache, ids_k, path)
         else:
-            pair["score_j"], pair["score_k"] = sigmoid(a), sigmoid(b)
+            r_j, r_k = score_whole_pool(path, args)
+        out.append(probabilities(r_j, r_k, args.probability))
+    if args.selection == "ensemble" and not out:
+        raise ValueError("--selection ensemble: no members: train the frozen-trunk RM with --bootstrap_heads K (and "
+                         "pass --feature_cache), or pass --member_models")
+    return [(a.tolist(), b.tolist()) for a, b in out]
+
+
+def cached_ids(args):
+    """Token ids of both responses of every pool pair, as the cache keys them."""
+    from ser.data import encode
+    from ser.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer_name or args.reward_model_name)
+    ids_j, ids_k = [], []
+    for chunk in pool_chunks(args.dataset_name, args.subset, args.chunk_pairs):
+        for r in chunk:
+            ids_j.append(encode(tokenizer, r["question"], r["response_j"], args.max_length)["input_ids"])
+            ids_k.append(encode(tokenizer, r["question"], r["response_k"], args.max_length)["input_ids"])
+    return ids_j, ids_k
+
+
+def score_whole_pool(path, args):
+    """A member RM's rewards of the pool, run on this process."""
+    from ser.modeling import THIS_PROCESS_ONLY, check_reward_model, load_scorer, load_tokenizer, score_pairs
+
+    check_reward_model(path)
+    tokenizer = load_tokenizer(args.tokenizer_name or path)
+    model = load_scorer(path, tokenizer, args.dtype, args.device or "cpu")
+    r_j, r_k = [], []
+    for chunk in pool_chunks(args.dataset_name, args.subset, args.chunk_pairs):
+        a, b, _ = score_pairs(model, tokenizer, chunk, args.max_length, args.batch_size, THIS_PROCESS_ONLY,
+                              forward_cost=args.forward_cost)
+        r_j += a
+        r_k += b
+    return r_j, r_k
 
 
 def self_label_cached(pool, args):
@@ -266,10 +326,11 @@ def merge_scoring(chunks, processes) -> dict:
 # ----------------------------------------------------------------------------- 2. status
 
 
-def decide(pool, args) -> Decision:
-    """The loop's status and the pairs it selects: the registered rule --selection (ser/selection.py) over
-    the pool's probabilities."""
-    return select([p["score_j"] for p in pool], [p["score_k"] for p in pool], Thresholds.of(args), args.selection)
+def decide(pool, args, members=None) -> Decision:
+    """The loop's status and the pairs it selects: ser/loop.py's `decide` with the registered rule
+    --selection (ser/selection.py) over the pool's probabilities."""
+    return loop.decide([p["score_j"] for p in pool], [p["score_k"] for p in pool], Thresholds.of(args),
+                       args.selection, args.reached_status, members)
 
 
 # ----------------------------------------------------------------------------- 3. select
@@ -288,10 +349,10 @@ def orient(pair):
     return swapped
 
 
-def select_pairs(pool, args):
+def select_pairs(pool, args, members=None):
     """An in-memory pool's status, selected pairs (oriented), remaining pairs and counts (`main` streams
     the same steps: `decide`, then `orient` as it writes)."""
-    decision = decide(pool, args)
+    decision = decide(pool, args, members)
     selected = [orient(p) for p, keep in zip(pool, decision.mask) if keep]
     remaining = [p for p, keep in zip(pool, decision.mask) if not keep]
     return decision.status, selected, remaining, decision.counts
@@ -317,7 +378,10 @@ def statistics(pool, mask, status, counts, args, scoring=None):
         "thresholds": {"tau_low": args.left_threshold, "tau_high": args.right_threshold,
                        "tau_delta": args.delta_threshold, "pairwise_easy_gap": args.pairwise_easy_gap,
                        "status1_min_pairs": args.status1_min_pairs,
-                       "status2_min_pairs": args.status2_min_pairs},
+                       "status2_min_pairs": args.status2_min_pairs, "status1_min_share": args.status1_min_share,
+                       "status2_min_share": args.status2_min_share, "monotone": args.monotone,
+                       "floors": Thresholds.of(args).floors(len(pool))},
+        "reached_status": args.reached_status,
         # the self-label precision against the hidden human labels (key name kept for results files)
         # (a selected pair is oriented to the response the RM prefers: the label agrees when it names that one)
         "pseudo_label_precision": sum((p[GOLD] == "j") == (p["score_j"] >= p["score_k"]) for p in gold) / len(gold)
@@ -449,7 +513,8 @@ def main(args: ScriptArguments):
 
         process_state()  # the scores come from the file; the state is the logger's
         check_scores(pool, args)
-    decision = decide(pool, args)
+    members = member_probabilities(pool, args) if args.selection in WITH_MEMBERS else None
+    decision = decide(pool, args, members)
     status = decision.status
     write_outputs(pool, decision.mask, args, scored_path if args.reward_model_name else None)
     stats = statistics(pool, decision.mask, status, decision.counts, args, scoring)

@@ -96,6 +96,9 @@ class ScriptArguments(DataArguments):
         "help": "--trunk frozen: the trunk layer whose last-token state the head reads (-1: the last); the saved RM "
                 "is the trunk truncated after it"})
     head_l2: float = field(default=1e-3, metadata={"help": "--trunk frozen: L2 penalty of the head, l2/2 |w|^2"})
+    bootstrap_heads: int = field(default=0, metadata={
+        "help": "--trunk frozen: also fit this many heads on bootstrap resamples of the pairs and save them beside "
+                "the RM, the members of the filter's --selection ensemble"})
 
 
 @dataclass
@@ -250,12 +253,19 @@ def train_frozen(script_args, model_args, config, tokenizer, train_records, eval
                             w0, script_args.head_l2, loss=script_args.loss, margin=script_args.hinge_margin,
                             center=config.center_rewards_coefficient or 0.0)
     w = features.save_frozen_rm(config.output_dir, trunk, layer, w, tokenizer, cache, config.max_length, model_args.dtype)
+    if script_args.bootstrap_heads:
+        fit = dict(l2=script_args.head_l2, loss=script_args.loss, margin=script_args.hinge_margin,
+                   center=config.center_rewards_coefficient or 0.0)
+        features.save_bootstrap_heads(config.output_dir, features.bootstrap_heads(
+            features.load_features(cache, chosen, layer), features.load_features(cache, rejected, layer),
+            script_args.bootstrap_heads, config.seed, **fit))
     r_j = (features.load_features(cache, eval_j, layer) @ w).tolist()  # with the head as saved
     r_k = (features.load_features(cache, eval_k, layer) @ w).tolist()
     loss = pair_loss(torch.tensor(r_j), torch.tensor(r_k), script_args.loss, script_args.hinge_margin).mean().item()
     results = {**pair_metrics(r_j, r_k), "loss": loss, "train_pairs": len(train_records), "train_truncated": truncated,
                "eval_truncated": eval_truncated, "loss_type": script_args.loss, "model_name": script_args.model_name,
                "max_length": config.max_length, "trunk": "frozen", "feature_layer": layer, "head_l2": script_args.head_l2,
+               "bootstrap_heads": script_args.bootstrap_heads,
                "center_rewards_coefficient": config.center_rewards_coefficient,
                "use_lora": False, "train_seconds": time.perf_counter() - start, "featurising": built,
                "train_sources": dict(Counter(r.get("_source", "hub") for r in train_records))}

@@ -18,14 +18,14 @@ import json
 import math
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ser import features
+from ser import loop as ser_loop
 from ser.data import write_json
-from ser.selection import STATUS1, STATUS2, STOP, Decision, Thresholds, eligibility, select
+from ser.selection import Thresholds
 
 SEEDS = list(range(20))
 FRACTIONS = [0.01, 0.02, 0.05, 0.10, 0.15, 0.30, 0.50, 1.0]
@@ -120,99 +120,67 @@ def ece(w, pairs: Pairs) -> float:
 # ----------------------------------------------------------------------------- one SER run
 
 
-def probabilities(r_j, r_k, how: str):
-    if how == "pairwise":
-        return torch.sigmoid(r_j - r_k), torch.sigmoid(r_k - r_j)
-    if how == "centred":  # rewards centred on the pool's mean before the sigmoid
-        mean = torch.cat([r_j, r_k]).mean()
-        return torch.sigmoid(r_j - mean), torch.sigmoid(r_k - mean)
-    return torch.sigmoid(r_j), torch.sigmoid(r_k)
-
-
-def ensemble_decision(heads, pool: Pairs, t: Thresholds, how: str) -> tuple[Decision, torch.Tensor]:
-    """Pairs on which every head prefers the same response, with the heads' mean probabilities then passing
-    the paper's status rules; returns the decision and the agreed preference (True: j)."""
-    prefs, ps_j, ps_k = [], [], []
-    for w in heads:
-        r_j, r_k = pool.j @ w, pool.k @ w
-        p_j, p_k = probabilities(r_j, r_k, how)
-        prefs.append(p_j >= p_k)
-        ps_j.append(p_j)
-        ps_k.append(p_k)
-    prefs = torch.stack(prefs)
-    agree = prefs.all(0) | (~prefs).all(0)
-    p_j, p_k = torch.stack(ps_j).mean(0), torch.stack(ps_k).mean(0)
-    flags = [eligibility(a, b, t) for a, b in zip(p_j.tolist(), p_k.tolist())]
-    s1 = [f[0] and g for f, g in zip(flags, agree.tolist())]
-    s2 = [f[1] and g for f, g in zip(flags, agree.tolist())]
-    if sum(s1) >= t.status1_min_pairs:
-        return Decision(STATUS1, s1, sum(s1), sum(s2)), p_j >= p_k
-    if sum(s2) >= t.status2_min_pairs:
-        return Decision(STATUS2, s2, sum(s1), sum(s2)), p_j >= p_k
-    return Decision(STOP, [False] * len(flags), sum(s1), sum(s2)), p_j >= p_k
-
-
 def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, probability="sigmoid", rule="paper",
-            forward_only=False, ensemble=0, seed=0, thresholds: dict | None = None):
-    """scripts/ser_loop.sh's loop (KEEP_SEED=1, UNION=1, CONTINUE=1) on features: Loop 0 on the labelled seed,
-    then each loop self-labels the remaining pool, decides its status, selects, and retrains on the seed plus
-    every loop's selections, until Stop. Returns one row per loop, with the mechanism figures, and each
-    loop's selected pool indices."""
-    t = Thresholds(status1_min_pairs=floor, status2_min_pairs=floor,
-                   probability="pairwise" if probability == "pairwise" else "sigmoid", **(thresholds or {}))
-    w = fit(labelled.j, labelled.k, l2)
-    w0 = w
-    acc, correct = accuracy(w, held)
-    rows = [{"loop": 0, "accuracy": acc, "correct": bits(correct), "ece": ece(w, held), "status": "seed", "selected": 0}]
-    selections = []
-    remaining = torch.arange(len(pool))
-    train_j, train_k = [labelled.j], [labelled.k]
-    reached_status2 = False
-    for loop in range(1, MAX_LOOPS + 1):
-        cur = pool.take(remaining)
-        r_j, r_k = cur.j @ w, cur.k @ w
-        if ensemble:
-            gen = torch.Generator().manual_seed(seed * 1000 + loop)
-            mix_j, mix_k = torch.cat(train_j), torch.cat(train_k)
-            heads = [fit(mix_j[idx], mix_k[idx], l2) for idx in
-                     (torch.randint(len(mix_j), (len(mix_j),), generator=gen) for _ in range(ensemble))]
-            decision, pref_j = ensemble_decision(heads, cur, t, probability)
-        else:
-            p_j, p_k = probabilities(r_j, r_k, probability)
-            if forward_only and reached_status2:  # the status only moves forward: Status 1 is not tried again
-                t2 = replace(t, status1_min_pairs=len(cur) + 1)
-                decision = select(p_j.tolist(), p_k.tolist(), t2, rule)
+            forward_only=False, ensemble=0, seed=0, thresholds: dict | None = None, max_loops: int = MAX_LOOPS,
+            keep_seed: bool = True, union: bool = True, continue_training: bool = True):
+    """scripts/ser_loop.sh's loop (ser/loop.py's `run`, the driver's settings as arguments) on features: Loop 0
+    on the labelled seed, then each loop self-labels the remaining pool, decides its status, selects, and
+    retrains, until Stop. `forward_only` is the monotone status; `ensemble` K adds K bootstrap heads of each
+    RM's training pairs as members (--selection ensemble, as rm_training.py --bootstrap_heads K). Returns one
+    row per loop, with the mechanism figures, and each loop's selected pool indices."""
+    t = Thresholds(status1_min_pairs=floor, status2_min_pairs=floor, probability=probability, monotone=forward_only,
+                   **(thresholds or {}))
+    w0 = fit(labelled.j, labelled.k, l2)
+    acc, correct = accuracy(w0, held)
+    rows = [{"loop": 0, "accuracy": acc, "correct": bits(correct), "ece": ece(w0, held), "status": "seed", "selected": 0}]
+
+    def pairs_of(mix):  # the training mix's pairs, each selection oriented as the RM that selected it prefers
+        j, k = [], []
+        for item in mix:
+            if item == "seed":
+                j.append(labelled.j), k.append(labelled.k)
             else:
-                decision = select(p_j.tolist(), p_k.tolist(), t, rule)
-            pref_j = p_j >= p_k
-        mask = torch.tensor(decision.mask, dtype=torch.bool)
-        row = {"loop": loop, "status": decision.status, "status1_eligible": decision.status1_eligible,
-               "status2_eligible": decision.status2_eligible, "pool": len(cur),
-               "reward_mean": torch.cat([r_j, r_k]).mean().item(), "reward_std": torch.cat([r_j, r_k]).std().item(),
-               "selected": int(mask.sum())}
-        if decision.status == STOP or not mask.any():
+                idx, prefers_j = item
+                sel = pool.take(idx)
+                j.append(torch.where(prefers_j[:, None], sel.j, sel.k)), k.append(torch.where(prefers_j[:, None], sel.k, sel.j))
+        return torch.cat(j), torch.cat(k)
+
+    def score(w, idx):
+        cur = pool.take(idx)
+        return cur.j @ w, cur.k @ w
+
+    def members(loop_t, w, idx, mix):  # bootstrap heads of the pairs RM_{t-1} was trained on
+        if not ensemble:
+            return None
+        heads = features.bootstrap_heads(*pairs_of(mix), ensemble, seed * 1000 + loop_t, l2=l2, center=CENTER)
+        return [tuple(x.tolist() for x in ser_loop.probabilities(*score(h, idx), probability)) for h in heads]
+
+    settings = ser_loop.Settings(thresholds=t, rule="ensemble" if ensemble else rule, max_loops=max_loops,
+                             keep_seed=keep_seed, union=union, continue_training=continue_training)
+    loops = ser_loop.run(w0, score, lambda mix, init: fit(*pairs_of(mix), l2, init), len(pool), settings, members)
+    selected_total = 0
+    for rec in loops:
+        d, both = rec.decision, torch.cat([rec.r_j, rec.r_k])
+        row = {"loop": rec.loop, "status": d.status, "status1_eligible": d.status1_eligible,
+               "status2_eligible": d.status2_eligible, "pool": len(rec.pool), "reward_mean": both.mean().item(),
+               "reward_std": both.std().item(), "selected": sum(d.mask)}
+        if rec.rm is None:
             rows.append({**row, "accuracy": None})
             break
-        reached_status2 |= decision.status == STATUS2
-        sel = cur.take(mask.nonzero().view(-1))
-        agrees = pref_j[mask]  # the self-label agrees with the human label (side j) where the RM prefers j
-        gap = (r_j - r_k)[mask].abs()
-        conf = torch.sigmoid(gap)
+        mask = torch.tensor(d.mask, dtype=torch.bool)
+        agrees = rec.prefers_j  # side j is the human-preferred one: the self-label agrees where the RM prefers j
+        conf = torch.sigmoid((rec.r_j - rec.r_k)[mask].abs())
         bins = [[int(((conf >= lo) & (conf < lo + 0.05)).sum()), int((agrees & (conf >= lo) & (conf < lo + 0.05)).sum())]
                 for lo in [0.5 + 0.05 * b for b in range(10)]]
+        sel = pool.take(rec.selected)
         seed_pref = ((sel.j - sel.k) @ w0 > 0) == agrees  # the seed RM already preferred the self-labelled side
-        selections.append(remaining[mask])
-        train_j.append(torch.where(agrees[:, None], sel.j, sel.k))  # oriented as the RM prefers
-        train_k.append(torch.where(agrees[:, None], sel.k, sel.j))
-        w = fit(torch.cat(train_j), torch.cat(train_k), l2, w)
-        remaining = remaining[~mask]
-        acc, correct = accuracy(w, held)
-        rows.append({**row, "accuracy": acc, "correct": bits(correct), "ece": ece(w, held),
+        selected_total += len(rec.selected)
+        acc, correct = accuracy(rec.rm, held)
+        rows.append({**row, "accuracy": acc, "correct": bits(correct), "ece": ece(rec.rm, held),
                      "self_label_precision": agrees.float().mean().item(),
                      "precision_by_confidence": [{"pairs": m, "precision": c / m if m else None} for m, c in bins],
-                     "seed_rm_agreement": seed_pref.float().mean().item(),
-                     "selected_total": sum(len(x) for x in train_j[1:])})
-    return rows, selections
+                     "seed_rm_agreement": seed_pref.float().mean().item(), "selected_total": selected_total})
+    return rows, [rec.selected for rec in loops if rec.selected is not None]
 
 
 def bits(correct) -> str:

@@ -181,30 +181,35 @@ print(done[-1] if done else "")' "$HUMAN_LABELS" "$RUN" "$t")
   if [[ -s $ask/human.jsonl ]]; then human+=("$ask/human.jsonl"); fi
 }
 
-selected=()
+# What each loop decides (its status, its training mix, where RM_t starts) is ser/loop.py's; this script runs
+# the stages and keeps their folders.
+selected=(); statuses=()
 for ((t = 1; t <= MAX_LOOPS; t++)); do
   prev="$RUN/loop_$((t - 1))"
   loop="$RUN/loop_$t"
   if ((t == 1)); then pool=("${first_pool[@]}")
   elif [[ -f $prev/ask/import.json ]]; then pool=(--dataset_name "$prev/ask/remaining.jsonl")  # less the human pairs
   else pool=(--dataset_name "$prev/remaining.jsonl"); fi
+  history=()  # the furthest status of the earlier loops (--monotone), and the RM before RM_{t-1} (agreement)
+  reached=$($PY -m ser.loop reached "${statuses[@]}")
+  if [[ -n $reached ]]; then history+=(--reached_status "$reached"); fi
+  if ((t >= 2)); then history+=(--previous_model "$RUN/loop_$((t - 2))/rm"); fi
 
   stage "loop_$t.filter" "$loop/stats.json" \
     rm_loop_filter_by_self.py "${pool[@]}" --reward_model_name "$prev/rm" \
     --rm_next_loop_save_path "$loop/selected.jsonl" --remaining_data_save_path "$loop/remaining.jsonl" \
-    --max_length "$MAX_LENGTH" "${FILTER_EXTRA[@]}"
+    --max_length "$MAX_LENGTH" "${history[@]}" "${FILTER_EXTRA[@]}"
 
-  stopped=$($PY -c "import json, sys; from ser.selection import STOP; print(json.load(open(sys.argv[1]))['status'] == STOP)" \
-    "$loop/stats.json")
+  stopped=$($PY -m ser.loop stopped "$loop/stats.json")
   if [[ $stopped == True ]]; then echo "ser: loop $t: Stop (the RM has converged)"; break; fi
+  statuses+=("$loop/stats.json")
 
   if ((ASK_HUMANS > 0)); then ask_humans "$t"; fi
 
   selected+=("$loop/selected.jsonl")
-  if [[ $UNION == 1 ]]; then sources=("${selected[@]}"); else sources=("$loop/selected.jsonl"); fi
-  sources=("${human[@]}" "${sources[@]}")
-  if [[ $KEEP_SEED == 1 ]]; then sources=("$DATA" "${sources[@]}"); fi
-  if [[ $CONTINUE == 1 ]]; then init="$prev/rm"; else init="$SFT"; fi
+  mix=$($PY -m ser.loop mix "$DATA" "$KEEP_SEED" "$UNION" human "${human[@]}" selected "${selected[@]}")
+  mapfile -t sources <<< "$mix"
+  init=$($PY -m ser.loop start "$prev/rm" "$SFT" "$CONTINUE")
   stage "loop_$t.train" "$loop/rm/eval_results.json" \
     rm_training.py --model_name "$init" --tokenizer_name "$SFT" --dataset_name "${sources[@]}" \
     --train_subset data/reward --eval_subset "$DATA/data/evaluation" --output_dir "$loop/rm" \

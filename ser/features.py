@@ -321,9 +321,8 @@ def frozen_info(path) -> dict | None:
 
 def save_frozen_rm(out, trunk_path, layer: int, w: torch.Tensor, tokenizer, cache, max_length: int,
                    dtype: str = "auto") -> torch.Tensor:
-    """An ordinary sequence-classification checkpoint: the trunk truncated after `layer`, the head `w`, in
-    `dtype` (auto: the trunk's). Returns the head as saved (rounded to that dtype), which is what the
-    checkpoint computes with."""
+    """An ordinary sequence-classification checkpoint: the trunk truncated after `layer` in `dtype` (auto: the
+    trunk's), the head `w` in fp32. Returns the head as saved."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from ser.modeling import fit_embeddings, save_whole
@@ -332,13 +331,48 @@ def save_frozen_rm(out, trunk_path, layer: int, w: torch.Tensor, tokenizer, cach
     config.num_hidden_layers = layer
     model = AutoModelForSequenceClassification.from_pretrained(str(trunk_path), config=config, dtype=dtype)
     model = fit_embeddings(model, tokenizer)
+    model.score.float()  # the head in fp32 whatever the trunk's dtype: the cached path scores with it as fitted
     with torch.no_grad():
-        model.score.weight.copy_(w.view(1, -1).to(model.score.weight.dtype))
+        model.score.weight.copy_(w.view(1, -1).float())
     save_whole(out, model, tokenizer)
     write_json(Path(out) / FROZEN, {"trunk": str(Path(trunk_path).resolve()), "layer": layer,
                                     "feature_cache": str(Path(cache).resolve()), "max_length": max_length,
                                     "trunk_identity": model_identity(trunk_path)})
     return model.score.weight.detach().float().view(-1)
+
+
+BOOTSTRAP = "bootstrap_heads.safetensors"
+
+
+def bootstrap_heads(f_j, f_k, k: int, seed: int, **fit) -> torch.Tensor:
+    """[k, hidden] heads, each fitted (`train_head`, same settings) to a bootstrap resample of the pairs: the
+    members of a frozen-trunk RM's ensemble (--selection ensemble)."""
+    generator = torch.Generator().manual_seed(seed)
+    heads = []
+    for _ in range(k):
+        idx = torch.randint(len(f_j), (len(f_j),), generator=generator)
+        heads.append(train_head(f_j[idx], f_k[idx], **fit))
+    return torch.stack(heads)
+
+
+def save_bootstrap_heads(out, heads: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    with replacing(Path(out) / BOOTSTRAP) as tmp:
+        save_file({"heads": heads.float().contiguous()}, tmp)
+    info = frozen_info(out)
+    write_json(Path(out) / FROZEN, {**info, "bootstrap_heads": len(heads)})
+
+
+def bootstrap_rewards(cache, ids_j, ids_k, rm_path) -> list[tuple[list, list]]:
+    """Each bootstrap head's rewards (r_j, r_k) of the pairs, from the cache."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(rm_path) / BOOTSTRAP), "pt") as f:
+        heads = f.get_tensor("heads")
+    layer = frozen_info(rm_path)["layer"]
+    f_j, f_k = load_features(cache, ids_j, layer), load_features(cache, ids_k, layer)
+    return [((f_j @ w).tolist(), (f_k @ w).tolist()) for w in heads]
 
 
 def head_weight(rm_path) -> torch.Tensor:

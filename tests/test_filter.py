@@ -38,7 +38,21 @@ def settings_(draw):
         dataset_name="-", rm_next_loop_save_path="-", remaining_data_save_path="-",
         left_threshold=lo, right_threshold=hi, delta_threshold=draw(st.floats(0.0, 1.0)),
         status1_min_pairs=draw(st.integers(0, 30)), status2_min_pairs=draw(st.integers(0, 30)),
-        selection=draw(st.sampled_from(["paper", "released"])))
+        selection=draw(st.sampled_from(sorted(selection.RULES))))  # every registered rule
+
+
+def members_of(pool, args):
+    """For the rules that read other RMs: two members, one agreeing with the RM, one that reverses its
+    preference on every third pair."""
+    if args.selection not in selection.WITH_MEMBERS:
+        return None
+    p_j, p_k = [p["score_j"] for p in pool], [p["score_k"] for p in pool]
+    flipped = [(b, a) if i % 3 == 0 else (a, b) for i, (a, b) in enumerate(zip(p_j, p_k))]
+    return [(p_j, p_k), ([a for a, _ in flipped], [b for _, b in flipped])]
+
+
+def select_pairs(pool, args):
+    return F.select_pairs(pool, args, members_of(pool, args))
 
 
 def key(pair):
@@ -48,7 +62,7 @@ def key(pair):
 @settings(max_examples=300, deadline=None)
 @given(pools(), settings_())
 def test_selected_plus_remaining_is_the_pool(pool, args):
-    _, selected, remaining, _ = F.select_pairs(pool, args)
+    _, selected, remaining, _ = select_pairs(pool, args)
     assert Counter(map(key, selected + remaining)) == Counter(map(key, pool))
     assert remaining == [p for p in pool if p["id"] not in {s["id"] for s in selected}]
 
@@ -56,7 +70,7 @@ def test_selected_plus_remaining_is_the_pool(pool, args):
 @settings(max_examples=300, deadline=None)
 @given(pools(), settings_())
 def test_response_j_is_the_one_the_rm_prefers(pool, args):
-    _, selected, _, _ = F.select_pairs(pool, args)
+    _, selected, _, _ = select_pairs(pool, args)
     by_id = {p["id"]: p for p in pool}
     for s in selected:
         src = by_id[s["id"]]
@@ -118,8 +132,8 @@ def test_released_mode_equals_the_original_rule(pool, args):
 @given(pools(), settings_())
 def test_gold_labels_never_change_the_selection(pool, args):
     blind = [{k: v for k, v in p.items() if k != F.GOLD} for p in pool]
-    with_gold = F.select_pairs(pool, args)
-    without = F.select_pairs(blind, args)
+    with_gold = select_pairs(pool, args)
+    without = select_pairs(blind, args)
     strip = lambda rows: [{k: v for k, v in r.items() if k != F.GOLD} for r in rows]  # noqa: E731
     assert with_gold[0] == without[0] and with_gold[3] == without[3]
     assert strip(with_gold[1]) == without[1] and strip(with_gold[2]) == without[2]
@@ -176,7 +190,7 @@ def pairwise(pool, offset=0.0):
     out = []
     for p in pool:
         a, b = p["reward_j"] + offset, p["reward_k"] + offset
-        out.append({**p, "reward_j": a, "reward_k": b, "score_j": F.sigmoid(a - b), "score_k": F.sigmoid(b - a)})
+        out.append({**p, "reward_j": a, "reward_k": b, "score_j": selection.sigmoid(a - b), "score_k": selection.sigmoid(b - a)})
     return out
 
 
@@ -260,7 +274,8 @@ odd_float = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled
     "left_threshold": odd_float, "right_threshold": odd_float, "delta_threshold": odd_float,
     "pairwise_easy_gap": odd_float, "status1_min_pairs": st.integers(-3, 8), "status2_min_pairs": st.integers(-3, 8),
     "batch_size": st.integers(-2, 4), "chunk_pairs": st.integers(-2, 5), "forward_cost": odd_float,
-    "probability": st.sampled_from(["sigmoid", "pairwise"]), "selection": st.sampled_from(["paper", "released"])}))
+    "probability": st.sampled_from(selection.MAPPINGS),
+    "selection": st.sampled_from(sorted(set(selection.RULES) - selection.WITH_MEMBERS))}))  # members need an RM
 def test_any_flags_give_an_exact_partition_or_stop_before_writing_naming_the_flag(tmp_path_factory, flags):
     folder = tmp_path_factory.mktemp("flags")
     pool = [{"id": i, "question": "q", "response_j": f"a{i}", "response_k": f"b{i}", "score_j": (i % 7) / 7,
