@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, TrainerCallback, set_seed
@@ -41,6 +40,7 @@ from ser.modeling import (
     load_reward_model,
     load_tokenizer,
     lora_base,
+    pair_loss,
     pair_metrics,
     record_lora_base,
     score_ids,
@@ -145,13 +145,6 @@ class LengthBatchedForward:
             dummy = self.model(input_ids=input_ids[:1, :1], attention_mask=attention_mask[:1, :1], **kwargs)
             logits = logits + 0 * dummy.logits.sum()
         return SequenceClassifierOutputWithPast(logits=logits)
-
-
-def pair_loss(r_j, r_k, kind: str = "bt", margin: float = 1.0):
-    """Per-pair loss of rewards r_j (preferred) and r_k: Bradley-Terry, -log sigmoid(r_j - r_k) (the released
-    code's, TRL's), or the paper's hinge, max(0, margin - (r_j - r_k)). Training and evaluation both use it."""
-    diff = r_j - r_k
-    return F.relu(margin - diff) if kind == "hinge" else F.softplus(-diff)
 
 
 class PairwiseRewardTrainer(RewardTrainer):

@@ -122,11 +122,12 @@ def ece(w, pairs: Pairs) -> float:
 
 def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, probability="sigmoid", rule="paper",
             forward_only=False, ensemble=0, seed=0, thresholds: dict | None = None, max_loops: int = MAX_LOOPS,
-            keep_seed: bool = True, union: bool = True, continue_training: bool = True):
+            keep_seed: bool = True, union: bool = True, continue_training: bool = True, bootstrap_seed: int | None = None):
     """scripts/ser_loop.sh's loop (ser/loop.py's `run`, the driver's settings as arguments) on features: Loop 0
     on the labelled seed, then each loop self-labels the remaining pool, decides its status, selects, and
     retrains, until Stop. `forward_only` is the monotone status; `ensemble` K adds K bootstrap heads of each
-    RM's training pairs as members (--selection ensemble, as rm_training.py --bootstrap_heads K). Returns one
+    RM's training pairs as members (--selection ensemble, as rm_training.py --bootstrap_heads K, whose
+    resamples are drawn with its --seed: `bootstrap_seed`; by default a seed per run and loop). Returns one
     row per loop, with the mechanism figures, and each loop's selected pool indices."""
     t = Thresholds(status1_min_pairs=floor, status2_min_pairs=floor, probability=probability, monotone=forward_only,
                    **(thresholds or {}))
@@ -149,15 +150,15 @@ def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, pr
         cur = pool.take(idx)
         return cur.j @ w, cur.k @ w
 
-    def members(loop_t, w, idx, mix):  # bootstrap heads of the pairs RM_{t-1} was trained on
-        if not ensemble:
-            return None
-        heads = features.bootstrap_heads(*pairs_of(mix), ensemble, seed * 1000 + loop_t, l2=l2, center=CENTER)
+    def members(loop_t, rms, idx, mix):  # bootstrap heads of the pairs RM_{t-1} was trained on
+        draw = seed * 1000 + loop_t if bootstrap_seed is None else bootstrap_seed
+        heads = features.bootstrap_heads(*pairs_of(mix), ensemble, draw, l2=l2, center=CENTER)
         return [tuple(x.tolist() for x in ser_loop.probabilities(*score(h, idx), probability)) for h in heads]
 
     settings = ser_loop.Settings(thresholds=t, rule="ensemble" if ensemble else rule, max_loops=max_loops,
                              keep_seed=keep_seed, union=union, continue_training=continue_training)
-    loops = ser_loop.run(w0, score, lambda mix, init: fit(*pairs_of(mix), l2, init), len(pool), settings, members)
+    loops = ser_loop.run(w0, score, lambda mix, init: fit(*pairs_of(mix), l2, init), len(pool), settings,
+                         members if ensemble else None)
     selected_total = 0
     for rec in loops:
         d, both = rec.decision, torch.cat([rec.r_j, rec.r_k])

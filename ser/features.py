@@ -294,17 +294,18 @@ def train_head(f_j, f_k, w0=None, l2: float = 1e-3, max_iter: int = 200, loss: s
     reward-centring term, center * mean((r_j + r_k)^2): a head has no bias, and the features share a large
     common component, so without it the rewards carry an arbitrary offset that probabilities p = sigmoid(r)
     (the paper's status thresholds) read as confidence."""
-    diff = (f_j - f_k).double()
-    both = (f_j + f_k).double()
-    w = torch.zeros(diff.shape[1], dtype=torch.float64) if w0 is None else w0.double().clone()
+    from ser.modeling import pair_loss
+
+    f_j, f_k = f_j.double(), f_k.double()
+    both = f_j + f_k
+    w = torch.zeros(f_j.shape[1], dtype=torch.float64) if w0 is None else w0.double().clone()
     w.requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=1, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        d = diff @ w
-        value = (torch.relu(margin - d) if loss == "hinge" else torch.nn.functional.softplus(-d)).mean()
+        value = pair_loss(f_j @ w, f_k @ w, loss, margin).mean()
         value = value + 0.5 * l2 * (w * w).sum() + (center * ((both @ w) ** 2).mean() if center else 0)
         value.backward()
         return value

@@ -126,19 +126,23 @@ def run(rm0, score: Callable, train: Callable, n_pool: int, settings: Settings, 
 
     rm0: RM_0 (trained on the seed); score(rm, idx) -> (r_j, r_k) tensors of pool pairs idx; train(mix, init)
     -> RM_t, where mix is `training_mix` over "seed", the human sets and (indices, prefers_j) selections,
-    and init is RM_{t-1} or None (afresh); members(loop, rm, idx, mix) -> other RMs' (p_j, p_k) for the
-    ensemble and agreement rules, or None."""
+    and init is RM_{t-1} or None (afresh); members(loop, rms, idx, mix) -> other RMs' (p_j, p_k) for the
+    ensemble and agreement rules, or None (rms: RM_0 .. RM_{t-1}; mix: what RM_{t-1} was trained on). Without
+    `members`, the agreement rule's member is RM_{t-2}, scored on the loop's pool (none at loop 1)."""
     import torch
 
     t = settings.thresholds
-    rm, remaining, selections, statuses, loops = rm0, torch.arange(n_pool), [], [], []
+    if members is None and settings.rule == "agreement":
+        def members(loop, rms, idx, mix):
+            return [tuple(x.tolist() for x in probabilities(*score(rms[-2], idx), t.probability))] if len(rms) > 1 else []
+    rm, remaining, selections, statuses, loops, rms = rm0, torch.arange(n_pool), [], [], [], [rm0]
     for loop in range(1, settings.max_loops + 1):
         if len(remaining) == 0:
             break
         r_j, r_k = score(rm, remaining)
         p_j, p_k = probabilities(r_j, r_k, t.probability)
         mix = training_mix("seed", selections, human, settings.keep_seed, settings.union)
-        others = members(loop, rm, remaining, mix) if members else None
+        others = members(loop, rms, remaining, mix) if members else None
         decision = decide(p_j.tolist(), p_k.tolist(), t, settings.rule, furthest_status(statuses), others)
         record = Loop(loop, remaining, r_j, r_k, p_j, p_k, decision)
         loops.append(record)
@@ -150,6 +154,7 @@ def run(rm0, score: Callable, train: Callable, n_pool: int, settings: Settings, 
         selections.append((record.selected, record.prefers_j))
         mix = training_mix("seed", selections, human, settings.keep_seed, settings.union)
         rm = record.rm = train(mix, start_from(rm, None, settings.continue_training))
+        rms.append(rm)
         remaining = remaining[~mask]
     return loops
 

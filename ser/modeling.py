@@ -746,6 +746,14 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
     return [rewards[k][0] for k in pairs], [rewards[k][1] for k in pairs], stats
 
 
+def pair_loss(r_j, r_k, kind: str = "bt", margin: float = 1.0):
+    """Per-pair loss of rewards r_j (preferred) and r_k: Bradley-Terry, -log sigmoid(r_j - r_k) (the released
+    code's, TRL's), or the paper's hinge, max(0, margin - (r_j - r_k)). rm_training.py's trainer, its
+    evaluation, and the frozen-trunk head (`ser.features.train_head`) all use it."""
+    diff = r_j - r_k
+    return torch.nn.functional.relu(margin - diff) if kind == "hinge" else torch.nn.functional.softplus(-diff)
+
+
 def pair_metrics(r_j, r_k) -> dict:
     """Strict pairwise accuracy (a tie is not a win), tie rate and mean reward margin."""
     n = len(r_j)

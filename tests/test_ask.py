@@ -246,9 +246,7 @@ def test_the_driver_stops_for_labels_and_resumes_with_them(sft_model, synthetic,
     """ASK_HUMANS=20 on frozen-trunk RMs: the driver stops after loop 1's filter, refuses a half-labelled file
     (naming the count), resumes with the labels (the human pairs train loop 1's RM and leave the pool), and
     stops again after loop 2's filter."""
-    from test_ser_loop import ENV
-
-    from conftest import CPU
+    from conftest import CPU, ENV
 
     run, cache = tmp_path / "run", tmp_path / "cache"
     common = ["--feature_cache", str(cache), "--dtype", "float32"]

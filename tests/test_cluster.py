@@ -13,9 +13,8 @@ import subprocess
 import pytest
 import torch
 from safetensors import safe_open
-from test_ser_loop import ENV, free_port
 
-from conftest import ROOT
+from conftest import ENV, ROOT, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -5,9 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from test_ser_loop import ENV
 
-from conftest import CPU, ROOT
+from conftest import CPU, ENV, ROOT
 from experiments import frozen_study
 from ser import features
 from ser.data import load_records
@@ -16,15 +15,34 @@ from ser.modeling import load_tokenizer
 pytestmark = pytest.mark.slow
 
 
-def test_the_study_loop_gives_the_driver_s_rows(sft_model, synthetic, tmp_path):
-    cache, run, floor = tmp_path / "cache", tmp_path / "run", 40  # a small L2 and pairwise p: three loops run
+VARIANTS = {  # driver settings, extra filter and RM flags, and the same settings for ser_run
+    "pairwise": ({}, ["--probability", "pairwise"], [], dict(probability="pairwise")),
+    "centred-monotone-share-newest-restart": (
+        {"UNION": "0", "CONTINUE": "0"},
+        ["--probability", "centred", "--monotone", "True", "--status1_min_pairs", "1", "--status1_min_share", "0.1"], [],
+        dict(probability="centred", forward_only=True, union=False, continue_training=False,
+             thresholds={"status1_min_pairs": 1, "status1_min_share": 0.1})),
+    "agreement-without-seed": ({"KEEP_SEED": "0"}, ["--selection", "agreement", "--probability", "pairwise"], [],
+                               dict(rule="agreement", keep_seed=False, probability="pairwise")),
+    "ensemble": ({}, ["--selection", "ensemble", "--probability", "pairwise"], ["--bootstrap_heads", "3"],
+                 dict(ensemble=3, bootstrap_seed=42, probability="pairwise")),  # rm_training's --seed: 42
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_study_loop_gives_the_driver_s_rows(sft_model, synthetic, tmp_path, variant):
+    """scripts/ser_loop.sh and ser/loop.py's in-process `run` (through frozen_study.ser_run) on one cache: the
+    same statuses, selections, self-label precisions and held-out accuracies (to 1e-9), over the probability
+    mappings, the member rules, the monotone status, a floor as a share, and UNION/KEEP_SEED/CONTINUE 0 and 1."""
+    env_extra, filter_extra, rm_extra, kwargs = VARIANTS[variant]
+    cache, run, floor = tmp_path / "cache", tmp_path / "run", 40  # a small L2: three loops run
     common = ["--feature_cache", str(cache), "--dtype", "float32"]
     env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "3", "MAX_LENGTH": "96",
            "RM_ARGS": " ".join(["--trunk", "frozen", "--head_l2", "1e-5", "--center_rewards_coefficient",
-                                str(frozen_study.CENTER), *common, *CPU]),
+                                str(frozen_study.CENTER), *common, *rm_extra, *CPU]),
            "FILTER_ARGS": " ".join([*common, "--status1_min_pairs", str(floor), "--status2_min_pairs", str(floor),
-                                    "--probability", "pairwise"]),
-           "PY": sys.executable, "LAUNCH": sys.executable}
+                                    *filter_extra]),
+           "PY": sys.executable, "LAUNCH": sys.executable, **env_extra}
     proc = subprocess.run(["bash", "scripts/ser_loop.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     loops = json.loads((run / "loops.json").read_text())["loops"]
@@ -33,7 +51,7 @@ def test_the_study_loop_gives_the_driver_s_rows(sft_model, synthetic, tmp_path):
     layer = features.frozen_info(run / "loop_0" / "rm")["layer"]
     seed, pool, held = (frozen_study.feature_pairs(cache, tok, load_records(str(synthetic), f"data/{split}"), layer, 96)
                         for split in ("reward", "unlabeled", "evaluation"))
-    rows, _ = frozen_study.ser_run(seed, pool, held, 1e-5, floor, probability="pairwise")
+    rows, _ = frozen_study.ser_run(seed, pool, held, 1e-5, floor, **kwargs)
     assert len(rows) == len(loops) and len(rows) >= 3, (rows, loops)  # Loop 0 and at least two loops
     for ours, theirs in zip(rows, loops):
         assert ours["status"] == theirs["status"] and ours["selected"] == theirs["selected"], (ours, theirs)

@@ -63,7 +63,7 @@ def test_identical_answers_are_dropped_and_counted(sft_model, synthetic, tmp_pat
 
 @pytest.mark.slow
 def test_the_driver_builds_its_pool_by_generation(synthetic, sft_model, tmp_path):
-    from test_ser_loop import ENV, RM_ARGS
+    from conftest import ENV, RM_ARGS
 
     run = tmp_path / "run"
     env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "1", "MAX_LENGTH": "96",
@@ -81,7 +81,7 @@ def test_the_driver_builds_its_pool_by_generation(synthetic, sft_model, tmp_path
 
 @pytest.mark.slow
 def test_two_processes_share_the_prompts(synthetic, sft_model, tmp_path):
-    from test_ser_loop import ENV
+    from conftest import ENV
 
     out = tmp_path / "pool.jsonl"
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
@@ -102,7 +102,7 @@ def test_the_final_gather_waits_for_a_late_process_as_long_as_the_flag_says(synt
                                                                             timeout_hours):
     """Process 1 reaches the gather 6 s after process 0: past a 1.8 s timeout the run fails naming the timeout
     and writes nothing; within 36 s it completes."""
-    from test_ser_loop import ENV
+    from conftest import ENV
 
     out = tmp_path / "pool.jsonl"
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",

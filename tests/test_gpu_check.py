@@ -5,9 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from test_ser_loop import ENV
 
-from conftest import ROOT
+from conftest import ENV, ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -1,75 +1,14 @@
 """The LLM judge (ser/judge.py, ppo/judge.py) against a real HTTP server on 127.0.0.1 that speaks the chat-completions API."""
 
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import Server
 from ppo import judge as cli
 from ser import judge
 
 QUESTIONS = [f"question {i}" for i in range(6)]
-
-
-class Server:
-    """Grades an answer "...score N" with "Score: N", any other with "Score: 3". Answers may ask for trouble: "malformed" gets a
-    reply without a score, "rate-once" a 429 on its first request, "rate-always" a 429 every time,
-    "slow" a reply after 2 s."""
-
-    def __init__(self):
-        self.requests, self.seen, self.lock = 0, {}, threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *_):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][0]["content"]
-                answer = prompt.split("Response:\n", 1)[1].split("\n", 1)[0]
-                with server.lock:
-                    server.requests += 1
-                    server.seen[answer] = server.seen.get(answer, 0) + 1
-                    first = server.seen[answer] == 1
-                assert self.path == "/v1/chat/completions" and body["model"] == "judge-model"
-                assert self.headers["Authorization"] == "Bearer test-key"
-                if "rate-always" in answer or ("rate-once" in answer and first):
-                    return self.reply(429, {"error": {"message": "slow down"}}, {"retry-after-ms": "10"})
-                if "slow" in answer:
-                    time.sleep(2)
-                last = answer.rsplit(" ", 1)[-1]
-                text = "It rambles." if "malformed" in answer else f"Fine.\nScore: {last if last.isdigit() else 3}"
-                if "null-content" in answer:
-                    text = None
-                self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": text}}],
-                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-
-            def reply(self, status, payload, headers=()):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in dict(headers).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

@@ -293,8 +293,7 @@ def test_ppo_under_deepspeed_zero2(sft_model, rm, synthetic, tmp_path):
 
 
 def test_evaluation_names_its_circular_judge_and_adds_independent_ones(sft_model, rm, synthetic, tmp_path, monkeypatch):
-    from test_judge import Server
-
+    from conftest import Server
     from ppo import evaluate
 
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")

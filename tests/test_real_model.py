@@ -12,9 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import shared_path
+from conftest import run, seed_command, shared_path
 from ser.data import read_records, write_records
-from test_seed_commands import run, seed_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 

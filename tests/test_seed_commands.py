@@ -5,39 +5,13 @@ Each runs under its real launcher (deepspeed / accelerate launch) with 2 CPU pro
 """
 
 import json
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, shared_path
+from conftest import run, seed_command, shared_path
 from data import make_synthetic
 from ser import tiny
-
-
-def seed_command(script: str) -> str:
-    readme = shared_path("seed", "ser-readme.md").read_text()
-    blocks = re.findall(r"```shell\n(.*?)```", readme, flags=re.S)
-    (block,) = [b for b in blocks if f" {script} " in b]
-    return block
-
-
-def run(command: str, placeholders: dict, tmp_path):
-    for key, value in placeholders.items():
-        command = command.replace("{" + key + "}", str(value))
-    assert "{" not in command, f"unfilled placeholder in: {command}"
-    command = re.sub(r"--num_gpus \d+", "--num_gpus 2", command)
-    command = re.sub(r"--num_processes \d+", "--num_processes 2", command)
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-           "WANDB_DIR": str(tmp_path), "TOKENIZERS_PARALLELISM": "false", "NETRC": str(tmp_path / "no-netrc")}
-    for key in ("WANDB_API_KEY", "WANDB_MODE"):  # no key configured: the scripts must choose offline themselves
-        env.pop(key, None)
-    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
 
 
 def synthetic_task(root):

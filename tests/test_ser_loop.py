@@ -13,30 +13,9 @@ import torch
 
 import rm_loop_filter_by_self as F
 import rm_training
-from conftest import CPU, ROOT
+from conftest import CPU, ENV, RM_ARGS, ROOT, filter_flags, free_port
 from ser.cli import parse
 from ser.data import read_records
-
-RM_ARGS = "--use_lora False --per_device_train_batch_size 16 --per_device_eval_batch_size 64 " \
-          "--learning_rate 2e-3 " + " ".join(CPU)
-ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "WANDB_MODE": "disabled",
-       "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def rm0(sft_model, synthetic, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rm0")
-    rm_training.main(*parse(rm_training.ARGUMENTS, [
-        "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
-        "--num_train_epochs", "8", *RM_ARGS.split()]))
-    return out
-
-
-def filter_flags(synthetic, rm0, out):
-    return ["--dataset_name", str(synthetic), "--reward_model_name", str(rm0), "--batch_size", "8",
-            "--rm_next_loop_save_path", str(out / "selected.jsonl"),
-            "--remaining_data_save_path", str(out / "remaining.jsonl"),
-            "--status1_min_pairs", "20", "--status2_min_pairs", "20", "--probability", "pairwise"]
 
 
 @pytest.mark.slow
@@ -369,14 +348,6 @@ def test_a_driver_killed_after_a_stage_still_gets_its_wall_time(tmp_path):
     assert "ser: loop_0.train already done" in rerun.stdout
     wall = json.loads((run / ".wall.loop_0.train.json").read_text())
     assert wall["stage"] == "loop_0.train" and 300 <= wall["ms"] < 60_000, wall
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_nodes(script_and_flags, tmp_path):

@@ -6,10 +6,9 @@ import subprocess
 import pytest
 import torch
 from peft import PeftModel
-from test_ser_loop import ENV, filter_flags, free_port, rm0  # noqa: F401 (rm0: a fixture)
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT
+from conftest import ENV, ROOT, filter_flags, free_port, rm0  # noqa: F401 (rm0: a fixture)
 
 pytestmark = pytest.mark.slow
 
