@@ -129,8 +129,8 @@ def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, pr
     RM's training pairs as members (--selection ensemble, as rm_training.py --bootstrap_heads K, whose
     resamples are drawn with its --seed: `bootstrap_seed`; by default a seed per run and loop). Returns one
     row per loop, with the mechanism figures, and each loop's selected pool indices."""
-    t = Thresholds(status1_min_pairs=floor, status2_min_pairs=floor, probability=probability, monotone=forward_only,
-                   **(thresholds or {}))
+    t = Thresholds(**{"status1_min_pairs": floor, "status2_min_pairs": floor, "probability": probability,
+                      "monotone": forward_only, **(thresholds or {})})
     w0 = fit(labelled.j, labelled.k, l2)
     acc, correct = accuracy(w0, held)
     rows = [{"loop": 0, "accuracy": acc, "correct": bits(correct), "ece": ece(w0, held), "status": "seed", "selected": 0}]

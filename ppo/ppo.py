@@ -69,7 +69,9 @@ logger = get_logger("ppo")
 class ScriptArguments(DataArguments):
     subset: str | None = default_of(DataArguments, "subset", "data/rl")
     model_name: str = field(kw_only=True, metadata={"help": "the SFT model: the initial policy and the reference"})
-    reward_model_name: str = field(kw_only=True, metadata={"help": "the reward model (rm_training.py output)"})
+    reward_model_name: list[str] = field(kw_only=True, metadata={
+        "help": "the reward model (rm_training.py output); several form an ensemble (--reward_ensemble), e.g. the "
+                "SER loops' RMs"})
     output_dir: str = field(default="runs/ppo", metadata={"help": "checkpoints and the final policy"})
     log_with: str | None = field(default=None, metadata={"help": "wandb, or none"})
     # optimisation
@@ -86,6 +88,9 @@ class ScriptArguments(DataArguments):
     # generation
     output_max_length: int = field(default=128, metadata={"help": "max new tokens per response"})
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (cut from the left)"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "tokens the RM reads per sample; default: the length the RM was trained at (its eval_results.json), "
+                "and a different value is refused"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also applied to logprobs)"})
     batched_gen: bool = field(default=True, metadata={"help": "generate the batch at once (else one prompt at a time)"})
     gather_for_generation: bool = field(default=False, metadata={
@@ -95,13 +100,36 @@ class ScriptArguments(DataArguments):
     reward_transform: str = field(default="raw", metadata={"help": "raw RM score, or sigmoid (the original script)",
                                                             "choices": ["raw", "sigmoid"]})
     reward_baseline: float = field(default=0.0, metadata={"help": "subtracted from every score"})
-    reward_norm: bool = field(default=False, metadata={"help": "normalise scores by running mean and std"})
+    reward_norm: bool = field(default=False, metadata={"help": "the old flag: True is --normalize_reward running"})
+    normalize_reward: str = field(default="sft", metadata={
+        "help": "sft: scores minus the RM's mean, over its std, on the SFT policy's samples of the run's prompts, "
+                "measured once before PPO (a self-trained RM's growing margins then do not push harder); running: "
+                "by running mean and std; none", "choices": ["sft", "running", "none"]})
+    normalize_samples: int = field(default=256, metadata={"help": "--normalize_reward sft: SFT samples measured"})
+    reward_ensemble: str = field(default="mean", metadata={
+        "help": "several RMs: mean, min (the most pessimistic member) or mean_minus_std (mean - coef * std; Coste et "
+                "al. 2024) of their scores", "choices": ["mean", "min", "mean_minus_std"]})
+    ensemble_std_coef: float = field(default=1.0, metadata={"help": "--reward_ensemble mean_minus_std: the coef"})
+    eval_reward_model: str | None = field(default=None, metadata={
+        "help": "an independent RM (e.g. the all-label RM) whose score of every rollout is logged beside the proxy's "
+                "(eval/reward_mean); the summary names the checkpoint where it was highest"})
+    gold: str = field(default="none", metadata={"help": "synthetic: also log the synthetic task's gold reward",
+                                                 "choices": ["none", "synthetic"]})
+    keep: str = field(default="last", metadata={
+        "help": "the policy saved: last, or best (the checkpoint with the highest independent score: --gold, else "
+                "--eval_reward_model)", "choices": ["last", "best"]})
     missing_eos_penalty: float | None = field(default=None, metadata={"help": "subtracted when a response has no EOS"})
     # PPO
     init_kl_coef: float = field(default=0.2, metadata={"help": "initial KL penalty coefficient"})
     adap_kl_ctrl: bool = field(default=True, metadata={"help": "adapt the KL coefficient toward --kl_target"})
     kl_target: float = field(default=6.0, metadata={"help": "target KL (nats per sequence) of the adaptive controller"})
-    kl_horizon: int = field(default=10000, metadata={"help": "horizon of the adaptive KL controller, in samples"})
+    kl_horizon: int | None = field(default=None, metadata={
+        "help": "horizon of the adaptive KL controller, in samples; default: a tenth of the run's samples (at least "
+                "one step's), so the coefficient can move by up to e^2 over the run (Ziegler et al.'s 10000 moves it "
+                "by at most 0.064 %% a step at batch 32)"})
+    kl_budget: float | None = field(default=None, metadata={
+        "help": "a hard KL budget (nats per sequence): a step past it ends the run, and the policy saved is the last "
+                "checkpoint within it"})
     target_kl: float = field(default=0.1, metadata={"help": "with --early_stopping: stop the epochs when KL > 1.5x this"})
     early_stopping: bool = field(default=False, metadata={"help": "stop a step's PPO epochs early on KL"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
@@ -186,22 +214,20 @@ def build_models(args, model_args, tokenizer, deepspeed_plugin=None):
             reference = load_causal_lm(args.model_name, tokenizer, model_args.dtype).eval().requires_grad_(False)
         disable_dropout_in_model(policy)  # the LoRA dropout too
         policy = fp32_master_weights(policy, args.bf16, deepspeed)
-        rm = load_reward_model(args.reward_model_name, tokenizer, args.rm_dtype)
-        if hasattr(rm, "merge_and_unload") and not zero3:
-            rm = rm.merge_and_unload()
-        rm.eval().requires_grad_(False)
+        rms = [load_scoring_rm(path, tokenizer, args.rm_dtype, zero3) for path in args.reward_model_name]
+        rm = rms[0]  # the first RM initialises the critic
     if args.critic == "separate":
         # Value-model initialised from the RM (its backbone and score head), trained alongside the policy.
         # A LoRA RM is merged into a plain model first, from whole weights (each process, once).
         lora_rm = hasattr(rm, "merge_and_unload")
         with whole_weights() if lora_rm else loading():
-            critic = load_reward_model(args.reward_model_name, tokenizer)
+            critic = load_reward_model(args.reward_model_name[0], tokenizer)
             if lora_rm:
                 critic = critic.merge_and_unload()
         critic.requires_grad_(True).train()
         disable_dropout_in_model(critic)
         critic = fp32_master_weights(critic, args.bf16, deepspeed)
-        return one_dtype_with_partitions(PolicyAndValue(policy, critic=critic)), reference, rm
+        return one_dtype_with_partitions(PolicyAndValue(policy, critic=critic)), reference, rms
     hidden = policy.config.get_text_config().hidden_size
     value_head = nn.Linear(hidden, 1, bias=False)  # fp32
     with torch.no_grad():
@@ -217,7 +243,63 @@ def build_models(args, model_args, tokenizer, deepspeed_plugin=None):
                 value_head.weight.copy_(head.float())
         else:
             value_head.weight.zero_()
-    return one_dtype_with_partitions(PolicyAndValue(policy, value_head=value_head)), reference, rm
+    return one_dtype_with_partitions(PolicyAndValue(policy, value_head=value_head)), reference, rms
+
+
+def load_scoring_rm(path, tokenizer, dtype, zero3):
+    """An RM for scoring only: no gradients; a LoRA RM merged, except under ZeRO-3 (merging needs whole weights)."""
+    rm = load_reward_model(path, tokenizer, dtype)
+    if hasattr(rm, "merge_and_unload") and not zero3:
+        rm = rm.merge_and_unload()
+    return rm.eval().requires_grad_(False)
+
+
+def rm_max_length(path) -> int | None:
+    """The length an RM was trained at, from its eval_results.json (None when it does not say)."""
+    try:
+        return json.loads((Path(path) / "eval_results.json").read_text()).get("max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def resolve_max_length(args) -> int:
+    """--max_length is the RMs' training length: taken from them when not given, refused when it differs."""
+    known = {p: n for p in args.reward_model_name + ([args.eval_reward_model] if args.eval_reward_model else [])
+             if (n := rm_max_length(p)) is not None}
+    lengths = set(known.values())
+    if args.max_length is None:
+        if len(lengths) > 1:
+            raise ValueError(f"the RMs were trained at different lengths ({known}); give --max_length")
+        return lengths.pop() if lengths else 512
+    for path, n in known.items():
+        if n != args.max_length:
+            raise ValueError(f"--max_length {args.max_length}: {path} was trained at {n} tokens (its "
+                             "eval_results.json); drop --max_length to use it, or score with the length the RM knows")
+    return args.max_length
+
+
+def kl_horizon(args, num_processes: int) -> int:
+    """The adaptive controller's horizon in samples (default: a tenth of the run's), with a warning when it
+    cannot move the coefficient by 10 % within the run."""
+    samples, per_step = args.steps * args.batch_size * num_processes, args.batch_size * num_processes
+    horizon = args.kl_horizon or max(per_step, samples // 10)  # at most 20 % a step
+    reach = math.exp(0.2 * samples / horizon)  # the coefficient's largest change over the run
+    if args.adap_kl_ctrl and reach < 1.1:
+        logger.warning(f"ppo: warning: --kl_horizon {horizon} against {samples} samples in the run: the adaptive KL "
+                       f"coefficient can change by at most {100 * (reach - 1):.2f} % over the whole run (at most "
+                       f"{100 * 0.2 * args.batch_size * num_processes / horizon:.3f} % a step), so it is in effect fixed "
+                       f"at {args.init_kl_coef}; leave --kl_horizon unset (a tenth of the run) or set --adap_kl_ctrl False")
+    return horizon
+
+
+def ensemble_scores(member_scores: list, how: str, std_coef: float = 1.0) -> torch.Tensor:
+    """One score per sample from the members' [members][samples] scores."""
+    stacked = torch.stack([torch.as_tensor(m, dtype=torch.float32) for m in member_scores])
+    if how == "min":
+        return stacked.min(0).values
+    if how == "mean_minus_std" and len(stacked) > 1:
+        return stacked.mean(0) - std_coef * stacked.std(0)
+    return stacked.mean(0)
 
 
 def one_dtype_with_partitions(model):
@@ -297,6 +379,10 @@ class TrainState:
     reward_mean: float = 0.0
     reward_var: float = 1.0
     reward_count: float = 1e-24
+    norm_mean: float | None = None  # --normalize_reward sft: the SFT samples' statistics
+    norm_std: float | None = None
+    checkpoints: list = field(default_factory=list)  # each checkpoint's step, proxy and independent scores
+    stopped: str | None = None  # why the run ended before --steps
 
     def state_dict(self):
         return asdict(self)
@@ -394,6 +480,11 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                          "or give both the same value")
     if args.log_with in ("none", ""):
         args.log_with = None
+    if args.reward_norm:  # the old flag
+        args.normalize_reward = "running"
+    if args.keep == "best" and args.gold == "none" and not args.eval_reward_model:
+        raise ValueError("--keep best: needs an independent score to choose by (--gold or --eval_reward_model)")
+    args.max_length = resolve_max_length(args)
     if args.log_with:
         setup_wandb(args.log_with)
     check_accelerator()
@@ -421,7 +512,11 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     # 1. models, optimiser, scheduler
     plugin = accelerator.state.deepspeed_plugin
     zero3 = zero_stage(plugin) == 3
-    model, reference, rm = build_models(args, model_args, tokenizer, plugin)
+    model, reference, rms = build_models(args, model_args, tokenizer, plugin)
+    eval_rm = None
+    if args.eval_reward_model:
+        with partitioned_at_load(plugin) if zero3 else contextlib.nullcontext():
+            eval_rm = load_scoring_rm(args.eval_reward_model, tokenizer, args.rm_dtype, zero3)
     params = [p for p in model.parameters() if p.requires_grad]
     # whole sizes: ZeRO-3 leaves each process a shape-(0,) tensor in place of every partitioned weight
     n_trainable = sum(whole_numel(p) for p in params)
@@ -449,22 +544,35 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                              "give both the same value")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     device = accelerator.device
-    if zero3:  # the RM and the reference stay partitioned: every process runs the same forward passes on them
-        rm = inference_engine(rm, accelerator)
+    if zero3:  # the RMs and the reference stay partitioned: every process runs the same forward passes on them
+        rms = [inference_engine(rm, accelerator) for rm in rms]
+        eval_rm = None if eval_rm is None else inference_engine(eval_rm, accelerator)
         reference = None if reference is None else inference_engine(reference, accelerator)
     else:
-        rm.to(device)
-        if reference is not None:
-            reference.to(device)
+        for part in (*rms, eval_rm, reference):
+            if part is not None:
+                part.to(device)
+    rm = rms[0]
     for name, part in (("policy and value", model), ("reference", reference), ("reward model", rm)):
         if part is not None:
             held, whole = held_weights(part)
             logger.info(f"ppo: process {accelerator.process_index} holds {held:,} of the {whole:,} weights of the {name}",
                         main_process_only=False)
     unwrapped = accelerator.unwrap_model(model)
-    kl_ctl = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon, args.adap_kl_ctrl)
+    kl_ctl = AdaptiveKLController(args.init_kl_coef, args.kl_target, kl_horizon(args, accelerator.num_processes),
+                                  args.adap_kl_ctrl)
     moments = RunningMoments()
     state = TrainState(kl_coef=kl_ctl.value)
+
+    def rm_scores(rollout, n):
+        """Each RM's raw score of the samples (ids as in training), and the ensemble's combined score."""
+        inputs = reward_inputs(tokenizer, rollout, args.max_length)
+        members = [score_ids(m, tokenizer, inputs, n, THIS_PROCESS_ONLY, in_step_with=accelerator.state if zero3 else None)[0]
+                   for m in rms]
+        combined = ensemble_scores(members, args.reward_ensemble, args.ensemble_std_coef).to(device)
+        if args.reward_transform == "sigmoid":
+            combined = torch.sigmoid(combined)
+        return combined, members, inputs
     if args.resume_from_checkpoint:
         # weights, optimiser, scheduler and RNG states (accelerate loads these with weights_only=True);
         # the counters, the KL coefficient and the reward moments from JSON
@@ -479,8 +587,6 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     peak_tflops = args.peak_tflops or device_peak_tflops(accelerator)
     if not peak_tflops:
         logger.info(f"ppo: MFU is not logged: the peak FLOP/s of {accelerator.device} is not known (--peak_tflops sets it)")
-    if accelerator.is_main_process:
-        write_json(Path(args.output_dir) / "run_args.json", resolved_args(args, model_args))
     if args.log_with:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config={**asdict(args), **asdict(model_args)})
 
@@ -496,39 +602,63 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         return deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters()))
     synced = zero3 and accelerator.num_processes > 1 and not args.gather_for_generation
 
-    log = {}
-    while state.step < args.steps:
-        t0 = clock()
-        # 2. rollout: left-padded prompts, sampled responses truncated after EOS
-        questions = [prompts[i] for i in prompt_batches(len(prompts), args, state, accelerator.num_processes,
-                                                        accelerator.process_index)]
+    def rollout_of(questions):
+        """Left-padded prompts, sampled responses truncated after EOS."""
         policy = unwrapped.policy
         policy.eval()
         with torch.no_grad(), accelerator.autocast(), gathered():
-            rollout = sample(policy, tokenizer, questions, args.max_prompt_length, args.output_max_length,
-                             args.temperature, args.batched_gen, device, synced_gpus=synced)
+            return sample(policy, tokenizer, questions, args.max_prompt_length, args.output_max_length,
+                          args.temperature, args.batched_gen, device, synced_gpus=synced)
+
+    if args.normalize_reward == "sft" and state.norm_std is None:  # measured once, before the first update
+        state.norm_mean, state.norm_std, _ = sft_reward_statistics(prompts, args, accelerator, rollout_of, rm_scores)
+        logger.info(f"ppo: reward normalisation on {args.normalize_samples} SFT samples: mean {state.norm_mean:+.4f}, "
+                    f"std {state.norm_std:.4f}")
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / "run_args.json", {
+            **resolved_args(args, model_args), "kl_horizon": kl_ctl.horizon,
+            "reward_normalisation": {"how": args.normalize_reward, "mean": state.norm_mean, "std": state.norm_std,
+                                     "samples": args.normalize_samples if args.normalize_reward == "sft" else None}})
+
+    log = {}
+    while state.step < args.steps:
+        t0 = clock()
+        # 2. rollout
+        questions = [prompts[i] for i in prompt_batches(len(prompts), args, state, accelerator.num_processes,
+                                                        accelerator.process_index)]
+        rollout = rollout_of(questions)
         query, query_mask, responses, response_mask, has_eos = rollout[:5]
         t_generated = clock()
         query_responses = torch.cat([query, responses], 1)
         attention_mask = torch.cat([query_mask, response_mask], 1)
 
-        # 3. score: the RM reads the sampled ids, assembled as its training pairs were, at the final eos
+        # 3. score: the RMs read the sampled ids, assembled as their training pairs were, at the final eos
         with torch.no_grad(), accelerator.autocast():
-            raw, _ = score_ids(rm, tokenizer, reward_inputs(tokenizer, rollout, args.max_length), len(questions),
-                               THIS_PROCESS_ONLY, in_step_with=accelerator.state if zero3 else None)
-        scores = torch.tensor(raw, device=device)
+            scores, members, inputs = rm_scores(rollout, len(questions))
+            independent = None if eval_rm is None else torch.tensor(score_ids(
+                eval_rm, tokenizer, inputs, len(questions), THIS_PROCESS_ONLY,
+                in_step_with=accelerator.state if zero3 else None)[0], device=device)
         if not torch.isfinite(scores).all():
-            raise FloatingPointError(f"step {state.step}: the reward model returned non-finite scores {raw}")
+            raise FloatingPointError(f"step {state.step}: the reward model returned non-finite scores {members}")
         raw_scores = scores.clone()  # logged as env/reward_mean whatever the transforms below
         t_scored = clock()
-        if args.reward_transform == "sigmoid":
-            scores = torch.sigmoid(scores)
+        if args.normalize_reward == "sft":  # the SFT samples' mean and std, measured once
+            scores = (scores - state.norm_mean) / state.norm_std
         scores = scores - args.reward_baseline
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~has_eos).float()  # detail: penalise a missing EOS
-        if args.reward_norm:
+        if args.normalize_reward == "running":
             moments.update(gather(scores))
             scores = (scores - moments.mean) / (moments.std + 1e-8)
+        watched = {}  # scores PPO did not optimise: over-optimisation shows as the proxy rising while these fall
+        if independent is not None:
+            watched["eval/reward_mean"] = gather(independent).mean().item()
+        if args.gold == "synthetic":
+            from ser.rollout import response_texts
+            from ser.synthetic import gold_reward
+
+            gold = [gold_reward(q, t) for q, t in zip(questions, response_texts(tokenizer, rollout))]
+            watched["gold/reward_mean"] = gather(torch.tensor(gold, device=device)).mean().item()
 
         # 4. logprobs of policy and reference, values, per-token rewards, advantages
         context = query.shape[1]
@@ -622,7 +752,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         tflops = flops / seconds / 1e12
         # statistics of every process, not only this one's
         means = {k: gather(torch.tensor([sum(v) / len(v)], device=device)).mean().item() for k, v in stats.items() if v}
-        log = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.value,
+        log = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.value, **watched,
                "env/reward_mean": all_raw.mean().item(), "env/reward_std": all_raw.std().item(),
                "env/score_mean": all_scores.mean().item(),  # after transform, baseline, EOS penalty, norm
                **{f"ppo/{k}": v for k, v in means.items()},
@@ -641,20 +771,86 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         if accelerator.is_main_process:  # the same figures without a tracker, one JSON line per step
             with open(Path(args.output_dir) / "log.jsonl", "a") as f:
                 f.write(json.dumps({"step": state.step, **log}) + "\n")
+        if len(rms) > 1:
+            log["env/ensemble_spread"] = gather(torch.tensor(members, device=device).std(0)).mean().item()
         logger.info(f"ppo step {state.step}: reward {log['env/reward_mean']:+.3f} kl {seq_kl:.3f} "
                     f"kl_coef {kl_ctl.value:.4f} len {log['env/response_length']:.1f} "
                     f"eos {log['env/eos_rate']:.2f} {log['perf/tokens_per_second']:.0f} tok/s "
                     f"(generation {100 * log['perf/generation_share']:.0f} %)"
-                    + (f" mfu {100 * log['perf/mfu']:.2f}%" if "perf/mfu" in log else ""))
+                    + (f" mfu {100 * log['perf/mfu']:.2f}%" if "perf/mfu" in log else "")
+                    + "".join(f" {k.split('/')[0]} {v:+.3f}" for k, v in watched.items()))
+        if args.kl_budget is not None and seq_kl > args.kl_budget:  # past the budget: this policy is not kept
+            state.stopped = f"step {state.step}: KL {seq_kl:.3f} > --kl_budget {args.kl_budget}"
+            logger.info(f"ppo: {state.stopped}; the run ends, the policy kept is the last checkpoint within the budget")
+            break
         if args.save_freq and state.step % args.save_freq == 0:
-            save_checkpoint(accelerator, args, state)
+            checkpoint(accelerator, args, state, log)
 
-    if not (args.save_freq and state.step % args.save_freq == 0):
-        save_checkpoint(accelerator, args, state)
+    # 7. the policy kept: the last one, the best checkpoint by the independent score, or the last checkpoint within
+    #    the KL budget
+    if not state.stopped and not (args.save_freq and state.step % args.save_freq == 0):
+        checkpoint(accelerator, args, state, log)
+    kept = choose_checkpoint(state, args)
+    if state.stopped and kept is None:
+        logger.warning("ppo: warning: the KL budget was passed before the first checkpoint; the policy saved is the one "
+                       "past the budget (a smaller --save_freq keeps one to roll back to)")
+    if kept is not None and kept["step"] != state.step:
+        accelerator.load_state(str(Path(args.output_dir) / f"checkpoint-{kept['step']}"))
     save_policy(accelerator, model, tokenizer, args, model_args)
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / "summary.json", {
+            "steps_run": state.step, "stopped": state.stopped, "keep": args.keep,
+            "kept_checkpoint": kept["step"] if kept else None, "checkpoints": state.checkpoints,
+            "best_checkpoint": (best_checkpoint(state.checkpoints) or {}).get("step"),
+            "reward_normalisation": {"how": args.normalize_reward, "mean": state.norm_mean, "std": state.norm_std}})
     accelerator.wait_for_everyone()  # no process closes the group while the main one still writes
     accelerator.end_training()
     return log  # the last step's figures
+
+
+INDEPENDENT = ("gold/reward_mean", "eval/reward_mean")  # the scores a checkpoint is chosen by, in this order
+
+
+def checkpoint(accelerator, args, state, log) -> None:
+    """A checkpoint, and what the summary chooses by: the step's proxy, independent scores and KL."""
+    state.checkpoints.append({"step": state.step, "proxy_reward": log.get("env/reward_mean"), "kl": log.get("objective/kl"),
+                              **{k: log[k] for k in INDEPENDENT if k in log}})
+    best = best_checkpoint(state.checkpoints)
+    save_checkpoint(accelerator, args, state, keep={best["step"]} if best and args.keep == "best" else set())
+
+
+def best_checkpoint(checkpoints) -> dict | None:
+    """The checkpoint with the highest independent score (gold, else the evaluation RM); None without one."""
+    for key in INDEPENDENT:
+        scored = [c for c in checkpoints if c.get(key) is not None]
+        if scored:
+            return max(scored, key=lambda c: c[key])
+    return None
+
+
+def choose_checkpoint(state, args) -> dict | None:
+    """The checkpoint whose policy is saved: --keep best's, else the last (within the KL budget)."""
+    if args.keep == "best":
+        return best_checkpoint(state.checkpoints)
+    return state.checkpoints[-1] if state.checkpoints else None
+
+
+def sft_reward_statistics(prompts, args, accelerator, rollout_of, rm_scores):
+    """The RM's mean and std on the SFT policy's samples (`rollout_of`, before any update) of a seeded sample
+    of --normalize_samples of the run's prompts, split over the processes; and the gathered scores."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n = min(args.normalize_samples, len(prompts))
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + 7919)).tolist()[:n]
+    mine = order[rank::world]
+    scores = []
+    for i in range(0, max(len(order[0::world]), 1), args.batch_size):  # the same number of batches on every process
+        batch = [prompts[j] for j in mine[i:i + args.batch_size]] or [prompts[order[0]]]  # (ZeRO-3 runs them in step)
+        with torch.no_grad(), accelerator.autocast():
+            combined = rm_scores(rollout_of(batch), len(batch))[0]
+        scores.append(combined[:len(mine[i:i + args.batch_size])])
+    everything = gather(torch.cat(scores).float())
+    std = everything.std().item() if len(everything) > 1 else 1.0
+    return everything.mean().item(), std if std > 1e-8 else 1.0, everything
 
 
 # Lightning's table misses the plain "NVIDIA H200" name and lists the H200 at its sparse rates. Its arithmetic is
@@ -674,7 +870,7 @@ def device_peak_tflops(accelerator) -> float | None:
     return flops / 1e12 if flops else None
 
 
-def save_checkpoint(accelerator, args, state):
+def save_checkpoint(accelerator, args, state, keep=frozenset()):
     """Written to a temporary folder and renamed: a checkpoint is whole or absent."""
     import tempfile
 
@@ -698,7 +894,8 @@ def save_checkpoint(accelerator, args, state):
         if args.save_total_limit:  # older checkpoints go only once the new one is whole
             older = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             for old in older[:-args.save_total_limit]:
-                shutil.rmtree(old)
+                if int(old.name.split("-")[1]) not in keep:  # the best so far stays for --keep best
+                    shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 

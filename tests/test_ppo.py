@@ -98,7 +98,7 @@ def ppo_args(sft_model, rm, synthetic, out, *extra):
 @pytest.mark.slow
 def test_adaptive_kl_in_a_run(sft_model, rm, synthetic, tmp_path):
     ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "3", "--kl_target", "0.0001",
-                       "--kl_horizon", "10", "--save_freq", "1", "--save_total_limit", "1"))
+                       "--kl_horizon", "10", "--save_freq", "1", "--save_total_limit", "1", "--normalize_reward", "none"))
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-3"]  # older ones removed once it was whole
     state = json.loads((tmp_path / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["kl_coef"] > 0.2  # the policy moved more than the tiny target: the penalty grew
@@ -319,3 +319,132 @@ def test_evaluation_names_its_circular_judge_and_adds_independent_ones(sft_model
         assert judge["tie_rate"] == 1.0 and judge["win_rate"] == 0.0
     assert summary["kl_to_base"] == pytest.approx(0.0, abs=1e-5)
     assert json.loads((tmp_path / "eval.json").read_text())["judged_by"]["judge_rm"]["tie_rate"] == 1.0
+
+
+# ----------------------------------------------------------------------------- robustness to a self-trained RM
+
+
+def test_the_default_kl_horizon_lets_the_controller_act_within_a_short_run(caplog):
+    """The demo's run (80 steps of 32 samples): Ziegler et al.'s horizon of 10000 samples lets the coefficient
+    move by at most 5 % over the whole run, and is warned about with the numbers; the default (a tenth of the
+    run's samples) lets a KL far above target raise it sevenfold."""
+    from accelerate import PartialState
+
+    PartialState()  # the logger's
+    args, _ = parse(ppo.ARGUMENTS, ["--model_name", "m", "--reward_model_name", "r", "--dataset_name", "d",
+                                    "--steps", "80", "--batch_size", "32", "--init_kl_coef", "0.1"])
+
+    def after_run(horizon):
+        ctl = ppo.AdaptiveKLController(0.1, 6.0, horizon, True)
+        for _ in range(80):
+            ctl.update(18.0, 32)  # the KL sat at 18 against a target of 6
+        return ctl.value
+
+    with caplog.at_level("WARNING"):
+        default = ppo.kl_horizon(args, 1)
+    assert default == 256 and "kl_horizon" not in caplog.text
+    assert after_run(default) > 0.7  # 0.1 x 1.025^80
+    args.kl_horizon = 10000
+    with caplog.at_level("WARNING"):
+        assert ppo.kl_horizon(args, 1) == 10000
+    assert after_run(10000) < 0.1053 and "can change by at most 5.25 % over the whole run (at most 0.064 % a step)" in caplog.text
+    args.steps = 3  # a 3-step run: one step's samples at least, so at most 20 % a step
+    args.kl_horizon = None
+    assert ppo.kl_horizon(args, 2) == 64
+
+
+def test_an_ensemble_s_min_is_the_elementwise_minimum_of_its_members():
+    members = [[0.5, -1.0, 2.0], [0.1, 3.0, 2.5], [0.7, 0.0, -4.0]]
+    assert ppo.ensemble_scores(members, "min").tolist() == pytest.approx([0.1, -1.0, -4.0])
+    assert ppo.ensemble_scores(members, "mean").tolist() == pytest.approx([1.3 / 3, 2.0 / 3, 0.5 / 3])
+    spread = torch.tensor(members).std(0)
+    assert ppo.ensemble_scores(members, "mean_minus_std", 2.0).tolist() == pytest.approx(
+        (torch.tensor(members).mean(0) - 2 * spread).tolist())
+    assert ppo.ensemble_scores(members[:1], "mean_minus_std").tolist() == pytest.approx(members[0])
+
+
+def test_normalised_rewards_have_mean_0_and_std_1_on_the_sft_samples(sft_model, rm, synthetic):
+    """The statistics are the RM's on samples of the SFT policy (no update yet) for the run's prompts."""
+    from accelerate import PartialState
+
+    from ser.data import load_records
+    from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score_ids
+    from ser.rollout import reward_inputs, sample
+
+    args, _ = ppo_args(sft_model, rm, synthetic, "unused", "--normalize_samples", "40")
+    tok = load_tokenizer(str(sft_model))
+    policy, scorer = load_causal_lm(str(sft_model), tok).eval(), load_reward_model(str(rm), tok).eval()
+    prompts = [r["question"] for r in load_records(str(synthetic), "data/rl", fields=("question",))]
+
+    def rollout_of(questions):
+        return sample(policy, tok, questions, args.max_prompt_length, args.output_max_length, 1.0, True, "cpu")
+
+    def rm_scores(rollout, n):
+        return torch.tensor(score_ids(scorer, tok, reward_inputs(tok, rollout, 96), n, THIS_PROCESS_ONLY)[0]), None, None
+
+    class OneProcess:
+        num_processes, process_index, device = 1, 0, "cpu"
+        autocast = staticmethod(lambda: torch.autocast("cpu", enabled=False))
+
+    PartialState()  # gather() on one process
+    mean, std, scores = ppo.sft_reward_statistics(prompts, args, OneProcess(), rollout_of, rm_scores)
+    assert len(scores) == min(40, len(prompts)) and std > 0
+    normalised = (scores - mean) / std
+    assert normalised.mean().item() == pytest.approx(0, abs=1e-5) and normalised.std().item() == pytest.approx(1, abs=1e-5)
+
+
+def test_max_length_is_the_rm_s_and_a_conflicting_one_is_refused(rm):
+    trained = json.loads((rm / "eval_results.json").read_text())["max_length"]
+    args, _ = parse(ppo.ARGUMENTS, ["--model_name", "m", "--reward_model_name", str(rm), "--dataset_name", "d"])
+    assert ppo.resolve_max_length(args) == trained
+    args.max_length = trained + 8
+    with pytest.raises(ValueError, match=rf"--max_length {trained + 8}: .* was trained at {trained} tokens"):
+        ppo.resolve_max_length(args)
+
+
+@pytest.mark.slow
+def test_keep_best_saves_the_checkpoint_the_summary_names(sft_model, rm, synthetic, tmp_path):
+    """Three checkpoints, gold logged at each, the policy kept is the best one's; an ensemble of two RMs and the
+    new defaults (SFT-normalised rewards, the run's KL horizon) run alongside."""
+    from safetensors.torch import load_file
+
+    log = ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path, "--reward_model_name", str(rm), str(rm),
+                             "--reward_ensemble", "min", "--steps", "3", "--save_freq", "1", "--save_total_limit", "1",
+                             "--gold", "synthetic", "--eval_reward_model", str(rm), "--keep", "best",
+                             "--normalize_samples", "16"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["checkpoints"]) == 3 and all("gold/reward_mean" in c for c in summary["checkpoints"])
+    best = max(summary["checkpoints"], key=lambda c: c["gold/reward_mean"])["step"]
+    assert summary["best_checkpoint"] == summary["kept_checkpoint"] == best
+    assert (tmp_path / f"checkpoint-{best}").is_dir()  # kept from --save_total_limit's pruning
+    assert log["env/ensemble_spread"] == pytest.approx(0, abs=1e-6) and "eval/reward_mean" in log
+    norm = json.loads((tmp_path / "run_args.json").read_text())["reward_normalisation"]
+    assert norm["how"] == "sft" and norm["std"] > 0 and summary["reward_normalisation"] == {
+        k: norm[k] for k in ("how", "mean", "std")}
+    # the saved policy is the best checkpoint's: its weights equal that checkpoint's merged LoRA policy
+    saved = load_file(tmp_path / "policy" / "model.safetensors")
+    again = tmp_path / "again"
+    ppo.main(*ppo_args(sft_model, rm, synthetic, again, "--reward_model_name", str(rm), str(rm),
+                       "--reward_ensemble", "min", "--steps", str(best), "--save_freq", "1", "--gold", "synthetic",
+                       "--normalize_samples", "16"))
+    if best < 3:  # the same seed replays the run up to the best step
+        replay = load_file(again / "policy" / "model.safetensors")
+        assert all(torch.allclose(saved[k], replay[k], atol=1e-5) for k in saved)
+
+
+def test_past_the_kl_budget_the_last_checkpoint_within_it_is_kept():
+    from types import SimpleNamespace
+
+    state = ppo.TrainState(step=3, checkpoints=[{"step": 1, "gold/reward_mean": 0.4}, {"step": 2, "gold/reward_mean": 0.1}],
+                           stopped="step 3: KL 9 > --kl_budget 5")
+    assert ppo.choose_checkpoint(state, SimpleNamespace(keep="last"))["step"] == 2
+    assert ppo.choose_checkpoint(state, SimpleNamespace(keep="best"))["step"] == 1
+
+
+@pytest.mark.slow
+def test_a_kl_budget_ends_the_run_and_keeps_the_last_checkpoint_within_it(sft_model, rm, synthetic, tmp_path):
+    ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "6", "--save_freq", "1", "--save_total_limit", "9",
+                       "--kl_budget", "-1e9", "--learning_rate", "3e-2"))  # any KL is past it: the run ends at step 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps_run"] == 1 and "> --kl_budget" in summary["stopped"] and summary["kept_checkpoint"] is None
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
