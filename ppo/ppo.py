@@ -843,11 +843,13 @@ def sft_reward_statistics(prompts, args, accelerator, rollout_of, rm_scores):
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + 7919)).tolist()[:n]
     mine = order[rank::world]
     scores = []
-    for i in range(0, max(len(order[0::world]), 1), args.batch_size):  # the same number of batches on every process
-        batch = [prompts[j] for j in mine[i:i + args.batch_size]] or [prompts[order[0]]]  # (ZeRO-3 runs them in step)
-        with torch.no_grad(), accelerator.autocast():
-            combined = rm_scores(rollout_of(batch), len(batch))[0]
-        scores.append(combined[:len(mine[i:i + args.batch_size])])
+    devices = [accelerator.device] if torch.device(accelerator.device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the run samples what it would have sampled without this
+        for i in range(0, max(len(order[0::world]), 1), args.batch_size):  # as many batches on every process
+            batch = [prompts[j] for j in mine[i:i + args.batch_size]] or [prompts[order[0]]]  # (ZeRO-3: in step)
+            with torch.no_grad(), accelerator.autocast():
+                combined = rm_scores(rollout_of(batch), len(batch))[0]
+            scores.append(combined[:len(mine[i:i + args.batch_size])])
     everything = gather(torch.cat(scores).float())
     std = everything.std().item() if len(everything) > 1 else 1.0
     return everything.mean().item(), std if std > 1e-8 else 1.0, everything

@@ -161,7 +161,7 @@ def test_logged_reward_is_the_raw_rm_reward_under_reward_norm(sft_model, rm, syn
 def test_update_statistics_are_averaged_over_processes(sft_model, rm, synthetic, tmp_path, monkeypatch):
     """With a second process whose every figure is this one's + 1, each logged PPO statistic is the
     mean of the two (+0.5), not this process's own."""
-    flags = ["--steps", "1", "--seed", "7"]
+    flags = ["--steps", "1", "--seed", "7", "--normalize_reward", "none"]  # (the SFT statistics are gathered too)
     alone = ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "a", *flags))
     monkeypatch.setattr(ppo, "gather", lambda t: torch.cat([t.reshape(-1), t.reshape(-1) + 1]))
     paired = ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "b", *flags))
@@ -215,8 +215,8 @@ def test_resume_is_exact(sft_model, rm, synthetic, tmp_path, monkeypatch):
 
     save = ppo.save_checkpoint
 
-    def save_then_crash(accelerator, args, state):
-        save(accelerator, args, state)
+    def save_then_crash(accelerator, args, state, **kw):
+        save(accelerator, args, state, **kw)
         raise Crash(f"killed after step {state.step}")
 
     monkeypatch.setattr(ppo, "save_checkpoint", save_then_crash)
@@ -444,7 +444,7 @@ def test_past_the_kl_budget_the_last_checkpoint_within_it_is_kept():
 @pytest.mark.slow
 def test_a_kl_budget_ends_the_run_and_keeps_the_last_checkpoint_within_it(sft_model, rm, synthetic, tmp_path):
     ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path, "--steps", "6", "--save_freq", "1", "--save_total_limit", "9",
-                       "--kl_budget", "-1e9", "--learning_rate", "3e-2"))  # any KL is past it: the run ends at step 1
+                       "--kl_budget", "-1000.0", "--learning_rate", "3e-2"))  # any KL is past it: the run ends at step 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps_run"] == 1 and "> --kl_budget" in summary["stopped"] and summary["kept_checkpoint"] is None
     assert (tmp_path / "policy" / "model.safetensors").is_file()
