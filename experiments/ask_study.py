@@ -31,6 +31,7 @@ from experiments import frozen_study as fs
 from ser import ask
 from ser.cli import parse
 from ser.data import write_json
+from ser.stats import sign_flip_p, sign_flip_p_mc
 
 BUDGETS = [0.01, 0.05, 0.15]  # extra human labels, as a share of the (non-validation) pool
 SEED_FRACTION = 0.01  # the frozen study's pre-registered primary share
@@ -134,7 +135,7 @@ def paired(a: dict, b: dict, rng) -> dict:
     diffs = [a[s] - b[s] for s in seeds]
     means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(2000))
     return {"seeds": len(diffs), "mean": sum(diffs) / len(diffs), "ci": (means[49], means[1949]),
-            "p": fs.sign_flip_p(diffs) if len(diffs) <= 16 else fs.sign_flip_p_mc(diffs, rng, 20_000)}
+            "p": sign_flip_p(diffs) if len(diffs) <= 16 else sign_flip_p_mc(diffs, rng, 20_000)}
 
 
 COMPARISONS = [("human-ask", "human-random", "asking where the RM is unsure vs random pairs, both human-labelled"),

@@ -26,6 +26,7 @@ from ser import features
 from ser import loop as ser_loop
 from ser.data import write_json
 from ser.selection import Thresholds
+from ser.stats import calibration, holm, sign_flip_p, sign_flip_p_mc
 
 SEEDS = list(range(20))
 FRACTIONS = [0.01, 0.02, 0.05, 0.10, 0.15, 0.30, 0.50, 1.0]
@@ -107,14 +108,8 @@ def accuracy(w, pairs: Pairs) -> tuple[float, list[bool]]:
 
 
 def ece(w, pairs: Pairs) -> float:
-    """Expected calibration error of sigmoid(|r_j - r_k|) in ten bins over [0.5, 1]."""
-    d = ((pairs.j - pairs.k) @ w).tolist()
-    bins = [[0, 0, 0.0] for _ in range(10)]
-    for x in d:
-        conf = 1 / (1 + math.exp(-abs(x)))
-        b = bins[min(9, int((conf - 0.5) * 20))]
-        b[0], b[1], b[2] = b[0] + 1, b[1] + (x > 0), b[2] + conf
-    return sum(abs(c - s) for m, c, s in bins if m) / len(d)
+    """Expected calibration error of sigmoid(|r_j - r_k|) in ten bins over [0.5, 1] (ser.stats.calibration)."""
+    return calibration(((pairs.j - pairs.k) @ w).tolist())[0]
 
 
 # ----------------------------------------------------------------------------- one SER run
@@ -365,19 +360,6 @@ def final(rows):
     return out
 
 
-def sign_flip_p(diffs) -> float:
-    """Exact two-sided paired sign-flip permutation p-value of the mean difference."""
-    import itertools
-
-    observed = abs(sum(diffs))
-    n = len(diffs)
-    if n > 20:
-        raise ValueError("the exact test enumerates 2^n sign patterns; at most 20 seeds")
-    hits = sum(abs(sum(d if s else -d for d, s in zip(diffs, signs))) >= observed - 1e-12
-               for signs in itertools.product((True, False), repeat=n))
-    return hits / 2 ** n
-
-
 def paired(finals, a, b, fraction, rng):
     seeds = sorted(s for (v, f, s) in finals if v == a and f == fraction and (b, fraction, s) in finals)
     diffs = [finals[(a, fraction, s)]["accuracy"] - finals[(b, fraction, s)]["accuracy"] for s in seeds]
@@ -386,22 +368,6 @@ def paired(finals, a, b, fraction, rng):
     means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(2000))
     return {"seeds": len(diffs), "mean": sum(diffs) / len(diffs), "ci": (means[49], means[1949]),
             "p": sign_flip_p(diffs) if len(diffs) <= 16 else sign_flip_p_mc(diffs, rng)}
-
-
-def sign_flip_p_mc(diffs, rng, n=200_000) -> float:
-    """The sign-flip p-value by Monte Carlo (2^20 patterns are many to enumerate in Python)."""
-    observed = abs(sum(diffs))
-    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in diffs)) >= observed - 1e-12 for _ in range(n))
-    return (hits + 1) / (n + 1)
-
-
-def holm(ps: dict) -> dict:
-    order = sorted(ps, key=ps.get)
-    out, running = {}, 0.0
-    for i, k in enumerate(order):
-        running = max(running, min(1.0, (len(order) - i) * ps[k]))
-        out[k] = running
-    return out
 
 
 def pct(x):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ser.cli import parse
 from ser.selection import STOP
-from ser.stats import N_BOOT, bootstrap_ci
+from ser.stats import bootstrap_ci, mean_std, paired_bootstrap_ci
 
 
 @dataclass
@@ -33,30 +33,6 @@ class Args:
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def mean_std(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
-
-
-def paired_bootstrap_ci(pairs_by_seed, rng, n=N_BOOT):
-    """pairs_by_seed: per seed, a list of (a_correct, b_correct). CI of mean(a - b) over seeds and pairs."""
-    seeds = list(pairs_by_seed)
-    if not seeds:
-        return None
-    stats = []
-    for _ in range(n):
-        diffs = []
-        for s in rng.choices(seeds, k=len(seeds)):
-            pairs = pairs_by_seed[s]
-            sample = rng.choices(pairs, k=len(pairs))
-            diffs.append(sum(a - b for a, b in sample) / len(sample))
-        stats.append(statistics.fmean(diffs))
-    stats.sort()
-    return stats[int(0.025 * n)], stats[int(0.975 * n) - 1]
 
 
 def mcnemar_exact(b, c):
@@ -252,8 +228,13 @@ def ppo_report(setting, rows, rng):
              f"Seeds: {', '.join(map(str, sorted({r['seed'] for r in rows})))}. Each policy gives "
              f"{rows[0]['n_eval']} samples on held-out prompts (16 per prompt), as does the SFT policy with the same seed; "
              "the gold reward of the synthetic task judges. Win rates leave ties apart.", "",
-             "| RM behind PPO | seeds | RM accuracy | gold reward, PPO − SFT | 95 % CI | gold win rate vs SFT | 95 % CI | "
-             "all-label RM's win rate | KL to SFT (nats) |", "|---|---|---|---|---|---|---|---|---|"]
+             "Configurations: `old` = PPO's former defaults (raw RM scores, KL horizon 10000 samples), `new` = today's "
+             "(scores normalised by the RM's mean and std on SFT samples, horizon a tenth of the run), `ensemble` = "
+             "the new defaults on the mean − std of every SER loop's RM; rows without one ran before they existed "
+             "(the old defaults). The KL target is 6 nats.", "",
+             "| RM behind PPO | seeds | RM accuracy | gold reward, PPO − SFT | 95 % CI | gold fell | gold win rate vs SFT | "
+             "95 % CI | all-label RM's win rate | KL to SFT (nats) | median step KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for v in variants:
         rs = [r for r in rows if r["variant"] == v]
@@ -261,11 +242,15 @@ def ppo_report(setting, rows, rng):
         win = [r["gold_win_rate"] for r in rs]
         g, gsd = mean_std(gain)
         w, wsd = mean_std(win)
-        summary[v] = {"gold_gain": g, "gold_gain_std": gsd, "gold_win_rate": w, "gold_win_rate_std": wsd, "n": len(rs)}
+        fell = sum(x < 0 for x in gain)
+        step_kl = [r["step_kl_median"] for r in rs if r.get("step_kl_median") is not None]
+        summary[v] = {"gold_gain": g, "gold_gain_std": gsd, "gold_win_rate": w, "gold_win_rate_std": wsd, "n": len(rs),
+                      "gold_fell": fell, "step_kl_median": statistics.median(step_kl) if step_kl else None}
         lines.append(f"| {v.removeprefix('ppo:')} | {len(rs)} | {fmt(mean_std([r['rm_accuracy'] for r in rs])[0])} | "
-                     f"{g:+.3f} ± {gsd:.3f} | {_ci3(bootstrap_ci(gain, rng))} | {fmt(w)} ± {fmt(wsd)} | "
+                     f"{g:+.3f} ± {gsd:.3f} | {_ci3(bootstrap_ci(gain, rng))} | {fell} of {len(rs)} | {fmt(w)} ± {fmt(wsd)} | "
                      f"{fmt_ci(bootstrap_ci(win, rng))} | {fmt(mean_std([r['full_rm_win_rate'] for r in rs])[0])} | "
-                     f"{mean_std([r['kl_to_sft'] for r in rs])[0]:.1f} |")
+                     f"{mean_std([r['kl_to_sft'] for r in rs])[0]:.1f} | "
+                     f"{'–' if not step_kl else f'{statistics.median(step_kl):.1f}'} |")
     return lines + [""], summary
 
 

@@ -17,10 +17,10 @@ it stopped. RESULTS/REPORT.md and the plots are then regenerated from results.js
 """
 
 import json
-import math
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +33,7 @@ from ser.cli import parse
 from ser.data import read_records, subsample, write_json, write_records
 from ser.run_config import git_revision
 from ser.selection import STOP
+from ser.stats import calibration, confidence_bin
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -112,9 +113,16 @@ HH = dict(
 )
 
 # Downstream: PPO of the SFT policy against the seed, ser-paper and all-label RMs of the synthetic grid
-# (the demo's PPO settings), judged by the hidden gold reward against SFT.
-SYNTHETIC_PPO = {**SYNTHETIC, "setting": "synthetic-ppo", "seeds": [0, 1, 2],
-                 "variants": {f"ppo:{k}": SYNTHETIC_VARIANTS[k] for k in ("seed", "ser-paper", "full")},
+# (the demo's PPO settings), judged by the hidden gold reward against SFT. Each RM under PPO's old defaults
+# (raw rewards, Ziegler et al.'s KL horizon of 10000 samples), its new ones (rewards normalised on SFT samples,
+# a horizon of a tenth of the run), and for SER the ensemble of its loops' RMs (mean - std of their scores).
+# The rows named ppo:seed, ppo:ser-paper and ppo:full (3 seeds) were run before the configurations existed,
+# with the old defaults.
+PPO_CONFIGS = {"old": ["--normalize_reward", "none", "--kl_horizon", "10000"], "new": [],
+               "ensemble": ["--reward_ensemble", "mean_minus_std"]}
+SYNTHETIC_PPO = {**SYNTHETIC, "setting": "synthetic-ppo", "seeds": [0, 1, 2, 3, 4],
+                 "variants": {**{f"ppo:{k}@{c}": SYNTHETIC_VARIANTS[k] for k in ("seed", "ser-paper", "full")
+                                 for c in ("old", "new")}, "ppo:ser-paper@ensemble": SYNTHETIC_VARIANTS["ser-paper"]},
                  "ppo": ["--steps", "80", "--batch_size", "32", "--mini_batch_size", "8", "--gradient_accumulation_steps",
                          "1", "--ppo_epochs", "4", "--learning_rate", "3e-3", "--init_kl_coef", "0.1",
                          "--output_max_length", "24", "--save_freq", "0"]}
@@ -180,12 +188,6 @@ def prepare_hh(grid, seed, fraction, work: Path):
 # ----------------------------------------------------------------------------- one run
 
 
-def confidence_bin(reward_gap: float) -> tuple[float, int]:
-    """The RM's confidence sigmoid(|r_j - r_k|) in [0.5, 1] and its bin of ten."""
-    conf = 1 / (1 + math.exp(-abs(reward_gap)))
-    return conf, min(9, int((conf - 0.5) * 20))
-
-
 def train_rm(grid, out: Path, init, sources, epochs, loss, seed, train_subset="data/reward", eval_data=None,
              tokenizer=None):
     if (out / "eval_results.json").is_file():
@@ -203,18 +205,9 @@ def eval_row(rm_dir: Path) -> dict:
     res = json.loads((rm_dir / "eval_results.json").read_text())
     scores = read_records(rm_dir / "eval_scores.jsonl")
     diffs = [r["reward_j"] - r["reward_k"] for r in scores]
-    bins = [[0, 0, 0.0] for _ in range(10)]  # pairs, correct, summed confidence; confidence in [0.5, 1]
-    for d in diffs:
-        conf, b = confidence_bin(d)
-        bins[b][0] += 1
-        bins[b][1] += d > 0
-        bins[b][2] += conf
-    n = len(diffs)
-    ece = sum(abs(c - s) for m, c, s in bins if m) / n if n else None  # sum over bins of |correct - conf|/n
+    ece, reliability = calibration(diffs)
     return {"accuracy": res["accuracy"], "tie_rate": res["tie_rate"], "n_eval": res["pairs"],
-            "correct": "".join("1" if d > 0 else "0" for d in diffs), "ece": ece,
-            "reliability": [{"pairs": m, "accuracy": c / m if m else None, "confidence": s / m if m else None}
-                            for m, c, s in bins]}
+            "correct": "".join("1" if d > 0 else "0" for d in diffs), "ece": ece, "reliability": reliability}
 
 
 def selection_row(loop_dir: Path, seed_scores: dict, gold_fn) -> dict:
@@ -316,7 +309,7 @@ def run_variant(grid, name, spec, seed, work: Path, data: Path, start_model: Pat
 
 def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_rms: dict):
     """PPO against the RM of one variant, then the policy against SFT by the gold reward (one row)."""
-    rm_variant = name.removeprefix("ppo:")
+    rm_variant, _, config = name.removeprefix("ppo:").partition("@")
     rm_grid = {**grid, "setting": "synthetic"}
     t0 = time.perf_counter()
     rows = run_variant(rm_grid, rm_variant, spec, seed, work / "ppo-rms", data, sft_dir, seed_rms)
@@ -327,10 +320,14 @@ def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_
         rm_dir = seed_rms[(spec["fraction"], spec["loss"])]
     else:
         rm_dir = work / "ppo-rms" / rm_variant / f"loop_{final['loop']}" / "rm"
+    members = [rm_dir]
+    if config == "ensemble":  # every loop's RM, Loop 0's included
+        members = [work / "ppo-rms" / rm_variant / f"loop_{t}" / "rm" for t in range(final["loop"] + 1)]
     out = work / name.replace(":", "-")
     shutil.rmtree(out, ignore_errors=True)
-    stage("ppo/ppo.py", "--model_name", sft_dir, "--reward_model_name", rm_dir, "--dataset_name", data,
-          "--output_dir", out, "--seed", seed, *grid["ppo"])
+    stage("ppo/ppo.py", "--model_name", sft_dir, "--reward_model_name", *members, "--dataset_name", data,
+          "--output_dir", out, "--seed", seed, "--gold", "synthetic", *grid["ppo"], *PPO_CONFIGS.get(config, []))
+    steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     full_rm = work / "ppo-rms" / "full"
     if not (full_rm / "eval_results.json").is_file():
         run_variant(rm_grid, "full", SYNTHETIC_VARIANTS["full"], seed, work / "ppo-rms", data, sft_dir, seed_rms)
@@ -345,7 +342,10 @@ def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_
              "sft_gold_reward": summary["base"]["gold_reward"], "ppo_gold_reward": summary["policy"]["gold_reward"],
              "gold_win_rate": judged["gold"]["win_rate"], "gold_tie_rate": judged["gold"]["tie_rate"],
              "full_rm_win_rate": judged["judge_rm"]["win_rate"], "policy_rm_win_rate": judged["policy_rm"]["win_rate"],
-             "kl_to_sft": summary["kl_to_base"], "wall_s": time.perf_counter() - t0}]
+             "kl_to_sft": summary["kl_to_base"], "ppo_config": config or "old", "ensemble_members": len(members),
+             "step_kl_median": statistics.median(r["objective/kl"] for r in steps),
+             "gold_by_step": [r.get("gold/reward_mean") for r in steps], "kl_by_step": [r["objective/kl"] for r in steps],
+             "proxy_by_step": [r["env/reward_mean"] for r in steps], "wall_s": time.perf_counter() - t0}]
 
 
 # ----------------------------------------------------------------------------- the grid

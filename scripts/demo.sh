@@ -34,10 +34,12 @@ FINAL_RM=$(python -c "import json; print(json.load(open('$OUT/ser/loops.json'))[
 [[ -f $OUT/ppo/policy/model.safetensors ]] || python ppo/ppo.py --model_name $OUT/sft \
   --reward_model_name "$FINAL_RM" --dataset_name $OUT/data --output_dir $OUT/ppo --log_with wandb \
   --steps 80 --batch_size 32 --mini_batch_size 8 --gradient_accumulation_steps 1 --ppo_epochs 4 \
-  --learning_rate 3e-3 --init_kl_coef 0.1 --output_max_length 24 --save_freq 40
+  --learning_rate 3e-3 --init_kl_coef 0.1 --output_max_length 24 --save_freq 40 \
+  --gold synthetic --eval_reward_model $OUT/rm_full
 [[ -f $OUT/ppo/eval_policy.json ]] || python ppo/evaluate.py --base_model $OUT/sft --policy $OUT/ppo/policy \
   --reward_model_name "$FINAL_RM" --dataset_name $OUT/data --gold synthetic --samples_per_prompt 16 \
   --output $OUT/ppo/eval_policy.json
 
-python scripts/ser_report.py --run $OUT/ser --full_rm $OUT/rm_full --demo_dir $OUT --policy_eval $OUT/ppo/eval_policy.json
+python scripts/ser_report.py --run $OUT/ser --full_rm $OUT/rm_full --demo_dir $OUT --policy_eval $OUT/ppo/eval_policy.json \
+  --ppo_log $OUT/ppo/log.jsonl
 echo "demo: finished in $(( $(date +%s) - start )) s; see $OUT/report.md and $OUT/summary.json"

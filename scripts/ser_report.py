@@ -22,6 +22,9 @@ class Args:
     report_to: str = field(default="wandb", metadata={"help": "wandb or none"})
     demo_dir: str | None = field(default=None, metadata={"help": "also write summary.json and report.md here"})
     policy_eval: str | None = field(default=None, metadata={"help": "ppo/evaluate.py output, for the demo report"})
+    ppo_log: str | None = field(default=None, metadata={
+        "help": "ppo.py's log.jsonl (run with --gold or --eval_reward_model): the demo report plots the proxy and "
+                "the independent reward against KL"})
 
 
 def read(path):
@@ -133,11 +136,42 @@ def main(args: Args):
         print(f"{lp['loop']:>4} {lp['status']:>8} {lp['selected']:>8} {prec:>9} {acc:>8} {lp['wall_time_s']:>7.1f}")
     print(f"wrote {run / 'loops.json'} and {run / 'accuracy.png'}")
     if args.demo_dir:
-        write_demo_report(summary, run, Path(args.demo_dir), read(args.policy_eval) if args.policy_eval else None)
+        write_demo_report(summary, run, Path(args.demo_dir), read(args.policy_eval) if args.policy_eval else None,
+                          args.ppo_log)
     return summary
 
 
-def write_demo_report(summary, run: Path, out: Path, policy_eval=None):
+def plot_overoptimisation(log_path, path) -> str | None:
+    """The RM reward PPO optimised and the independent rewards (gold, the evaluation RM) of each step's rollout
+    against the step's KL to SFT (Gao et al.'s over-optimisation curve); a sentence of what it shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    keys = [k for k in ("env/reward_mean", "gold/reward_mean", "eval/reward_mean") if any(k in r for r in rows)]
+    names = {"env/reward_mean": "RM PPO optimised (proxy)", "gold/reward_mean": "gold reward",
+             "eval/reward_mean": "independent RM"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3), dpi=120)
+    for ax, key in zip(axes if len(keys) > 1 else [axes], keys):
+        pts = [(r["objective/kl"], r[key], r["step"]) for r in rows if key in r]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=10)
+        ax.set(xlabel="KL to SFT (nats per response)", title=names[key])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    if "gold/reward_mean" not in keys:
+        return None
+    first, last = rows[:10], rows[-10:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    return (f"Over PPO's first and last 10 steps, the proxy reward went {mean(first, 'env/reward_mean'):+.3f} -> "
+            f"{mean(last, 'env/reward_mean'):+.3f} and the gold reward {mean(first, 'gold/reward_mean'):+.3f} -> "
+            f"{mean(last, 'gold/reward_mean'):+.3f}, at KL {mean(first, 'objective/kl'):.1f} -> "
+            f"{mean(last, 'objective/kl'):.1f} (each step's rollout).")
+
+
+def write_demo_report(summary, run: Path, out: Path, policy_eval=None, ppo_log=None):
     loops = summary["loops"]
     demo = {"seed_accuracy": loops[0]["accuracy"], "ser_accuracy": summary["final_accuracy"],
             "full_accuracy": summary.get("full_accuracy"), "final_rm": summary["final_rm"],
@@ -191,6 +225,10 @@ def write_demo_report(summary, run: Path, out: Path, policy_eval=None):
                        f"{100 * demo['ppo_win_rate_rm']:.0f} % by the RM it optimised (a circular judge); "
                        f"KL to SFT {demo['ppo_kl_to_sft']:.1f} nats.")
         lines += ["## PPO against the final SER RM", "", *ppo_rows, "", ppo_verdict, ""]
+        if ppo_log and Path(ppo_log).is_file():
+            curve = plot_overoptimisation(ppo_log, out / "overoptimisation.png")
+            lines += [*([curve, ""] if curve else []), "![rewards against KL](overoptimisation.png)", ""]
+            verdict += [curve] if curve else []
         rows, verdict = rows + [""] + ppo_rows, verdict + [ppo_verdict]
     (out / "report.md").write_text("\n".join(lines))
     print("\n".join(rows + verdict))
