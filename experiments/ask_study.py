@@ -103,7 +103,7 @@ def run(args: Args) -> Path:
     study = json.loads((results / f"{args.setting}.json").read_text())
     path = results / f"ask-{args.setting}.json"
     state = json.loads(path.read_text()) if path.is_file() else {"setting": args.setting, "rows": []}
-    work, splits = frozen.featurise(frozen.Args(setting=args.setting, workdir=args.workdir, results=args.results))
+    work, splits, _ = frozen.featurise(frozen.Args(setting=args.setting, workdir=args.workdir, results=args.results))
     layer, l2_by_fraction = study["tuning"]["layer"], study["tuning"]["l2_by_fraction"]
     pool, held = fs.load(work, splits, layer)
     _, rest = fs.universe_split(len(pool))

@@ -188,12 +188,13 @@ def bits(correct) -> str:
 # ----------------------------------------------------------------------------- the study
 
 
-def fingerprint(work: Path) -> dict:
-    """What the saved rows depend on: the prepared data (its source's sha256, seed and split counts) and the
-    features (the trunk's files by content, the cache's length, layers and precision)."""
+def fingerprint(work: Path, data: Path | None = None) -> dict:
+    """What the saved rows depend on: the prepared data (its source's sha256, seed and split counts; `data`,
+    by default the study's own WORK/data) and the features (the trunk's files by content, the cache's length,
+    layers and precision)."""
     from ser.data import file_sha256
 
-    manifest = json.loads((work / "data" / "manifest.json").read_text())
+    manifest = json.loads(((data or work / "data") / "manifest.json").read_text())
     meta = features.read_meta(work / "cache")
     trunk = Path(meta["trunk_path"])
     files = {p.name: file_sha256(p) for p in sorted(trunk.iterdir()) if p.suffix in (".safetensors", ".json")} \
@@ -218,17 +219,23 @@ def check_resume(state: dict, now: dict, n_pool: int, n_held: int, path: Path) -
               "data's fingerprint is recorded from now on", flush=True)
 
 
-def run(args, work: Path, splits: dict):
+def run(args, work: Path, splits: dict, seeds=SEEDS, data: Path | None = None):
+    """The study on the cache at `work` (args: its name and the results folder) and the prepared folder `data`
+    (default WORK/data), `seeds` per cell."""
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.setting}.json"
-    state = json.loads(path.read_text()) if path.is_file() else {"setting": args.setting}
+    name = getattr(args, "name", None) or args.setting
+    l2s = getattr(args, "l2s", None) or L2S
+    path = out / f"{name}.json"
+    state = json.loads(path.read_text()) if path.is_file() else {"setting": name}
     save = lambda: write_json(path, state)  # noqa: E731 (after every step: an interruption loses at most it)
     n_pool = len(splits["reward_full"][0])
-    check_resume(state, now := fingerprint(work), n_pool, len(splits["evaluation"][0]), path)
+    check_resume(state, now := fingerprint(work, data), n_pool, len(splits["evaluation"][0]), path)
     state["fingerprint"] = now
     validation, rest = universe_split(n_pool)
     state.update(pool_pairs=n_pool, held_out_pairs=len(splits["evaluation"][0]), validation_pairs=len(validation))
+    if getattr(args, "trunk", None):
+        state["trunk"] = Path(args.trunk).name
 
     # 1. tuning on the validation split: the layer at 15 % labels, then L2 per fraction
     if "tuning" not in state:
@@ -237,16 +244,17 @@ def run(args, work: Path, splits: dict):
         for layer in json.loads((work / "cache" / features.META).read_text())["layers"]:
             pool, _ = load(work, splits, layer)
             val = pool.take(validation)
-            by_layer[layer] = {str(l2): sum(accuracy(fit(*_seed(pool, rest, 0.15, s), l2), val)[0] for s in SEEDS[:5]) / 5
-                               for l2 in L2S}
+            by_layer[layer] = {str(l2): sum(accuracy(fit(*_seed(pool, rest, 0.15, s), l2), val)[0] for s in seeds[:5]) / len(seeds[:5])
+                               for l2 in l2s}
         layer = max(by_layer, key=lambda x: max(by_layer[x].values()))
         pool, _ = load(work, splits, layer)
         val = pool.take(validation)
         l2_by_fraction = {}
         for f in sorted(set(FRACTIONS + GRID_FRACTIONS)):
-            scores = {l2: sum(accuracy(fit(*_seed(pool, rest, f, s), l2), val)[0] for s in SEEDS[:5]) / 5 for l2 in L2S}
+            scores = {l2: sum(accuracy(fit(*_seed(pool, rest, f, s), l2), val)[0] for s in seeds[:5]) / len(seeds[:5])
+                      for l2 in l2s}
             l2_by_fraction[str(f)] = max(scores, key=scores.get)
-        state["tuning"] = {"layer": layer, "validation_accuracy_by_layer_and_l2_at_15pct": by_layer,
+        state["tuning"] = {"layer": layer, "l2_grid": l2s, "validation_accuracy_by_layer_and_l2_at_15pct": by_layer,
                            "l2_by_fraction": l2_by_fraction, "seconds": time.perf_counter() - t0}
         save()
     layer = state["tuning"]["layer"]
@@ -255,7 +263,7 @@ def run(args, work: Path, splits: dict):
 
     # 2. the learning curve (held-out accuracy of the seed RM, tuned L2), 20 seeds
     if "curve" not in state:
-        state["curve"] = {str(f): [accuracy(fit(*_seed(pool, rest, f, s), l2_of(f)), held)[0] for s in SEEDS]
+        state["curve"] = {str(f): [accuracy(fit(*_seed(pool, rest, f, s), l2_of(f)), held)[0] for s in seeds]
                           for f in FRACTIONS}
         save()
 
@@ -267,7 +275,7 @@ def run(args, work: Path, splits: dict):
         state["preregistration"] = {
             "gap_all_labels_over_15pct": gaps["0.15"], "gaps": gaps, "primary_fraction": float(primary),
             "rule": "15 % if all labels beat it by 3 points or more, else the fraction with the largest gap",
-            "primary_test": "ser-paper vs its own seed RM, paired over 20 seeds, same held-out pairs",
+            "primary_test": f"ser-paper vs its own seed RM, paired over {len(seeds)} seeds, same held-out pairs",
             "floor": "the paper's count floor as a share of the pool (600 of 136k = 0.44 %)",
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         save()
@@ -276,12 +284,12 @@ def run(args, work: Path, splits: dict):
     # 4. the SER grid
     rows = state.setdefault("rows", [])
     done = {(r["variant"], r["fraction"], r["seed"]) for r in rows}
-    write_report(out, args.setting)  # the curve and the choice are in the report before any SER row exists
+    write_report(out, name)  # the curve and the choice are in the report before any SER row exists
     plan = [(v, f) for f in sorted(set(GRID_FRACTIONS) | {primary}) for v in ("seed", "ser-paper")] + [("full", primary)]
     plan += [(v, primary) for v in ("ser-paper@l2=default", "seed@l2=default", "ser-released", "ser-pairwise",
                                     "ser-centred", "ser-floor10", "ser-forward", "ser-ensemble", "oracle", "random")]
     for variant, fraction in plan:
-        for s in SEEDS:
+        for s in seeds:
             if (variant, fraction, s) in done:
                 continue
             rows += run_one(variant, fraction, s, pool, held, rest, l2_of)
@@ -381,16 +389,18 @@ def report(state) -> str:
     pre = state["preregistration"]
     primary = pre["primary_fraction"]
     t = state["tuning"]
+    grid = t.get("l2_grid", L2S)
     lines = [f"# Frozen-trunk study: `{state['setting']}`", "",
-             f"SmolLM2-135M-Instruct, frozen; a linear score head on the last-token state of layer {t['layer']} "
+             f"{state.get('trunk', 'SmolLM2-135M-Instruct')}, frozen; a linear score head on the last-token state "
+             f"of layer {t['layer']} "
              f"(chosen on {state['validation_pairs']} validation pairs carved from the pool, never the held-out ones). "
              f"Pool {state['pool_pairs'] - state['validation_pairs']} pairs; {state['held_out_pairs']} held-out pairs, "
              "the same for every seed. Accuracy is strict, in %. Generated from the JSON beside this file by "
              "`python -m experiments.frozen` (experiments/frozen_study.py).", "",
              "## 1. Tuning (validation split)", "",
-             "| layer | " + " | ".join(f"L2 {x}" for x in L2S) + " |", "|---|" + "---:|" * len(L2S)]
+             "| layer | " + " | ".join(f"L2 {x}" for x in grid) + " |", "|---|" + "---:|" * len(grid)]
     for layer, by in t["validation_accuracy_by_layer_and_l2_at_15pct"].items():
-        lines.append(f"| {layer} | " + " | ".join(pct(by[str(x)]) for x in L2S) + " |")
+        lines.append(f"| {layer} | " + " | ".join(pct(by[str(x)]) for x in grid) + " |")
     lines += ["", "L2 chosen per label fraction (validation, 5 seeds): " +
               ", ".join(f"{float(f):g}: {v:g}" for f, v in t["l2_by_fraction"].items()), "",
               "## 2. Learning curve (seed RM, tuned L2, 20 seeds)", "",
