@@ -221,7 +221,12 @@ def build_cache(folder, trunk_path, pad_id: int, sequences, max_length: int, lay
 
 
 def featurise(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows, progress, device):
-    """The features of `mine` ((key, ids) pairs), saved as parts of `part_rows` rows."""
+    """The features of `mine` ((key, ids) pairs), saved as parts of `part_rows` rows. No layer past the deepest
+    one asked is computed (the trunk is cut there; its last hidden state is then that layer's, normed)."""
+    deepest = max(layers)
+    if deepest < n_layers:
+        trunk.layers = trunk.layers[:deepest]
+        trunk.config.num_hidden_layers = n_layers = deepest
     trunk.to(device)
     batches = length_batches([len(s) for _, s in mine], batch_size, FORWARD_COST)
     rows, keys = [], []

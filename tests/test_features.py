@@ -274,3 +274,23 @@ def test_two_jobs_building_one_cache_at_once_give_what_one_build_gives(sft_model
     assert sum(b["featurised_here"] for b in built) == len(distinct)  # the overlap once: the builders took turns
     assert torch.allclose(features.load_features(tmp_path / "shared", distinct, 1),
                           features.load_features(tmp_path / "one", distinct, 1), atol=1e-5)
+
+
+def test_no_layer_past_the_deepest_asked_is_computed(sft_model, synthetic, tmp_path, monkeypatch):
+    tok, seqs = cache_sequences(sft_model, synthetic, 10)
+    load, ran = features.load_trunk, []
+
+    def watched(path, dtype="auto"):
+        trunk = load(path, dtype)
+        for i, layer in enumerate(trunk.layers):
+            layer.register_forward_hook(lambda *_, i=i: ran.append(i))
+        return trunk
+
+    monkeypatch.setattr(features, "load_trunk", watched)
+    features.build_cache(tmp_path / "one", **build_args(sft_model, tok, seqs))  # layer 1 of 2
+    assert ran and set(ran) == {0}
+    ran.clear()
+    features.build_cache(tmp_path / "both", **{**build_args(sft_model, tok, seqs), "layers": [1, 2]})
+    assert set(ran) == {0, 1}
+    assert torch.allclose(features.load_features(tmp_path / "one", seqs, 1), features.load_features(tmp_path / "both", seqs, 1),
+                          atol=1e-5)  # the cut trunk's layer-1 features are the whole trunk's
