@@ -26,7 +26,7 @@ from ser import features
 from ser import loop as ser_loop
 from ser.data import write_json
 from ser.selection import Thresholds
-from ser.stats import calibration, holm, sign_flip_p, sign_flip_p_mc
+from ser.stats import calibration, crossed, holm, seeds_and_pairs_ci, sign_flip_p, sign_flip_p_mc
 
 SEEDS = list(range(20))
 FRACTIONS = [0.01, 0.02, 0.05, 0.10, 0.15, 0.30, 0.50, 1.0]
@@ -368,14 +368,29 @@ def final(rows):
     return out
 
 
+def unbits(text: str) -> list[int]:
+    """The correctness bits that `bits` stored."""
+    n, digits = text.split(":")
+    return [int(c) for c in f"{int(digits, 16):0{int(n)}b}"] if int(n) else []
+
+
 def paired(finals, a, b, fraction, rng):
+    """Variant a against b on the same seeds and held-out pairs: the mean difference, with the seed-level 95 %
+    bootstrap interval and exact sign-flip p, and the interval and p that count the held-out pairs' sampling
+    too (ser.stats.crossed, from the stored correctness bits), which the report leads with."""
     seeds = sorted(s for (v, f, s) in finals if v == a and f == fraction and (b, fraction, s) in finals)
     diffs = [finals[(a, fraction, s)]["accuracy"] - finals[(b, fraction, s)]["accuracy"] for s in seeds]
     if not diffs:
         return None
     means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(2000))
-    return {"seeds": len(diffs), "mean": sum(diffs) / len(diffs), "ci": (means[49], means[1949]),
-            "p": sign_flip_p(diffs) if len(diffs) <= 16 else sign_flip_p_mc(diffs, rng)}
+    out = {"seeds": len(diffs), "mean": sum(diffs) / len(diffs), "ci": (means[49], means[1949]),
+           "p": sign_flip_p(diffs) if len(diffs) <= 16 else sign_flip_p_mc(diffs, rng)}
+    if all("correct" in finals[(v, fraction, s)] for s in seeds for v in (a, b)):
+        table = [[x - y for x, y in zip(unbits(finals[(a, fraction, s)]["correct"]), unbits(finals[(b, fraction, s)]["correct"]))]
+                 for s in seeds]
+        both = crossed(table)
+        out.update(crossed_ci=both["ci"], crossed_p=both["p"])
+    return out
 
 
 def pct(x):
@@ -403,15 +418,18 @@ def report(state) -> str:
         lines.append(f"| {layer} | " + " | ".join(pct(by[str(x)]) for x in grid) + " |")
     lines += ["", "L2 chosen per label fraction (validation, 5 seeds): " +
               ", ".join(f"{float(f):g}: {v:g}" for f, v in t["l2_by_fraction"].items()), "",
-              "## 2. Learning curve (seed RM, tuned L2, 20 seeds)", "",
-              "| human-labelled share of the pool | pairs | accuracy mean ± std | 95 % CI (seeds) |", "|---|---:|---|---|"]
+              f"## 2. Learning curve (seed RM, tuned L2, {len(next(iter(state['curve'].values())))} seeds)", "",
+              "The interval counts the seeds and the held-out pairs (seed variance over the seeds, plus the binomial "
+              "bound on the pairs' share, `ser.stats.seeds_and_pairs_ci`).", "",
+              "| human-labelled share of the pool | pairs | accuracy mean ± std | 95 % CI (seeds and pairs) |",
+              "|---|---:|---|---|"]
     n_pool = state["pool_pairs"] - state["validation_pairs"]
     for f, accs in state["curve"].items():
         m = sum(accs) / len(accs)
         sd = (sum((a - m) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
-        boot = sorted(sum(rng.choices(accs, k=len(accs))) / len(accs) for _ in range(2000))
+        lo, hi = seeds_and_pairs_ci(accs, state["held_out_pairs"])
         lines.append(f"| {100 * float(f):g} % | {max(2, round(float(f) * n_pool))} | {pct(m)} ± {pct(sd)} | "
-                     f"[{pct(boot[49])}, {pct(boot[1949])}] |")
+                     f"[{pct(lo)}, {pct(hi)}] |")
     lines += ["", "## 3. Pre-registration (written before any SER run)", "",
               f"All labels beat the 15 % seed RM by {100 * pre['gap_all_labels_over_15pct']:.1f} points"
               + (" (less than 3)" if pre["gap_all_labels_over_15pct"] < 0.03 else "") +
@@ -421,10 +439,14 @@ def report(state) -> str:
         return "\n".join(lines + ["The SER grid has not run yet."])
     lines += ["## 4. SER against its seed RM", "",
               "Final accuracy (the last loop that trained); Δ = variant − its own seed RM on the same seeds and "
-              "held-out pairs; 95 % CI by bootstrap over seeds; p by the paired sign-flip test. "
-              "Secondary variants (at the primary fraction) are Holm-corrected among themselves.", "",
-              "| variant | labelled | seeds | accuracy mean | Δ vs seed RM | 95 % CI | p | Holm p | loops run (min–max) |",
-              "|---|---|---:|---:|---:|---|---:|---:|---|"]
+              "held-out pairs. The 95 % CI and p count both sources of variance, the seeds and the sampling of the "
+              "held-out pairs (the random-effects variance of the seeds × pairs table of per-pair differences, "
+              "`ser.stats.crossed`); the paired sign-flip p over seeds alone, which takes the held-out pairs as "
+              "fixed, is given beside it. Holm family: the secondary variants against their seed RM at the primary "
+              "fraction, on the seeds-and-pairs p.", "",
+              "| variant | labelled | seeds | accuracy mean | Δ vs seed RM | 95 % CI (seeds and pairs) | p | Holm p | "
+              "p, seeds only | loops run (min–max) |",
+              "|---|---|---:|---:|---:|---|---:|---:|---:|---|"]
     fractions = sorted({f for (_, f, _) in finals})
     secondary_ps = {}
     stats = {}
@@ -436,17 +458,19 @@ def report(state) -> str:
             base = "seed@l2=default" if v.endswith("@l2=default") else "seed"
             cmp = paired(finals, v, base, f, rng) if v not in ("seed", "full", "seed@l2=default") else None
             stats[(v, f)] = (keys, cmp)
-            if v in SECONDARY and cmp:
-                secondary_ps[v] = cmp["p"]
+            if v in SECONDARY and cmp and f == primary:
+                secondary_ps[v] = cmp.get("crossed_p", cmp["p"])
     adjusted = holm(secondary_ps)
     for (v, f), (keys, cmp) in stats.items():
         accs = [finals[k]["accuracy"] for k in keys]
         loops = [max(r["loop"] for r in rows if (r["variant"], r["fraction"], r["seed"]) == k) for k in keys]
         labelled = "all" if v == "full" else f"{100 * f:g} %"
+        ci, p = (cmp.get("crossed_ci"), cmp.get("crossed_p")) if cmp else (None, None)
         lines.append(f"| {v} | {labelled} | {len(keys)} | {pct(sum(accs) / len(accs))} | "
-                     + (f"{100 * cmp['mean']:+.1f} | [{100 * cmp['ci'][0]:+.1f}, {100 * cmp['ci'][1]:+.1f}] | "
-                        f"{cmp['p']:.3g} | " if cmp else "– | – | – | ")
-                     + (f"{adjusted[v]:.3g}" if v in adjusted else "–") + f" | {min(loops)}–{max(loops)} |")
+                     + (f"{100 * cmp['mean']:+.1f} | " if cmp else "– | ")
+                     + (f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] | {p:.3g} | " if ci else "– | – | ")
+                     + (f"{adjusted[v]:.3g}" if v in adjusted and f == primary else "–")
+                     + (f" | {cmp['p']:.3g}" if cmp else " | –") + f" | {min(loops)}–{max(loops)} |")
     lines += ["", f"## 5. Mechanism per loop (`ser-paper`, {100 * primary:g} % labelled)", "",
               "Means over the seeds that reached the loop (their number is given).", "",
               "| loop | seeds | status (count) | status-1 eligible | status-2 eligible | selected | reward mean ± std | "

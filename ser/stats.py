@@ -92,3 +92,33 @@ def calibration(gaps) -> tuple[float | None, list[dict]]:
     n = sum(m for m, _, _ in bins)
     ece = sum(abs(c - s) for m, c, s in bins if m) / n if n else None  # sum over bins of |correct - conf| / n
     return ece, [{"pairs": m, "accuracy": c / m if m else None, "confidence": s / m if m else None} for m, c, s in bins]
+
+
+def crossed(diffs_by_seed) -> dict:
+    """The mean of a seeds x pairs table of paired differences (every seed scored on the same held-out pairs),
+    with a 95 % interval and a two-sided p that count both sources of variance: the random-effects variance
+    of a crossed design without replication, from its ANOVA mean squares (seeds MS_a, pairs MS_b, residual
+    MS_e): var(mean) = s2_a / S + s2_b / P + s2_e / (S P), s2_a = (MS_a - MS_e) / P and s2_b = (MS_b - MS_e) / S
+    (each at least 0), s2_e = MS_e; normal interval and p."""
+    import numpy as np
+
+    d = np.asarray(diffs_by_seed, dtype=np.float64)  # [seeds, pairs]
+    s, p = d.shape
+    m, rows, cols = d.mean(), d.mean(1), d.mean(0)
+    ms_a = p * ((rows - m) ** 2).sum() / (s - 1)
+    ms_b = s * ((cols - m) ** 2).sum() / (p - 1)
+    ms_e = ((d - rows[:, None] - cols[None, :] + m) ** 2).sum() / ((s - 1) * (p - 1))
+    var = max(ms_a - ms_e, 0) / (p * s) + max(ms_b - ms_e, 0) / (s * p) + ms_e / (s * p)
+    se = math.sqrt(var)
+    z = m / se if se else math.inf * (1 if m else 0)
+    return {"mean": float(m), "ci": (float(m - 1.96 * se), float(m + 1.96 * se)),
+            "p": math.erfc(abs(z) / math.sqrt(2)) if se else float(m == 0), "se": se, "seeds": s, "pairs": p}
+
+
+def seeds_and_pairs_ci(accuracies, pairs: int) -> tuple[float, float]:
+    """95 % interval of a mean accuracy over seeds on one set of `pairs` held-out pairs, counting both: the
+    seeds' variance over their number plus the binomial bound m (1 - m) / pairs on the pairs' share (without
+    per-pair results the two cannot be told apart, so this errs wide)."""
+    m, sd = mean_std(accuracies)
+    se = math.sqrt(sd ** 2 / len(accuracies) + m * (1 - m) / pairs)
+    return m - 1.96 * se, m + 1.96 * se
