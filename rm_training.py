@@ -96,6 +96,15 @@ class ScriptArguments(DataArguments):
         "help": "--trunk frozen: the trunk layer whose last-token state the head reads (-1: the last); the saved RM "
                 "is the trunk truncated after it"})
     head_l2: float = field(default=1e-3, metadata={"help": "--trunk frozen: L2 penalty of the head, l2/2 |w|^2"})
+    head_optimizer: str = field(default="lbfgs", metadata={
+        "help": "--trunk frozen: lbfgs (full batch, to convergence) or adamw (as the paper trains RMs: "
+                "--num_train_epochs passes in minibatches of --per_device_train_batch_size, --head_lr with a linear "
+                "schedule after --warmup_steps; a retraining then continues its head, which differs from a restart)",
+        "choices": ["lbfgs", "adamw"]})
+    head_lr: float = field(default=1e-3, metadata={"help": "--head_optimizer adamw: the head's peak learning rate"})
+    head_steps: int | None = field(default=None, metadata={
+        "help": "--head_optimizer adamw: exactly this many optimiser steps instead of the epochs' (a matched-steps "
+                "control)"})
     bootstrap_heads: int = field(default=0, metadata={
         "help": "--trunk frozen: also fit this many heads on bootstrap resamples of the pairs and save them beside "
                 "the RM, the members of the filter's --selection ensemble"})
@@ -242,23 +251,29 @@ def train_frozen(script_args, model_args, config, tokenizer, train_records, eval
     clear_output(Path(config.output_dir), lora=False)
     start = time.perf_counter()
     w0 = features.head_weight(script_args.model_name) if info else None
-    w = features.train_head(features.load_features(cache, chosen, layer), features.load_features(cache, rejected, layer),
-                            w0, script_args.head_l2, loss=script_args.loss, margin=script_args.hinge_margin,
-                            center=config.center_rewards_coefficient or 0.0)
+    f_j, f_k = features.load_features(cache, chosen, layer), features.load_features(cache, rejected, layer)
+    fit = dict(l2=script_args.head_l2, loss=script_args.loss, margin=script_args.hinge_margin,
+               center=config.center_rewards_coefficient or 0.0)
+    steps = None
+    if script_args.head_optimizer == "adamw":
+        w, steps = features.train_head_steps(f_j, f_k, w0, epochs=config.num_train_epochs, lr=script_args.head_lr,
+                                             batch_size=config.per_device_train_batch_size,
+                                             warmup=config.warmup_steps or 0, seed=config.seed,
+                                             steps=script_args.head_steps, **fit)
+    else:
+        w = features.train_head(f_j, f_k, w0, **fit)
     w = features.save_frozen_rm(config.output_dir, trunk, layer, w, tokenizer, cache, config.max_length, model_args.dtype)
     if script_args.bootstrap_heads:
-        fit = dict(l2=script_args.head_l2, loss=script_args.loss, margin=script_args.hinge_margin,
-                   center=config.center_rewards_coefficient or 0.0)
         features.save_bootstrap_heads(config.output_dir, features.bootstrap_heads(
-            features.load_features(cache, chosen, layer), features.load_features(cache, rejected, layer),
-            script_args.bootstrap_heads, config.seed, **fit))
+            f_j, f_k, script_args.bootstrap_heads, config.seed, **fit))
     r_j = (features.load_features(cache, eval_j, layer) @ w).tolist()  # with the head as saved
     r_k = (features.load_features(cache, eval_k, layer) @ w).tolist()
     loss = pair_loss(torch.tensor(r_j), torch.tensor(r_k), script_args.loss, script_args.hinge_margin).mean().item()
     results = {**pair_metrics(r_j, r_k), "loss": loss, "train_pairs": len(train_records), "train_truncated": truncated,
                "eval_truncated": eval_truncated, "loss_type": script_args.loss, "model_name": script_args.model_name,
                "max_length": config.max_length, "trunk": "frozen", "feature_layer": layer, "head_l2": script_args.head_l2,
-               "bootstrap_heads": script_args.bootstrap_heads,
+               "bootstrap_heads": script_args.bootstrap_heads, "head_optimizer": script_args.head_optimizer,
+               "head_steps_run": steps,
                "center_rewards_coefficient": config.center_rewards_coefficient,
                "use_lora": False, "train_seconds": time.perf_counter() - start, "featurising": built,
                "train_sources": dict(Counter(r.get("_source", "hub") for r in train_records))}

@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import uuid
 from pathlib import Path
 
@@ -317,6 +318,40 @@ def train_head(f_j, f_k, w0=None, l2: float = 1e-3, max_iter: int = 200, loss: s
 
     opt.step(closure)
     return w.detach().float()
+
+
+def train_head_steps(f_j, f_k, w0=None, l2: float = 1e-3, epochs: float = 1.0, lr: float = 1e-3, batch_size: int = 32,
+                     warmup: float = 0.0, seed: int = 0, loss: str = "bt", margin: float = 1.0, center: float = 0.0,
+                     steps: int | None = None):
+    """The score head trained as the paper trains RMs, not to convergence: AdamW on minibatches of the mean
+    pairwise loss plus l2/2 |w|^2 (and `center` as in `train_head`), a linear learning-rate schedule after
+    `warmup` steps of warm-up (a share of them below 1, as transformers' warmup_steps), `epochs` passes over
+    the pairs in a seeded order (or exactly `steps` optimiser steps: a matched-steps control). `w0` continues
+    a previous head, which now differs from restarting. Returns the head and the optimiser steps run."""
+    from ser.modeling import pair_loss
+
+    n = len(f_j)
+    per_epoch = math.ceil(n / batch_size)
+    total = steps if steps is not None else max(1, round(epochs * per_epoch))
+    w = (torch.zeros(f_j.shape[1]) if w0 is None else w0.float().clone()).requires_grad_(True)
+    opt = torch.optim.AdamW([w], lr=lr, weight_decay=0.0)
+    warmup = int(warmup * total) if 0 < warmup < 1 else int(warmup)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: (t + 1) / max(1, warmup) if t < warmup else max(0.0, (total - t) / max(1, total - warmup)))
+    generator, order = torch.Generator().manual_seed(seed), torch.empty(0, dtype=torch.long)
+    for step in range(total):
+        if len(order) == 0:  # a new pass over the pairs
+            order = torch.randperm(n, generator=generator)
+        idx, order = order[:batch_size], order[batch_size:]
+        r_j, r_k = f_j[idx].float() @ w, f_k[idx].float() @ w
+        value = pair_loss(r_j, r_k, loss, margin).mean() + 0.5 * l2 * (w * w).sum()
+        if center:
+            value = value + center * ((r_j + r_k) ** 2).mean()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        schedule.step()
+    return w.detach().float(), total
 
 
 def frozen_info(path) -> dict | None:

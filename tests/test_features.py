@@ -3,6 +3,7 @@ computes what the saved checkpoint computes, is refused when stale, resumes exac
 ordinary RM for the filter and PPO."""
 
 import json
+import math
 import time
 
 import pytest
@@ -294,3 +295,41 @@ def test_no_layer_past_the_deepest_asked_is_computed(sft_model, synthetic, tmp_p
     assert set(ran) == {0, 1}
     assert torch.allclose(features.load_features(tmp_path / "one", seqs, 1), features.load_features(tmp_path / "both", seqs, 1),
                           atol=1e-5)  # the cut trunk's layer-1 features are the whole trunk's
+
+
+# ----------------------------------------------------------------------------- a head trained as the paper trains RMs
+
+
+def toy_features(n=100, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f_j, f_k = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    f_j[:, 0] += 1.0  # the preferred side is higher along one direction
+    return f_j, f_k
+
+
+def test_a_step_budget_head_stops_at_its_budget_and_continuing_differs_from_restarting():
+    f_j, f_k = toy_features()
+    w, steps = features.train_head_steps(f_j, f_k, epochs=2, batch_size=32, lr=1e-2)
+    assert steps == 2 * 4  # ceil(100 / 32) minibatches a pass
+    assert features.train_head_steps(f_j, f_k, epochs=2, batch_size=32, steps=5)[1] == 5  # a matched-steps control
+    assert ((f_j - f_k) @ w > 0).float().mean() > 0.6  # it learnt the direction
+    previous = features.train_head(f_j[:50], f_k[:50])
+    cont, _ = features.train_head_steps(f_j, f_k, previous, epochs=1, batch_size=32, lr=1e-3)
+    fresh, _ = features.train_head_steps(f_j, f_k, None, epochs=1, batch_size=32, lr=1e-3)
+    assert not torch.allclose(cont, fresh, atol=1e-3)  # a few steps from another start end elsewhere
+    conv_cont = features.train_head(f_j, f_k, previous)
+    assert torch.allclose(conv_cont, features.train_head(f_j, f_k), atol=1e-3)  # to convergence: the same head
+
+
+def test_an_adamw_frozen_rm_is_an_ordinary_rm_for_the_filter(sft_model, synthetic, tmp_path):
+    frozen_rm(sft_model, synthetic, tmp_path / "rm", tmp_path / "cache", "--feature_layer", "1",
+              "--head_optimizer", "adamw", "--num_train_epochs", "3", "--per_device_train_batch_size", "32")
+    results = json.loads((tmp_path / "rm" / "eval_results.json").read_text())
+    assert results["head_optimizer"] == "adamw" and results["head_steps_run"] == 3 * math.ceil(results["train_pairs"] / 32)
+    common = ["--dataset_name", str(synthetic), "--reward_model_name", str(tmp_path / "rm"), "--max_length", "96",
+              "--dtype", "float32", "--status1_min_pairs", "5", "--status2_min_pairs", "5"]
+    for name, extra in (("model", []), ("cache", ["--feature_cache", str(tmp_path / "cache")])):
+        F.main(*parse([F.ScriptArguments], [*common, "--rm_next_loop_save_path", str(tmp_path / name / "sel.jsonl"),
+                                            "--remaining_data_save_path", str(tmp_path / name / "rest.jsonl"), *extra]))
+    a, b = read_records(tmp_path / "model" / "scored.jsonl"), read_records(tmp_path / "cache" / "scored.jsonl")
+    assert [x["reward_j"] for x in a] == pytest.approx([y["reward_j"] for y in b], abs=1e-4)
