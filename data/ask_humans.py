@@ -23,6 +23,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ser import ask
 from ser.cli import parse
 from ser.data import (
@@ -56,8 +58,17 @@ class Args:
     pool: str = field(metadata={"help": "scored pool pairs (a JSON/JSONL file with reward_j and reward_k): a loop's remaining.jsonl"})
     n: int = field(metadata={"help": "pairs to ask humans about"})
     out: str = field(metadata={"help": "folder for the export"})
+    rule: str = field(default="uncertainty", metadata={
+        "help": "uncertainty: the RM's least certain pairs, spread by hashed n-grams (ser/ask.py pick); random: a "
+                "seeded random pair per question; d-optimal: greedy log-det of the head's Fisher information; "
+                "ensemble-diverse: the pairs the RM's bootstrap heads disagree on, spread in feature space; typical: "
+                "the most typical pair of each k-means cluster of the features. The last three read a frozen-trunk "
+                "RM's features: --reward_model_name and --feature_cache", "choices": list(ask.RULES)})
     diverse: bool = field(default=True, metadata={"help": "spread near-duplicate questions out (False: plain uncertainty order)"})
-    seed: int = field(default=0, metadata={"help": "seed of the answers' order (A/B) per pair"})
+    seed: int = field(default=0, metadata={"help": "seed of the answers' order (A/B) per pair, and of --rule random"})
+    reward_model_name: str | None = field(default=None, metadata={
+        "help": "the frozen-trunk RM that scored the pool (rm_training.py --trunk frozen), for the rules on features"})
+    feature_cache: str | None = field(default=None, metadata={"help": "its feature cache (built here for what it lacks)"})
 
 
 def read_scored(path) -> list[dict]:
@@ -81,6 +92,57 @@ def read_scored(path) -> list[dict]:
         r["p_j"] = ask.pairwise_probability(r["reward_j"], r["reward_k"])
         pairs.append(r)
     return pairs
+
+
+def pair_features(pool, args):
+    """Each pair's features (f_j, f_k) at the frozen-trunk RM's layer, from --feature_cache (featurising what
+    it lacks); a clear error naming what is missing otherwise."""
+    from ser import features
+    from ser.data import encode
+    from ser.modeling import load_tokenizer
+
+    if not args.reward_model_name or not args.feature_cache:
+        raise SystemExit(f"--rule {args.rule}: reads the head's features; give --reward_model_name (the frozen-trunk "
+                         "RM that scored the pool) and --feature_cache (its cache)")
+    info = features.frozen_info(args.reward_model_name)
+    if info is None:
+        raise SystemExit(f"--rule {args.rule}: {args.reward_model_name} is not a frozen-trunk RM (no frozen_trunk.json); "
+                         "the rules on features need one (rm_training.py --trunk frozen)")
+    features.check_trunk(info, args.reward_model_name)
+    tokenizer = load_tokenizer(args.reward_model_name)
+    ids = {side: [encode(tokenizer, r["question"], r[side], info["max_length"])["input_ids"] for r in pool]
+           for side in ("response_j", "response_k")}
+    features.build_cache(args.feature_cache, info["trunk"], tokenizer.pad_token_id, ids["response_j"] + ids["response_k"],
+                         info["max_length"], [info["layer"]], progress=None)
+    return (features.load_features(args.feature_cache, ids["response_j"], info["layer"]),
+            features.load_features(args.feature_cache, ids["response_k"], info["layer"]), info)
+
+
+def choose(pool, args) -> list[int]:
+    """The indices of the pairs to ask about, by --rule, in the order of choice."""
+    groups, p = [r["question"] for r in pool], [r["p_j"] for r in pool]
+    if args.rule == "uncertainty":
+        return ask.pick(p, ask.ngram_vectors(groups), args.n, groups=groups, diverse=args.diverse)
+    if args.rule == "random":
+        order = list(range(len(pool)))
+        random.Random(f"{args.seed}:random").shuffle(order)
+        return ask.one_per_group(order, groups)[:args.n]
+    f_j, f_k, info = pair_features(pool, args)
+    if args.rule == "d-optimal":
+        return ask.d_optimal(f_j - f_k, p, args.n, groups)[0]
+    if args.rule == "typical":
+        return ask.typical(f_j + f_k, args.n, groups, seed=args.seed)
+    from ser import features
+
+    path = Path(args.reward_model_name) / features.BOOTSTRAP
+    if not path.is_file():
+        raise SystemExit(f"--rule ensemble-diverse: {args.reward_model_name} has no bootstrap heads; train it with "
+                         "rm_training.py --trunk frozen --bootstrap_heads K")
+    from safetensors.torch import load_file
+
+    heads = load_file(str(path))["heads"]
+    member_p = torch.sigmoid((f_j - f_k) @ heads.T).T  # [K, pairs]
+    return ask.ensemble_diverse(member_p, f_j + f_k, args.n, groups)
 
 
 def task(record, a_is: str) -> tuple[dict, dict]:
@@ -109,9 +171,7 @@ def main(args: Args):
     pool = read_scored(args.pool)
     if not pool:
         raise SystemExit(f"{args.pool}: no pairs to ask about")
-    vectors = ask.ngram_vectors([r["question"] for r in pool])
-    chosen = [pool[i] for i in ask.pick([r["p_j"] for r in pool], vectors, args.n,
-                                        groups=[r["question"] for r in pool], diverse=args.diverse)]
+    chosen = [pool[i] for i in choose(pool, args)]
     with (RecordWriter(out / "label_studio.json") as ls, RecordWriter(out / "pairs.jsonl") as plain,
           RecordWriter(out / "asked.jsonl") as key):
         for r in chosen:
@@ -125,7 +185,7 @@ def main(args: Args):
     u = [ask.uncertainty(r["p_j"]) for r in chosen]
     # the pool relative to the export, so a run folder moved or copied whole imports from its own pool
     summary = {"pool": os.path.relpath(Path(args.pool).resolve(), out.resolve()), "pool_sha256": file_sha256(args.pool),
-               "pool_pairs": len(pool), "asked": len(chosen),
+               "pool_pairs": len(pool), "asked": len(chosen), "rule_name": args.rule,
                "distinct_questions_in_pool": len({r["question"] for r in pool}), "rule": "ser/ask.py pick",
                "diverse": args.diverse, "seed": args.seed, "uncertainty_min": min(u), "uncertainty_mean": sum(u) / len(u),
                "files": list(FILES)}

@@ -30,6 +30,7 @@ GENERATE_ARGS=${GENERATE_ARGS:-} # extra data/generate_pairs.py flags: --model_b
 ASK_HUMANS=${ASK_HUMANS:-0}   # N > 0: after each loop's filter, export the N pairs most worth a human label and stop
 HUMAN_LABELS=${HUMAN_LABELS:-} # on resume: the labels of the export the driver stopped at (data/import_labels.py)
 IMPORT_ARGS=${IMPORT_ARGS:-}  # extra data/import_labels.py flags: --unlabelled skip
+ASK_ARGS=${ASK_ARGS:-}        # extra data/ask_humans.py flags: --rule d-optimal --feature_cache DIR, ...
 
 # Numeric settings are checked before any stage: a value that is not a whole number stops the driver, naming
 # it (inside `((...))` bash would evaluate it as an expression, or an error there would read as false).
@@ -88,7 +89,7 @@ split_flags() {  # VARIABLE ARRAY
   rm -f "$tmp" "$tmp.err"
 }
 split_flags RM_ARGS RM_EXTRA; split_flags FILTER_ARGS FILTER_EXTRA; split_flags GENERATE_ARGS GENERATE_EXTRA
-split_flags IMPORT_ARGS IMPORT_EXTRA
+split_flags IMPORT_ARGS IMPORT_EXTRA; split_flags ASK_ARGS ASK_EXTRA
 
 # RUN/config.json: a re-run with other settings must not skip stages made with the old ones.
 # (UNION is recorded when it is not the default, so runs made before it existed still match.)
@@ -98,6 +99,7 @@ force=(); if [[ $FORCE == 1 ]]; then force=(--force); fi
 pool_settings=(); if [[ $POOL_FROM != data ]]; then
   pool_settings=(POOL_FROM="$POOL_FROM" POOL_PROMPTS="$POOL_PROMPTS" GENERATE_ARGS="$GENERATE_ARGS"); fi
 if ((ASK_HUMANS > 0)); then pool_settings+=(ASK_HUMANS="$ASK_HUMANS"); fi
+if [[ -n $ASK_ARGS ]]; then pool_settings+=(ASK_ARGS="$ASK_ARGS"); fi
 $PY -m ser.run_config --run "$RUN" "${force[@]}" DATA="$DATA" SFT="$SFT" MAX_LOOPS="$MAX_LOOPS" \
   KEEP_SEED="$KEEP_SEED" "${union_setting[@]}" CONTINUE="$CONTINUE" MAX_LENGTH="$MAX_LENGTH" SEED_EPOCHS="$SEED_EPOCHS" \
   LOOP_EPOCHS="$LOOP_EPOCHS" RM_ARGS="$RM_ARGS" FILTER_ARGS="$FILTER_ARGS" "${pool_settings[@]}"
@@ -153,7 +155,8 @@ human=(); labels_used=0
 ask_humans() {
   local t=$1 ask="$RUN/loop_$1/ask"
   if [[ ! -f $ask/ask.json ]]; then
-    $PY data/ask_humans.py --pool "$RUN/loop_$t/remaining.jsonl" --n "$ASK_HUMANS" --out "$ask" --seed "$t"
+    $PY data/ask_humans.py --pool "$RUN/loop_$t/remaining.jsonl" --n "$ASK_HUMANS" --out "$ask" --seed "$t" \
+      --reward_model_name "$RUN/loop_$((t - 1))/rm" "${ASK_EXTRA[@]}"
   fi
   if [[ ! -f $ask/import.json ]]; then
     local earlier=""  # HUMAN_LABELS already imported by an earlier loop (a rerun of the command that resumed it)

@@ -15,6 +15,7 @@ Plain uncertainty sampling is the same rule with every d = 1 (`diverse=False`).
 
 import hashlib
 import json
+import math
 import re
 import zlib
 
@@ -67,13 +68,7 @@ def pick(p, vectors: torch.Tensor, n: int, groups=None, diverse: bool = True, sh
                          f"{len(groups) if groups is not None else len(p)} groups: one of each per pair")
     u = [uncertainty(x) for x in p]
     order = sorted(range(len(p)), key=lambda i: (-u[i], i))
-    seen, candidates = set(), []
-    for i in order:  # the most uncertain pair of each question
-        key = i if groups is None else groups[i]
-        if key not in seen:
-            seen.add(key)
-            candidates.append(i)
-    candidates = candidates[:max(n * shortlist, n)]
+    candidates = one_per_group(order, groups)[:max(n * shortlist, n)]  # the most uncertain pair of each question
     if not diverse or not candidates:
         return candidates[:n]
     vec = torch.nn.functional.normalize(vectors[candidates].float(), dim=1)
@@ -88,3 +83,103 @@ def pick(p, vectors: torch.Tensor, n: int, groups=None, diverse: bool = True, sh
         taken[best] = True
         distance = torch.minimum(distance, (1 - vec @ vec[best]).clamp(min=0))
     return chosen
+
+
+# ----------------------------------------------------------------------------- rules on the head's features
+#
+# The rules below read features: x_i = f_j - f_k, the difference of the two responses' features under the
+# RM's linear head (a frozen-trunk RM's cached features), for the pair-level Fisher information and the
+# bootstrap heads; and one vector per pair (f_j + f_k) for coverage. Each takes at most one pair per question
+# (`groups`) and returns distinct pool indices in the order of choice.
+
+RULES = ("uncertainty", "random", "d-optimal", "ensemble-diverse", "typical")
+
+
+def one_per_group(order, groups) -> list[int]:
+    """The indices of `order` whose group (question) has not come before."""
+    seen, out = set(), []
+    for i in order:
+        key = i if groups is None else groups[i]
+        if key not in seen:
+            seen.add(key)
+            out.append(i)
+    return out
+
+
+def d_optimal(diffs: torch.Tensor, p, n: int, groups=None, ridge: float = 1e-3) -> tuple[list[int], list[float]]:
+    """Greedy D-optimal design for a Bradley-Terry head (Shen, Sun and Ton, ICML 2025): each step takes the pair
+    whose Fisher information p(1-p) x x^T raises log det(ridge I + sum over the chosen) the most, i.e. the largest
+    p(1-p) x^T A^-1 x (the matrix determinant lemma), with A^-1 updated by Sherman-Morrison. At most one pair per
+    question: once one is taken, its question's other pairs are not. Returns the chosen indices and log det A
+    after each choice (never decreasing)."""
+    x = diffs.double()
+    weight = torch.tensor([q * (1 - q) for q in p], dtype=torch.float64)
+    a_inv = torch.eye(x.shape[1], dtype=torch.float64) / ridge
+    logdet = x.shape[1] * math.log(ridge)
+    blocked = torch.zeros(len(x), dtype=torch.bool)
+    chosen, logdets = [], []
+    keys = list(range(len(x))) if groups is None else list(groups)
+    for _ in range(min(n, len(set(keys)))):
+        gain = weight * torch.einsum("id,de,ie->i", x, a_inv, x)
+        gain[blocked] = -1.0
+        best = int(torch.argmax(gain))
+        if gain[best] < 0:
+            break
+        v = a_inv @ x[best]
+        step = weight[best] * (x[best] @ v)
+        a_inv = a_inv - weight[best] * torch.outer(v, v) / (1 + step)
+        logdet += math.log1p(float(step))
+        chosen.append(best)
+        logdets.append(logdet)
+        blocked |= torch.tensor([k == keys[best] for k in keys])
+    return chosen, logdets
+
+
+def ensemble_diverse(member_p: torch.Tensor, vectors: torch.Tensor, n: int, groups=None) -> list[int]:
+    """The pairs K bootstrap heads disagree on most (the std of their probabilities that j is better, an
+    epistemic uncertainty), spread over the trunk's feature space: `pick`'s farthest-point step with the
+    disagreement as the weight and the pairs' features as the vectors. member_p: [K, pairs]."""
+    disagreement = member_p.float().std(0)
+    scale = float(disagreement.max()) or 1.0
+    pseudo_p = (0.5 + 0.5 * (1 - disagreement / scale)).tolist()  # pick's uncertainty of this p is disagreement/scale
+    return pick(pseudo_p, vectors, n, groups=groups, shortlist=max(1, len(pseudo_p)))  # every pair a candidate
+
+
+def typical(vectors: torch.Tensor, n: int, groups=None, seed: int = 0, iterations: int = 30) -> list[int]:
+    """Typical first (TypiClust's idea, for the smallest budgets): k-means with k = n on the pairs' features,
+    then from each cluster, largest first, its most typical pair (the one nearest its centre), one per question."""
+    if n == 0 or len(vectors) == 0:
+        return []
+    x = torch.nn.functional.normalize(vectors.float(), dim=1)
+    k = min(n, len(x))
+    generator = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(len(x), generator=generator)[:k]].clone()
+    for _ in range(iterations):
+        assign = torch.cdist(x, centres).argmin(1)
+        for c in range(k):
+            members = x[assign == c]
+            if len(members):
+                centres[c] = members.mean(0)
+    distance = torch.cdist(x, centres)
+    assign = distance.argmin(1)
+    sizes = torch.bincount(assign, minlength=k)
+    picks, seen = [], set()
+
+    def take(i) -> bool:
+        key = i if groups is None else groups[i]
+        if key in seen:
+            return False
+        seen.add(key)
+        picks.append(i)
+        return True
+
+    for c in sorted(range(k), key=lambda c: (-int(sizes[c]), c)):  # the largest cluster first
+        members = (assign == c).nonzero().view(-1)
+        for i in members[distance[members, c].argsort()].tolist():  # its most typical pair of a new question
+            if take(i):
+                break
+    for i in distance.min(1).values.argsort().tolist():  # questions repeat: the next most typical pairs
+        if len(picks) >= n:
+            break
+        take(i)
+    return picks[:n]

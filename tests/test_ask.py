@@ -465,3 +465,72 @@ def test_a_moved_run_imports_from_its_own_pool_and_a_changed_pool_is_refused(tmp
         f.write(json.dumps({**rows["p0"], "id": "p-new"}) + "\n")
     with pytest.raises(DataError, match=r"remaining.jsonl: changed since the pairs were asked from it"):
         import_(moved / "ask", labels, tmp_path / "f.jsonl")
+
+
+# ----------------------------------------------------------------------------- the rules on features
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 6), st.integers(0, 10_000), st.integers(1, 12))
+def test_d_optimal_log_det_never_decreases_as_pairs_are_added(n_pairs, dim, seed, n):
+    g = torch.Generator().manual_seed(seed)
+    diffs = torch.randn(n_pairs, dim, generator=g)
+    p = torch.rand(n_pairs, generator=g).tolist()
+    chosen, logdets = ask.d_optimal(diffs, p, n)
+    assert len(chosen) == len(set(chosen)) == min(n, n_pairs)
+    assert all(b >= a - 1e-9 for a, b in zip(logdets, logdets[1:]))
+    x = diffs[chosen].double()  # the running value is the determinant's
+    w = torch.tensor([p[i] * (1 - p[i]) for i in chosen], dtype=torch.float64)
+    a = 1e-3 * torch.eye(dim, dtype=torch.float64) + (x.T * w) @ x
+    assert torch.logdet(a).item() == pytest.approx(logdets[-1], rel=1e-6, abs=1e-6)
+
+
+def two_clusters(per=10, dim=6, seed=0):
+    """Pairs in two planted clusters along orthogonal directions, the first cluster a little more attractive to
+    every rule (larger, more uncertain, more disagreed on)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.zeros(dim), torch.zeros(dim)
+    a[0], b[1] = 1.0, 1.0
+    vectors = torch.cat([a + 0.05 * torch.randn(per + 2, dim, generator=g), b + 0.05 * torch.randn(per, dim, generator=g)])
+    return vectors, [0] * (per + 2) + [1] * per
+
+
+@pytest.mark.parametrize("rule", ["d-optimal", "ensemble-diverse", "typical"])
+def test_each_feature_rule_covers_both_planted_clusters_before_repeating_one(rule):
+    vectors, cluster = two_clusters()
+    n = len(vectors)
+    if rule == "d-optimal":
+        chosen = ask.d_optimal(vectors, [0.5] * n, 2)[0]
+    elif rule == "typical":
+        chosen = ask.typical(vectors, 2)
+    else:
+        member_p = torch.full((4, n), 0.5)
+        member_p[:, :] += torch.linspace(-0.2, 0.2, 4)[:, None]  # equal disagreement everywhere
+        chosen = ask.ensemble_diverse(member_p, vectors, 2)
+    assert sorted(cluster[i] for i in chosen) == [0, 1], chosen
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=30), st.integers(0, 12), st.integers(0, 1000))
+def test_every_rule_returns_distinct_pairs_at_most_one_per_question(groups, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(len(groups), 4, generator=g)
+    p = torch.rand(len(groups), generator=g).tolist()
+    results = {"uncertainty": ask.pick(p, feats, n, groups=groups),
+               "d-optimal": ask.d_optimal(feats, p, n, groups)[0],
+               "ensemble-diverse": ask.ensemble_diverse(torch.rand(3, len(groups), generator=g), feats, n, groups),
+               "typical": ask.typical(feats, n, groups, seed=seed),
+               "random": ask.one_per_group(torch.randperm(len(groups), generator=g).tolist(), groups)[:n]}
+    assert set(results) == set(ask.RULES)
+    for rule, chosen in results.items():
+        assert len(chosen) == len(set(chosen)) == min(n, len(set(groups))), rule
+        assert len({groups[i] for i in chosen}) == len(chosen), rule
+
+
+def test_the_rules_on_features_say_what_they_miss(tmp_path):
+    scored_pool(tmp_path / "remaining.jsonl")
+    for rule in ("d-optimal", "ensemble-diverse", "typical"):
+        with pytest.raises(SystemExit, match=rf"--rule {rule}: reads the head's features; give --reward_model_name"):
+            ask_humans.main(ask_humans.Args(pool=str(tmp_path / "remaining.jsonl"), n=3, out=str(tmp_path / rule), rule=rule))
+    ask_humans.main(ask_humans.Args(pool=str(tmp_path / "remaining.jsonl"), n=5, out=str(tmp_path / "r"), rule="random"))
+    assert json.loads((tmp_path / "r" / "ask.json").read_text())["asked"] == 5

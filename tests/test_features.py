@@ -333,3 +333,24 @@ def test_an_adamw_frozen_rm_is_an_ordinary_rm_for_the_filter(sft_model, syntheti
                                             "--remaining_data_save_path", str(tmp_path / name / "rest.jsonl"), *extra]))
     a, b = read_records(tmp_path / "model" / "scored.jsonl"), read_records(tmp_path / "cache" / "scored.jsonl")
     assert [x["reward_j"] for x in a] == pytest.approx([y["reward_j"] for y in b], abs=1e-4)
+
+
+def test_ask_humans_rules_on_a_frozen_rm_s_features(sft_model, synthetic, tmp_path):
+    """The filter's remaining pairs of a frozen-trunk RM with bootstrap heads, exported by each rule on features."""
+    from data import ask_humans
+
+    rm, cache = tmp_path / "rm", tmp_path / "cache"
+    frozen_rm(sft_model, synthetic, rm, cache, "--feature_layer", "1", "--bootstrap_heads", "3")
+    assert features.frozen_info(rm)["bootstrap_heads"] == 3
+    F.main(*parse([F.ScriptArguments], [
+        "--dataset_name", str(synthetic), "--reward_model_name", str(rm), "--max_length", "96", "--feature_cache",
+        str(cache), "--rm_next_loop_save_path", str(tmp_path / "f" / "sel.jsonl"),
+        "--remaining_data_save_path", str(tmp_path / "f" / "rest.jsonl")]))
+    pool = read_records(tmp_path / "f" / "rest.jsonl")
+    for rule in ("d-optimal", "ensemble-diverse", "typical"):
+        out = tmp_path / rule
+        ask_humans.main(ask_humans.Args(pool=str(tmp_path / "f" / "rest.jsonl"), n=12, out=str(out), rule=rule,
+                                        reward_model_name=str(rm), feature_cache=str(cache)))
+        asked = read_records(out / "asked.jsonl")
+        assert len(asked) == 12 and len({a["question"] for a in asked}) == 12 and len(pool) >= 12, rule
+        assert json.loads((out / "ask.json").read_text())["rule_name"] == rule
