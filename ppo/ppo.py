@@ -658,7 +658,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
             from ser.synthetic import gold_reward
 
             gold = [gold_reward(q, t) for q, t in zip(questions, response_texts(tokenizer, rollout))]
-            watched["gold/reward_mean"] = gather(torch.tensor(gold, device=device)).mean().item()
+            watched["gold/reward_mean"] = gather(torch.tensor(gold, dtype=torch.float32, device=device)).mean().item()
 
         # 4. logprobs of policy and reference, values, per-token rewards, advantages
         context = query.shape[1]
