@@ -198,6 +198,26 @@ def _other_ids(items):
         item["data"]["pair_id"] = f"other-{n}"
 
 
+def _annotation_string(items):
+    items[1]["annotations"][0] = "left"
+
+
+def _result_null(items):
+    items[2]["annotations"][0]["result"] = None
+
+
+def _result_not_objects(items):
+    items[3]["annotations"][0]["result"] = ["left"]
+
+
+def _value_null(items):
+    items[4]["annotations"][0]["result"][0]["value"] = None
+
+
+def _annotations_object(items):
+    items[5]["annotations"] = {"result": []}
+
+
 @pytest.mark.parametrize("damage,message", [
     (_unknown_id, r"item 3 \(pair not-asked\), annotation 1: its pair id \(field 'pair_id'\) is 'not-asked', a pair that was not"),
     (_no_annotation, r"1 of the 12 asked pairs have no choice"),
@@ -205,6 +225,11 @@ def _other_ids(items):
     (_bad_choice, r"item 2 \(pair p\d+\), annotation 1: field 'value.selected' is 'middle'"),
     (_another_task, r"item 1: field 'data.pair_id' is missing: not an export of the tasks"),
     (_other_ids, r"none of its 12 items names a pair of this export"),
+    (_annotation_string, r"item 2 \(pair p\d+\), annotation 1: is str, expected an annotation object"),
+    (_result_null, r"item 3 \(pair p\d+\), annotation 1: field 'result' is None; expected a list"),
+    (_result_not_objects, r"item 4 \(pair p\d+\), annotation 1: field 'result' is \['left'\]; expected a list"),
+    (_value_null, r"item 5 \(pair p\d+\), annotation 1: field 'value' is None; expected an object"),
+    (_annotations_object, r"item 6: field 'annotations' is dict; expected a list"),
 ])
 def test_bad_exports_are_refused_and_nothing_is_written(exported, tmp_path, damage, message):
     out, rows = exported
@@ -356,40 +381,6 @@ def test_the_labels_format_is_told_by_content_not_by_name(exported, tmp_path):
     mixed = label_studio_export(out, rows)[:3] + filled[3:]
     with pytest.raises(DataError, match=r"mixed.json: item 4 is a pairs.jsonl row and item 1 a Label Studio task"):
         import_(out, mixed, tmp_path / "mixed.json")
-
-
-def _annotation_string(items):
-    items[1]["annotations"][0] = "left"
-
-
-def _result_null(items):
-    items[2]["annotations"][0]["result"] = None
-
-
-def _result_not_objects(items):
-    items[3]["annotations"][0]["result"] = ["left"]
-
-
-def _value_null(items):
-    items[4]["annotations"][0]["result"][0]["value"] = None
-
-
-def _annotations_object(items):
-    items[5]["annotations"] = {"result": []}
-
-
-@pytest.mark.parametrize("damage,message", [
-    (_annotation_string, r"item 2 \(pair p\d+\), annotation 1: is str, expected an annotation object"),
-    (_result_null, r"item 3 \(pair p\d+\), annotation 1: field 'result' is None; expected a list"),
-    (_result_not_objects, r"item 4 \(pair p\d+\), annotation 1: field 'result' is \['left'\]; expected a list"),
-    (_value_null, r"item 5 \(pair p\d+\), annotation 1: field 'value' is None; expected an object"),
-    (_annotations_object, r"item 6: field 'annotations' is dict; expected a list"),
-])
-def test_malformed_label_studio_exports_name_the_item_and_field(exported, tmp_path, damage, message):
-    out, rows = exported
-    with pytest.raises(DataError, match=message):
-        import_(out, label_studio_export(out, rows, extra=damage), tmp_path / "export.json")
-    assert not (out / "import.json").exists()
 
 
 def test_a_json_min_choice_that_is_not_a_choice_names_the_item(exported, tmp_path):
