@@ -4,14 +4,18 @@ A compact PPO for language models on accelerate, in the spirit of "The N impleme
 RLHF with PPO" (Huang et al., 2024). Each step:
 
   rollout   sample `batch_size` prompts per process, generate, truncate each response after its EOS;
-  score     the RM reads the sampled ids themselves ([bos] prompt response [eos], built by the same
-            function as its training pairs) at the final eos; minus --reward_baseline, optional
-            running normalisation, optional penalty when the response has no EOS;
+  score     the RM (or each RM of an ensemble, combined by --reward_ensemble) reads the sampled ids
+            themselves ([bos] prompt response [eos], built by the same function as its training pairs) at
+            the final eos; normalised by the RM's mean and std on SFT samples measured before the first
+            update (--normalize_reward sft, the default); minus --reward_baseline; optional penalty when
+            the response has no EOS; an independent RM or the gold reward are logged beside it;
   reward    per token: -kl_coef * (log pi - log pi_ref), plus the score on the last response token;
   advantage GAE (gamma, lam) on the critic's values, whitened;
   update    `ppo_epochs` passes of clipped policy and value losses over minibatches of
             `mini_batch_size`, `gradient_accumulation_steps` minibatches per optimiser step;
-  control   adaptive KL coefficient (Ziegler et al. 2019), early stop of the epochs on KL.
+  control   adaptive KL coefficient (Ziegler et al. 2019) with a horizon scaled to the run, early stop of
+            the epochs on KL, a hard KL budget; the checkpoint kept is the last or the best by an
+            independent score (--keep best).
 
 Memory-light default: LoRA on the policy, a value head on the same backbone, and the reference
 policy = the policy with its adapter disabled: one copy of the base weights serves all three.
