@@ -25,6 +25,7 @@ VARIANTS = {  # driver settings, extra filter and RM flags, and the same setting
              thresholds={"status1_min_pairs": 1, "status1_min_share": 0.1})),
     "agreement-without-seed": ({"KEEP_SEED": "0"}, ["--selection", "agreement", "--probability", "pairwise"], [],
                                dict(rule="agreement", keep_seed=False, probability="pairwise")),
+    "released-sigmoid": ({}, ["--selection", "released"], [], dict(rule="released")),
     "ensemble": ({}, ["--selection", "ensemble", "--probability", "pairwise"], ["--bootstrap_heads", "3"],
                  dict(ensemble=3, bootstrap_seed=42, probability="pairwise")),  # rm_training's --seed: 42
 }
@@ -33,8 +34,9 @@ VARIANTS = {  # driver settings, extra filter and RM flags, and the same setting
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_study_loop_gives_the_driver_s_rows(sft_model, synthetic, tmp_path, variant):
     """scripts/ser_loop.sh and ser/loop.py's in-process `run` (through frozen_study.ser_run) on one cache: the
-    same statuses, selections, self-label precisions and held-out accuracies (to 1e-9), over the probability
-    mappings, the member rules, the monotone status, a floor as a share, and UNION/KEEP_SEED/CONTINUE 0 and 1."""
+    same statuses, selections, self-label precisions and held-out accuracies (to 1e-9), over the three
+    probability mappings, every registered rule, the monotone status, a floor as a share, and
+    UNION/KEEP_SEED/CONTINUE 0 and 1."""
     env_extra, filter_extra, rm_extra, kwargs = VARIANTS[variant]
     cache, run, floor = tmp_path / "cache", tmp_path / "run", 40  # a small L2: three loops run
     common = ["--feature_cache", str(cache), "--dtype", "float32"]
@@ -83,3 +85,14 @@ def test_the_study_runs_on_a_user_s_prepared_folder_and_trunk(sft_model, synthet
     assert again["rows"] == state["rows"]
     with pytest.raises(SystemExit, match="give --setting .* or --data"):
         parse([frozen.Args], ["--workdir", str(tmp_path)])
+
+
+def test_the_equality_variants_cover_every_rule_and_mapping():
+    """A new rule or mapping needs a driver-equality variant above."""
+    from ser.selection import MAPPINGS, RULES
+
+    def flag(flags, name, default):
+        return flags[flags.index(name) + 1] if name in flags else default
+
+    assert {flag(v[1], "--selection", "paper") for v in VARIANTS.values()} == set(RULES)
+    assert {flag(v[1], "--probability", "sigmoid") for v in VARIANTS.values()} == set(MAPPINGS)
