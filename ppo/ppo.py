@@ -92,9 +92,7 @@ class ScriptArguments(DataArguments):
     # generation
     output_max_length: int = field(default=128, metadata={"help": "max new tokens per response"})
     max_prompt_length: int = field(default=256, metadata={"help": "prompt tokens kept (cut from the left)"})
-    max_length: int | None = field(default=None, metadata={
-        "help": "tokens the RM reads per sample; default: the length the RM was trained at (its eval_results.json), "
-                "and a different value is refused"})
+    max_length: int | None = default_of(DataArguments, "max_length", None)  # None: the RM's own (resolve_max_length)
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (also applied to logprobs)"})
     batched_gen: bool = field(default=True, metadata={"help": "generate the batch at once (else one prompt at a time)"})
     gather_for_generation: bool = field(default=False, metadata={
@@ -274,7 +272,7 @@ def resolve_max_length(args) -> int:
     if args.max_length is None:
         if len(lengths) > 1:
             raise ValueError(f"the RMs were trained at different lengths ({known}); give --max_length")
-        return lengths.pop() if lengths else 512
+        return lengths.pop() if lengths else DataArguments.__dataclass_fields__["max_length"].default
     for path, n in known.items():
         if n != args.max_length:
             raise ValueError(f"--max_length {args.max_length}: {path} was trained at {n} tokens (its "

@@ -52,7 +52,8 @@ class DataArguments:
     tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer folder; default: the model's"})
     max_length: int = field(default=512, metadata={
         "help": "tokens per sequence ([bos] prompt response [eos]), questions cut from the left; one value for "
-                "training, self-labelling and evaluation alike (the paper: 512; --seq_length is the old name)"})
+                "training, self-labelling and evaluation alike (the paper: 512; --seq_length is the old name; ppo.py "
+                "takes the RM's own by default and refuses another)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
 
     def __post_init__(self):

@@ -125,7 +125,8 @@ def test_the_data_flags_are_declared_once_and_reach_every_stage(capsys):
                                     "--remaining_data_save_path", "r", "--seed", "1"])
     assert "unrecognized arguments: --seed 1" in capsys.readouterr().err
     script, _ = parse(ppo.ARGUMENTS, ["--model_name", "M", "--reward_model_name", "R", "--dataset_name", "D"])
-    assert (script.subset, script.max_length, script.seed) == ("data/rl", 512, 0)
+    assert (script.subset, script.max_length, script.seed) == ("data/rl", None, 0)  # None: the RM's length
+    assert ppo.resolve_max_length(script) == 512  # an RM folder that does not say: the shared default
     (ev,) = parse([evaluate.Args], ["--base_model", "B", "--policy", "P", "--reward_model_name", "R",
                                     "--dataset_name", "D", "--tokenizer_name", "T"])
     assert (ev.subset, ev.tokenizer_name) == ("data/evaluation", "T")
