@@ -25,7 +25,7 @@ FAST := WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --di
 
 test: setup
 	$(FAST)
-	WANDB_MODE=disabled $(PY) -m pytest -q -m slow tests
+	WANDB_MODE=disabled $(PY) -m pytest -q -m slow --durations=15 tests
 
 # the edit-run loop: everything but the subprocess, multi-process, end-to-end and real-model runs
 test-fast: setup

@@ -16,8 +16,7 @@ from ser.modeling import load_tokenizer
 pytestmark = pytest.mark.slow
 
 
-VARIANTS = {  # driver settings, extra filter and RM flags, and the same settings for ser_run
-    "pairwise": ({}, ["--probability", "pairwise"], [], dict(probability="pairwise")),
+VARIANTS = {  # driver settings, extra filter and RM flags, and the same settings for ser_run (one run a rule)
     "centred-monotone-share-newest-restart": (
         {"UNION": "0", "CONTINUE": "0"},
         ["--probability", "centred", "--monotone", "True", "--status1_min_pairs", "1", "--status1_min_share", "0.1"], [],
