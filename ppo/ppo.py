@@ -468,7 +468,9 @@ def process_group_kwargs() -> dict:
     return {"cpu": True}
 
 
-def main(args: ScriptArguments, model_args: ModelArguments):
+def check_args(args) -> int:
+    """Refuse, before any work, what cannot run as asked; settle the flags that imply others. Returns the
+    minibatches of a PPO epoch."""
     if args.deepspeed:
         # (a DeepSpeed JSON of the Trainer's, like sft/deepspeed_config.json, is full of "auto" entries that only
         # the Trainer fills in; accelerate's config file gives DeepSpeed without them)
@@ -487,17 +489,6 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     if args.keep == "best" and args.gold == "none" and not args.eval_reward_model:
         raise ValueError("--keep best: needs an independent score to choose by (--gold or --eval_reward_model)")
     args.max_length = resolve_max_length(args)
-    if args.log_with:
-        setup_wandb(args.log_with)
-    check_accelerator()
-    check_writable(Path(args.output_dir) / "run_args.json")  # not first at step --save_freq
-    precision = None if args.bf16 is None else "bf16" if args.bf16 else "no"  # None: the launcher's
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=precision, log_with=args.log_with, **process_group_kwargs())
-    if accelerator.mixed_precision not in ("bf16", "no"):
-        raise ValueError(f"ppo.py runs in bf16 or fp32; the launcher asks for {accelerator.mixed_precision}")
-    args.bf16 = accelerator.mixed_precision == "bf16"
-    set_seed(args.seed, device_specific=True)
     if args.batch_size % args.mini_batch_size:
         raise ValueError(f"--batch_size {args.batch_size} is not a multiple of --mini_batch_size {args.mini_batch_size}")
     minibatches = args.batch_size // args.mini_batch_size
@@ -507,11 +498,43 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                          f"minibatches per PPO epoch is not a multiple of --gradient_accumulation_steps "
                          f"{args.gradient_accumulation_steps}: choose sizes where it is (e.g. accumulation "
                          f"{math.gcd(minibatches, args.gradient_accumulation_steps)})")
-    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name)
-    prompts = [r["question"] for r in load_records(args.dataset_name, args.subset, args.load_from_json,
-                                                   fields=("question",))]
+    check_writable(Path(args.output_dir) / "run_args.json")  # not first at step --save_freq
+    return minibatches
 
-    # 1. models, optimiser, scheduler
+
+def open_accelerator(args) -> Accelerator:
+    if args.log_with:
+        setup_wandb(args.log_with)
+    check_accelerator()
+    precision = None if args.bf16 is None else "bf16" if args.bf16 else "no"  # None: the launcher's
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=precision, log_with=args.log_with, **process_group_kwargs())
+    if accelerator.mixed_precision not in ("bf16", "no"):
+        raise ValueError(f"ppo.py runs in bf16 or fp32; the launcher asks for {accelerator.mixed_precision}")
+    args.bf16 = accelerator.mixed_precision == "bf16"
+    set_seed(args.seed, device_specific=True)
+    return accelerator
+
+
+@dataclass
+class Run:
+    """What a step works with: the trained policy-and-value engine, its optimiser and scheduler, the frozen
+    reference and RMs (DeepSpeed inference engines under ZeRO-3), and the figures MFU needs."""
+
+    model: object
+    unwrapped: object
+    optimizer: object
+    scheduler: object
+    reference: object
+    rms: list
+    eval_rm: object
+    zero3: bool
+    n_params: int
+    n_trainable: int
+
+
+def setup(args, model_args, accelerator, tokenizer, minibatches) -> Run:
+    """The models, the optimiser and the scheduler, prepared by accelerate (and DeepSpeed when launched so)."""
     plugin = accelerator.state.deepspeed_plugin
     zero3 = zero_stage(plugin) == 3
     model, reference, rms = build_models(args, model_args, tokenizer, plugin)
@@ -545,7 +568,6 @@ def main(args: ScriptArguments, model_args: ModelArguments):
             raise ValueError(f"the DeepSpeed config clips gradients at {clipping}, --max_grad_norm is {args.max_grad_norm}: "
                              "give both the same value")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    device = accelerator.device
     if zero3:  # the RMs and the reference stay partitioned: every process runs the same forward passes on them
         rms = [inference_engine(rm, accelerator) for rm in rms]
         eval_rm = None if eval_rm is None else inference_engine(eval_rm, accelerator)
@@ -553,28 +575,183 @@ def main(args: ScriptArguments, model_args: ModelArguments):
     else:
         for part in (*rms, eval_rm, reference):
             if part is not None:
-                part.to(device)
-    rm = rms[0]
-    for name, part in (("policy and value", model), ("reference", reference), ("reward model", rm)):
+                part.to(accelerator.device)
+    for name, part in (("policy and value", model), ("reference", reference), ("reward model", rms[0])):
         if part is not None:
             held, whole = held_weights(part)
             logger.info(f"ppo: process {accelerator.process_index} holds {held:,} of the {whole:,} weights of the {name}",
                         main_process_only=False)
-    unwrapped = accelerator.unwrap_model(model)
+    return Run(model, accelerator.unwrap_model(model), optimizer, scheduler, reference, rms, eval_rm, zero3, n_params,
+               n_trainable)
+
+
+def shaped(scores, has_eos, state, moments, args):
+    """The score PPO optimises: normalised by the SFT samples' statistics (or running ones), minus the
+    baseline, minus the missing-EOS penalty."""
+    if args.normalize_reward == "sft":  # the SFT samples' mean and std, measured once
+        scores = (scores - state.norm_mean) / state.norm_std
+    scores = scores - args.reward_baseline
+    if args.missing_eos_penalty is not None:
+        scores = scores - args.missing_eos_penalty * (~has_eos).float()  # detail: penalise a missing EOS
+    if args.normalize_reward == "running":
+        moments.update(gather(scores))
+        scores = (scores - moments.mean) / (moments.std + 1e-8)
+    return scores
+
+
+def watched_scores(run, tokenizer, rollout, questions, inputs, accelerator, args) -> dict:
+    """Scores PPO does not optimise, of the step's samples: over-optimisation shows as the proxy rising while
+    they fall. An independent RM's (--eval_reward_model) and the synthetic task's gold reward (--gold)."""
+    out = {}
+    if run.eval_rm is not None:
+        with torch.no_grad(), accelerator.autocast():
+            independent = score_ids(run.eval_rm, tokenizer, inputs, len(questions), THIS_PROCESS_ONLY,
+                                    in_step_with=accelerator.state if run.zero3 else None)[0]
+        out["eval/reward_mean"] = gather(torch.tensor(independent, device=accelerator.device)).mean().item()
+    if args.gold == "synthetic":
+        from ser.rollout import response_texts
+        from ser.synthetic import gold_reward
+
+        gold = [gold_reward(q, t) for q, t in zip(questions, response_texts(tokenizer, rollout))]
+        out["gold/reward_mean"] = gather(torch.tensor(gold, dtype=torch.float32, device=accelerator.device)).mean().item()
+    return out
+
+
+def advantages_of(run, batch, scores, kl_coef, accelerator, args):
+    """Logprobs of the policy and the reference, the critic's values, per-token rewards (the KL penalty, and the
+    score on the last response token), GAE advantages (whitened) and returns; and the per-token KL."""
+    query_responses, attention_mask, context, responses, response_mask = batch
+    run.model.eval()
+    old_logprobs, ref_logprobs, old_values = [], [], []
+    with torch.no_grad(), accelerator.autocast():
+        for i in range(0, len(responses), args.forward_batch_size):
+            sl = slice(i, i + args.forward_batch_size)
+            logits, values = forward(run.model, query_responses[sl], attention_mask[sl], context)
+            old_logprobs.append(logprobs_of(logits.float(), responses[sl], args.temperature))
+            old_values.append(values.float())
+            ref_args = (query_responses[sl], attention_mask[sl], context, responses[sl], args.temperature)
+            if run.reference is None:
+                with run.unwrapped.policy.disable_adapter():  # the reference = the adapter switched off
+                    ref_logprobs.append(lm_logprobs(run.unwrapped.policy, *ref_args))
+            else:
+                ref_logprobs.append(lm_logprobs(run.reference, *ref_args))
+    old_logprobs, ref_logprobs, old_values = map(torch.cat, (old_logprobs, ref_logprobs, old_values))
+    mask = response_mask.float()
+    kl = (old_logprobs - ref_logprobs) * mask  # per-token KL estimate (k1)
+    rewards = -kl_coef * kl
+    last = (response_mask.sum(1) - 1).clamp(min=0)
+    rewards[torch.arange(len(last), device=accelerator.device), last] += scores  # detail: the score on the last token
+    advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+    advantages = masked_whiten(advantages, mask)  # detail: advantage whitening
+    return old_logprobs, old_values, advantages, returns, mask, kl
+
+
+def ppo_epochs(run, batch, old, accelerator, args, step: int) -> tuple[dict, bool]:
+    """`--ppo_epochs` passes of clipped policy and value losses over minibatches; the statistics of each
+    minibatch, and whether the epochs stopped early on KL (--early_stopping)."""
+    query_responses, attention_mask, context, responses, _ = batch
+    old_logprobs, old_values, advantages, returns, mask = old
+    device = accelerator.device
+    run.model.train()
+    stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "vf_clipfrac": [], "approxkl": [], "entropy": []}
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(len(responses)).tolist()
+        for start in range(0, len(order), args.mini_batch_size):
+            idx = torch.tensor(order[start:start + args.mini_batch_size], device=device)
+            with accelerator.accumulate(run.model), accelerator.autocast():
+                logits, values = forward(run.model, query_responses[idx], attention_mask[idx], context)
+                logits, values = logits.float(), values.float()
+                m = mask[idx]
+                new_logprobs = logprobs_of(logits, responses[idx], args.temperature)
+                ratio = torch.exp(new_logprobs - old_logprobs[idx])
+                pg_losses = torch.max(-advantages[idx] * ratio,
+                                      -advantages[idx] * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
+                pg_loss = masked_mean(pg_losses, m)
+                v_clipped = old_values[idx] + (values - old_values[idx]).clamp(-args.cliprange_value, args.cliprange_value)
+                vf_unclipped, vf_clipped = (values - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2
+                vf_loss = 0.5 * masked_mean(torch.max(vf_unclipped, vf_clipped), m)
+                loss = pg_loss + args.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: non-finite PPO loss (policy {pg_loss.item()}, "
+                                             f"value {vf_loss.item()})")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad()
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits / args.temperature)
+                stats["pg_loss"].append(pg_loss.item())
+                stats["vf_loss"].append(vf_loss.item())
+                stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > args.cliprange).float(), m).item())
+                stats["vf_clipfrac"].append(masked_mean((vf_clipped > vf_unclipped).float(), m).item())
+                stats["approxkl"].append(0.5 * masked_mean((new_logprobs - old_logprobs[idx]) ** 2, m).item())
+                stats["entropy"].append(masked_mean(entropy, m).item())
+            if args.early_stopping and accelerator.sync_gradients:
+                approxkl = gather(torch.tensor(stats["approxkl"][-1], device=device)).mean().item()
+                if approxkl > 1.5 * args.target_kl:
+                    return stats, True
+    return stats, False
+
+
+def step_log(run, state, kl_ctl, stats, stopped_early, figures, times, peak_tflops, accelerator, args) -> dict:
+    """The step's figures, averaged over every process, with its phases' wall times and MFU."""
+    scores, raw_scores, members, seq_kl, attention_mask, response_mask, has_eos, watched = figures
+    device = accelerator.device
+    t0, t_generated, t_scored, t_forwarded, t_updated = times
+    seconds = t_updated - t0
+    phases = {"generation": t_generated - t0, "scoring": t_scored - t_generated,
+              "policy_reference_value": t_forwarded - t_scored, "update": t_updated - t_forwarded}
+    n_tokens = gather(attention_mask.sum()).sum().item()
+    # model FLOPs of the step: generation + policy/reference/critic forwards (2N per token each) and the
+    # updates (6N per token per epoch); an estimate that ignores attention and the RM.
+    tflops = run.n_params * n_tokens * (2 * 3 + 6 * args.ppo_epochs) / seconds / 1e12
+    means = {k: gather(torch.tensor([sum(v) / len(v)], device=device)).mean().item() for k, v in stats.items() if v}
+    all_scores, all_raw = gather(scores), gather(raw_scores)
+    log = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.value, **watched,
+           "env/reward_mean": all_raw.mean().item(), "env/reward_std": all_raw.std().item(),
+           "env/score_mean": all_scores.mean().item(),  # after transform, normalisation, baseline, EOS penalty
+           **{f"ppo/{k}": v for k, v in means.items()},
+           "ppo/early_stopped": float(stopped_early), "ppo/learning_rate": run.scheduler.get_last_lr()[0],
+           "env/response_length": gather(response_mask.sum(1).float()).mean().item(),
+           "env/eos_rate": gather(has_eos.float()).mean().item(),
+           "perf/tokens_per_second": n_tokens / seconds, "perf/step_seconds": seconds,
+           "perf/model_tflops": tflops, "perf/generation_share": phases["generation"] / seconds,
+           **{f"perf/seconds_{k}": v for k, v in phases.items()}}
+    if len(members) > 1:  # the ensemble's disagreement
+        log["env/ensemble_spread"] = gather(torch.tensor(members, device=device).std(0)).mean().item()
+    if peak_tflops:
+        log["perf/mfu"] = tflops / (peak_tflops * accelerator.num_processes)
+    for key in ("ppo/pg_loss", "ppo/vf_loss", "objective/kl"):
+        if key in log and not math.isfinite(log[key]):
+            raise FloatingPointError(f"step {state.step}: {key} is {log[key]}")
+    accelerator.log(log, step=state.step)
+    if accelerator.is_main_process:  # the same figures without a tracker, one JSON line per step
+        with open(Path(args.output_dir) / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": state.step, **log}) + "\n")
+    logger.info(f"ppo step {state.step}: reward {log['env/reward_mean']:+.3f} kl {seq_kl:.3f} "
+                f"kl_coef {kl_ctl.value:.4f} len {log['env/response_length']:.1f} "
+                f"eos {log['env/eos_rate']:.2f} {log['perf/tokens_per_second']:.0f} tok/s "
+                f"(generation {100 * log['perf/generation_share']:.0f} %)"
+                + (f" mfu {100 * log['perf/mfu']:.2f}%" if "perf/mfu" in log else "")
+                + "".join(f" {k.split('/')[0]} {v:+.3f}" for k, v in watched.items()))
+    return log
+
+
+def main(args: ScriptArguments, model_args: ModelArguments):
+    # 0. the run's settings, the processes, the data
+    minibatches = check_args(args)
+    accelerator = open_accelerator(args)
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name)
+    prompts = [r["question"] for r in load_records(args.dataset_name, args.subset, args.load_from_json,
+                                                   fields=("question",))]
+
+    # 1. models, optimiser, scheduler; the KL controller, the reward statistics, a resumed state
+    run = setup(args, model_args, accelerator, tokenizer, minibatches)
     kl_ctl = AdaptiveKLController(args.init_kl_coef, args.kl_target, kl_horizon(args, accelerator.num_processes),
                                   args.adap_kl_ctrl)
-    moments = RunningMoments()
-    state = TrainState(kl_coef=kl_ctl.value)
-
-    def rm_scores(rollout, n):
-        """Each RM's raw score of the samples (ids as in training), and the ensemble's combined score."""
-        inputs = reward_inputs(tokenizer, rollout, args.max_length)
-        members = [score_ids(m, tokenizer, inputs, n, THIS_PROCESS_ONLY, in_step_with=accelerator.state if zero3 else None)[0]
-                   for m in rms]
-        combined = ensemble_scores(members, args.reward_ensemble, args.ensemble_std_coef).to(device)
-        if args.reward_transform == "sigmoid":
-            combined = torch.sigmoid(combined)
-        return combined, members, inputs
+    moments, state = RunningMoments(), TrainState(kl_coef=kl_ctl.value)
     if args.resume_from_checkpoint:
         # weights, optimiser, scheduler and RNG states (accelerate loads these with weights_only=True);
         # the counters, the KL coefficient and the reward moments from JSON
@@ -584,203 +761,65 @@ def main(args: ScriptArguments, model_args: ModelArguments):
         moments.mean, moments.var, moments.count = state.reward_mean, state.reward_var, state.reward_count
         logger.info(f"ppo: resumed at step {state.step} from {args.resume_from_checkpoint}")
     logger.info(f"ppo: {accelerator.num_processes} process(es), {accelerator.distributed_type}, "
-                f"{len(prompts)} prompts, {n_trainable:,} trainable parameters, gradient accumulation "
+                f"{len(prompts)} prompts, {run.n_trainable:,} trainable parameters, gradient accumulation "
                 f"{accelerator.gradient_accumulation_steps}, {accelerator.mixed_precision} precision")
     peak_tflops = args.peak_tflops or device_peak_tflops(accelerator)
     if not peak_tflops:
         logger.info(f"ppo: MFU is not logged: the peak FLOP/s of {accelerator.device} is not known (--peak_tflops sets it)")
     if args.log_with:
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "ser"), config={**asdict(args), **asdict(model_args)})
-
-    # ZeRO-3 gathers each layer's weights from every process during a forward pass, so during generation it
-    # does so for every new token, and all processes keep generating until the last one is done (synced_gpus),
-    # or a finished one would leave the others waiting. With --gather_for_generation the whole policy is
-    # gathered once per rollout instead: much faster, but each process then holds all of its weights.
-    def gathered():
-        if not (zero3 and args.gather_for_generation):
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters()))
-    synced = zero3 and accelerator.num_processes > 1 and not args.gather_for_generation
-
-    def rollout_of(questions):
-        """Left-padded prompts, sampled responses truncated after EOS."""
-        policy = unwrapped.policy
-        policy.eval()
-        with torch.no_grad(), accelerator.autocast(), gathered():
-            return sample(policy, tokenizer, questions, args.max_prompt_length, args.output_max_length,
-                          args.temperature, args.batched_gen, device, synced_gpus=synced)
-
+    rollout_of, rm_scores = samplers(run, tokenizer, accelerator, args)
+    measured = None
     if args.normalize_reward == "sft" and state.norm_std is None:  # measured once, before the first update
-        state.norm_mean, state.norm_std, _ = sft_reward_statistics(prompts, args, accelerator, rollout_of, rm_scores)
-        logger.info(f"ppo: reward normalisation on {args.normalize_samples} SFT samples: mean {state.norm_mean:+.4f}, "
+        state.norm_mean, state.norm_std, sft_scores = sft_reward_statistics(prompts, args, accelerator, rollout_of,
+                                                                            rm_scores)
+        measured = len(sft_scores)
+        logger.info(f"ppo: reward normalisation on {measured} SFT samples: mean {state.norm_mean:+.4f}, "
                     f"std {state.norm_std:.4f}")
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / "run_args.json", {
             **resolved_args(args, model_args), "kl_horizon": kl_ctl.horizon,
             "reward_normalisation": {"how": args.normalize_reward, "mean": state.norm_mean, "std": state.norm_std,
-                                     "samples": args.normalize_samples if args.normalize_reward == "sft" else None}})
+                                     "samples": measured}})
 
     log = {}
     while state.step < args.steps:
+        # 2. rollout: this process's prompts, sampled responses cut after their EOS
         t0 = clock()
-        # 2. rollout
         questions = [prompts[i] for i in prompt_batches(len(prompts), args, state, accelerator.num_processes,
                                                         accelerator.process_index)]
         rollout = rollout_of(questions)
         query, query_mask, responses, response_mask, has_eos = rollout[:5]
+        batch = (torch.cat([query, responses], 1), torch.cat([query_mask, response_mask], 1), query.shape[1], responses,
+                 response_mask)
         t_generated = clock()
-        query_responses = torch.cat([query, responses], 1)
-        attention_mask = torch.cat([query_mask, response_mask], 1)
 
         # 3. score: the RMs read the sampled ids, assembled as their training pairs were, at the final eos
         with torch.no_grad(), accelerator.autocast():
             scores, members, inputs = rm_scores(rollout, len(questions))
-            independent = None if eval_rm is None else torch.tensor(score_ids(
-                eval_rm, tokenizer, inputs, len(questions), THIS_PROCESS_ONLY,
-                in_step_with=accelerator.state if zero3 else None)[0], device=device)
         if not torch.isfinite(scores).all():
             raise FloatingPointError(f"step {state.step}: the reward model returned non-finite scores {members}")
-        raw_scores = scores.clone()  # logged as env/reward_mean whatever the transforms below
+        raw_scores = scores.clone()  # logged as env/reward_mean whatever the shaping below
+        watched = watched_scores(run, tokenizer, rollout, questions, inputs, accelerator, args)
         t_scored = clock()
-        if args.normalize_reward == "sft":  # the SFT samples' mean and std, measured once
-            scores = (scores - state.norm_mean) / state.norm_std
-        scores = scores - args.reward_baseline
-        if args.missing_eos_penalty is not None:
-            scores = scores - args.missing_eos_penalty * (~has_eos).float()  # detail: penalise a missing EOS
-        if args.normalize_reward == "running":
-            moments.update(gather(scores))
-            scores = (scores - moments.mean) / (moments.std + 1e-8)
-        watched = {}  # scores PPO did not optimise: over-optimisation shows as the proxy rising while these fall
-        if independent is not None:
-            watched["eval/reward_mean"] = gather(independent).mean().item()
-        if args.gold == "synthetic":
-            from ser.rollout import response_texts
-            from ser.synthetic import gold_reward
-
-            gold = [gold_reward(q, t) for q, t in zip(questions, response_texts(tokenizer, rollout))]
-            watched["gold/reward_mean"] = gather(torch.tensor(gold, dtype=torch.float32, device=device)).mean().item()
+        scores = shaped(scores, has_eos, state, moments, args)
 
         # 4. logprobs of policy and reference, values, per-token rewards, advantages
-        context = query.shape[1]
-        model.eval()
-        old_logprobs, ref_logprobs, old_values = [], [], []
-        with torch.no_grad(), accelerator.autocast():
-            for i in range(0, len(questions), args.forward_batch_size):
-                sl = slice(i, i + args.forward_batch_size)
-                logits, values = forward(model, query_responses[sl], attention_mask[sl], context)
-                old_logprobs.append(logprobs_of(logits.float(), responses[sl], args.temperature))
-                old_values.append(values.float())
-                ref_args = (query_responses[sl], attention_mask[sl], context, responses[sl], args.temperature)
-                if reference is None:
-                    with unwrapped.policy.disable_adapter():  # the reference = the adapter switched off
-                        ref_logprobs.append(lm_logprobs(unwrapped.policy, *ref_args))
-                else:
-                    ref_logprobs.append(lm_logprobs(reference, *ref_args))
-        old_logprobs, ref_logprobs, old_values = map(torch.cat, (old_logprobs, ref_logprobs, old_values))
-        mask = response_mask.float()
-        kl = (old_logprobs - ref_logprobs) * mask  # per-token KL estimate (k1)
-        rewards = -kl_ctl.value * kl
-        last = (response_mask.sum(1) - 1).clamp(min=0)
-        rewards[torch.arange(len(last), device=device), last] += scores  # detail: the score on the last token
-        advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, mask)  # detail: advantage whitening
+        *old, kl = advantages_of(run, batch, scores, kl_ctl.value, accelerator, args)
         t_forwarded = clock()
 
         # 5. PPO epochs over minibatches
-        model.train()
-        stats = {"pg_loss": [], "vf_loss": [], "clipfrac": [], "vf_clipfrac": [], "approxkl": [], "entropy": []}
-        stop = False
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(len(questions)).tolist()
-            for start in range(0, len(order), args.mini_batch_size):
-                idx = torch.tensor(order[start:start + args.mini_batch_size], device=device)
-                with accelerator.accumulate(model), accelerator.autocast():
-                    logits, values = forward(model, query_responses[idx], attention_mask[idx], context)
-                    logits, values = logits.float(), values.float()
-                    m = mask[idx]
-                    new_logprobs = logprobs_of(logits, responses[idx], args.temperature)
-                    ratio = torch.exp(new_logprobs - old_logprobs[idx])
-                    pg_losses = torch.max(-advantages[idx] * ratio,
-                                          -advantages[idx] * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
-                    pg_loss = masked_mean(pg_losses, m)
-                    v_clipped = old_values[idx] + (values - old_values[idx]).clamp(-args.cliprange_value,
-                                                                                   args.cliprange_value)
-                    vf_unclipped, vf_clipped = (values - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2
-                    vf_losses = torch.max(vf_unclipped, vf_clipped)
-                    vf_loss = 0.5 * masked_mean(vf_losses, m)
-                    loss = pg_loss + args.vf_coef * vf_loss
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"step {state.step}: non-finite PPO loss (policy {pg_loss.item()}, "
-                                                 f"value {vf_loss.item()})")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
-                with torch.no_grad():
-                    entropy = entropy_from_logits(logits / args.temperature)
-                    stats["pg_loss"].append(pg_loss.item())
-                    stats["vf_loss"].append(vf_loss.item())
-                    stats["clipfrac"].append(masked_mean(((ratio - 1).abs() > args.cliprange).float(), m).item())
-                    stats["vf_clipfrac"].append(masked_mean((vf_clipped > vf_unclipped).float(), m).item())
-                    stats["approxkl"].append(0.5 * masked_mean((new_logprobs - old_logprobs[idx]) ** 2, m).item())
-                    stats["entropy"].append(masked_mean(entropy, m).item())
-                if args.early_stopping and accelerator.sync_gradients:
-                    approxkl = gather(torch.tensor(stats["approxkl"][-1], device=device)).mean().item()
-                    if approxkl > 1.5 * args.target_kl:
-                        stop = True
-                        break
-            if stop:
-                break
+        stats, stopped_early = ppo_epochs(run, batch, old, accelerator, args, state.step)
 
         # 6. KL control, logging, checkpoint
         seq_kl = gather(kl.sum(1)).mean().item()
         kl_ctl.update(seq_kl, args.batch_size * accelerator.num_processes)
-        all_scores, all_raw = gather(scores), gather(raw_scores)
         state.step += 1
         state.kl_coef = kl_ctl.value
         state.reward_mean, state.reward_var, state.reward_count = moments.mean, moments.var, moments.count
-        t_updated = clock()
-        seconds = t_updated - t0
-        phases = {"generation": t_generated - t0, "scoring": t_scored - t_generated,
-                  "policy_reference_value": t_forwarded - t_scored, "update": t_updated - t_forwarded}
-        n_tokens = gather(attention_mask.sum()).sum().item()
-        # model FLOPs of the step: generation + policy/reference/critic forwards (2N per token each) and the
-        # updates (6N per token per epoch); an estimate that ignores attention and the RM.
-        flops = n_params * n_tokens * (2 * 3 + 6 * args.ppo_epochs)
-        tflops = flops / seconds / 1e12
-        # statistics of every process, not only this one's
-        means = {k: gather(torch.tensor([sum(v) / len(v)], device=device)).mean().item() for k, v in stats.items() if v}
-        log = {"objective/kl": seq_kl, "objective/kl_coef": kl_ctl.value, **watched,
-               "env/reward_mean": all_raw.mean().item(), "env/reward_std": all_raw.std().item(),
-               "env/score_mean": all_scores.mean().item(),  # after transform, baseline, EOS penalty, norm
-               **{f"ppo/{k}": v for k, v in means.items()},
-               "ppo/early_stopped": float(stop), "ppo/learning_rate": scheduler.get_last_lr()[0],
-               "env/response_length": gather(response_mask.sum(1).float()).mean().item(),
-               "env/eos_rate": gather(has_eos.float()).mean().item(),
-               "perf/tokens_per_second": n_tokens / seconds, "perf/step_seconds": seconds,
-               "perf/model_tflops": tflops, "perf/generation_share": phases["generation"] / seconds,
-               **{f"perf/seconds_{k}": v for k, v in phases.items()}}
-        if peak_tflops:
-            log["perf/mfu"] = tflops / (peak_tflops * accelerator.num_processes)
-        for key in ("ppo/pg_loss", "ppo/vf_loss", "objective/kl"):
-            if key in log and not math.isfinite(log[key]):
-                raise FloatingPointError(f"step {state.step}: {key} is {log[key]}")
-        accelerator.log(log, step=state.step)
-        if accelerator.is_main_process:  # the same figures without a tracker, one JSON line per step
-            with open(Path(args.output_dir) / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": state.step, **log}) + "\n")
-        if len(rms) > 1:
-            log["env/ensemble_spread"] = gather(torch.tensor(members, device=device).std(0)).mean().item()
-        logger.info(f"ppo step {state.step}: reward {log['env/reward_mean']:+.3f} kl {seq_kl:.3f} "
-                    f"kl_coef {kl_ctl.value:.4f} len {log['env/response_length']:.1f} "
-                    f"eos {log['env/eos_rate']:.2f} {log['perf/tokens_per_second']:.0f} tok/s "
-                    f"(generation {100 * log['perf/generation_share']:.0f} %)"
-                    + (f" mfu {100 * log['perf/mfu']:.2f}%" if "perf/mfu" in log else "")
-                    + "".join(f" {k.split('/')[0]} {v:+.3f}" for k, v in watched.items()))
+        figures = (scores, raw_scores, members, seq_kl, batch[1], response_mask, has_eos, watched)
+        log = step_log(run, state, kl_ctl, stats, stopped_early, figures,
+                       (t0, t_generated, t_scored, t_forwarded, clock()), peak_tflops, accelerator, args)
         if args.kl_budget is not None and seq_kl > args.kl_budget:  # past the budget: this policy is not kept
             state.stopped = f"step {state.step}: KL {seq_kl:.3f} > --kl_budget {args.kl_budget}"
             logger.info(f"ppo: {state.stopped}; the run ends, the policy kept is the last checkpoint within the budget")
@@ -790,6 +829,49 @@ def main(args: ScriptArguments, model_args: ModelArguments):
 
     # 7. the policy kept: the last one, the best checkpoint by the independent score, or the last checkpoint within
     #    the KL budget
+    finish(run, state, log, tokenizer, accelerator, args, model_args)
+    return log  # the last step's figures
+
+
+def samplers(run, tokenizer, accelerator, args):
+    """rollout_of(questions): the policy's samples; rm_scores(rollout, n): every RM's score of them and the
+    ensemble's (after --reward_transform), with the RM inputs."""
+    # ZeRO-3 gathers each layer's weights from every process during a forward pass, so during generation it
+    # does so for every new token, and all processes keep generating until the last one is done (synced_gpus),
+    # or a finished one would leave the others waiting. With --gather_for_generation the whole policy is
+    # gathered once per rollout instead: much faster, but each process then holds all of its weights. The
+    # processes still generate in step: DeepSpeed's forward hooks talk to the other processes even then, and a
+    # process whose batch ended early would meet another's gather with its next collective.
+    def gathered():
+        if not (run.zero3 and args.gather_for_generation):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(run.unwrapped.policy.parameters()))
+    synced = run.zero3 and accelerator.num_processes > 1
+
+    def rollout_of(questions):
+        policy = run.unwrapped.policy
+        policy.eval()
+        with torch.no_grad(), accelerator.autocast(), gathered():
+            return sample(policy, tokenizer, questions, args.max_prompt_length, args.output_max_length,
+                          args.temperature, args.batched_gen, accelerator.device, synced_gpus=synced)
+
+    def rm_scores(rollout, n):
+        inputs = reward_inputs(tokenizer, rollout, args.max_length)
+        members = [score_ids(m, tokenizer, inputs, n, THIS_PROCESS_ONLY,
+                             in_step_with=accelerator.state if run.zero3 else None)[0] for m in run.rms]
+        combined = ensemble_scores(members, args.reward_ensemble, args.ensemble_std_coef).to(accelerator.device)
+        if args.reward_transform == "sigmoid":
+            combined = torch.sigmoid(combined)
+        return combined, members, inputs
+
+    return rollout_of, rm_scores
+
+
+def finish(run, state, log, tokenizer, accelerator, args, model_args) -> None:
+    """The last checkpoint; the policy kept (--keep, or the last within --kl_budget) saved as a plain causal LM;
+    summary.json, which names the checkpoints and the best one by the independent score."""
     if not state.stopped and not (args.save_freq and state.step % args.save_freq == 0):
         checkpoint(accelerator, args, state, log)
     kept = choose_checkpoint(state, args)
@@ -798,7 +880,7 @@ def main(args: ScriptArguments, model_args: ModelArguments):
                        "past the budget (a smaller --save_freq keeps one to roll back to)")
     if kept is not None and kept["step"] != state.step:
         accelerator.load_state(str(Path(args.output_dir) / f"checkpoint-{kept['step']}"))
-    save_policy(accelerator, model, tokenizer, args, model_args)
+    save_policy(accelerator, run.model, tokenizer, args, model_args)
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / "summary.json", {
             "steps_run": state.step, "stopped": state.stopped, "keep": args.keep,
@@ -807,7 +889,6 @@ def main(args: ScriptArguments, model_args: ModelArguments):
             "reward_normalisation": {"how": args.normalize_reward, "mean": state.norm_mean, "std": state.norm_std}})
     accelerator.wait_for_everyone()  # no process closes the group while the main one still writes
     accelerator.end_training()
-    return log  # the last step's figures
 
 
 INDEPENDENT = ("gold/reward_mean", "eval/reward_mean")  # the scores a checkpoint is chosen by, in this order
