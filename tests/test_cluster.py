@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from conftest import ENV, ROOT, free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.two_process]
 
 RECIPE = ["accelerate", "launch", "--config_file", "scripts/cluster/zero3.yaml", "--num_processes", "2",
           "--main_process_port", "0"]

@@ -143,6 +143,7 @@ def test_a_retraining_from_a_frozen_rm_keeps_its_trunk_and_layer(synthetic, froz
 # ----------------------------------------------------------------------------- reliability
 
 
+@pytest.mark.slow
 def test_a_frozen_rm_is_not_scored_or_retrained_on_a_changed_trunk(sft_model, tiny_model, synthetic, tmp_path):
     """Trained on a copy T of the SFT model, then T's weights overwritten: a new --feature_cache would hold the
     changed trunk's features, which the old head does not fit. The filter and a retraining refuse it, naming
@@ -188,6 +189,7 @@ def build_args(sft_model, tok, seqs):
                 batch_size=8, dtype="float32", state=OneProcess(), part_rows=16, progress=None, device="cpu")
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_part_is_refused_by_a_reader_and_featurised_again_by_a_build(sft_model, synthetic, tmp_path,
                                                                                       caplog):
     from safetensors.torch import load_file, save_file
@@ -277,6 +279,7 @@ def test_two_jobs_building_one_cache_at_once_give_what_one_build_gives(sft_model
                           features.load_features(tmp_path / "one", distinct, 1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_no_layer_past_the_deepest_asked_is_computed(sft_model, synthetic, tmp_path, monkeypatch):
     tok, seqs = cache_sequences(sft_model, synthetic, 10)
     load, ran = features.load_trunk, []
@@ -321,6 +324,7 @@ def test_a_step_budget_head_stops_at_its_budget_and_continuing_differs_from_rest
     assert torch.allclose(conv_cont, features.train_head(f_j, f_k), atol=1e-3)  # to convergence: the same head
 
 
+@pytest.mark.slow
 def test_an_adamw_frozen_rm_is_an_ordinary_rm_for_the_filter(sft_model, synthetic, tmp_path):
     frozen_rm(sft_model, synthetic, tmp_path / "rm", tmp_path / "cache", "--feature_layer", "1",
               "--head_optimizer", "adamw", "--num_train_epochs", "3", "--per_device_train_batch_size", "32")
@@ -335,6 +339,7 @@ def test_an_adamw_frozen_rm_is_an_ordinary_rm_for_the_filter(sft_model, syntheti
     assert [x["reward_j"] for x in a] == pytest.approx([y["reward_j"] for y in b], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_ask_humans_rules_on_a_frozen_rm_s_features(sft_model, synthetic, tmp_path):
     """The filter's remaining pairs of a frozen-trunk RM with bootstrap heads, exported by each rule on features."""
     from data import ask_humans

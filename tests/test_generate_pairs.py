@@ -80,6 +80,7 @@ def test_the_driver_builds_its_pool_by_generation(synthetic, sft_model, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.two_process
 def test_two_processes_share_the_prompts(synthetic, sft_model, tmp_path):
     from conftest import ENV
 
@@ -98,6 +99,7 @@ def test_two_processes_share_the_prompts(synthetic, sft_model, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("timeout_hours", [0.0005, 0.01])  # 1.8 s, 36 s
+@pytest.mark.two_process
 def test_the_final_gather_waits_for_a_late_process_as_long_as_the_flag_says(synthetic, sft_model, tmp_path,
                                                                             timeout_hours):
     """Process 1 reaches the gather 6 s after process 0: past a 1.8 s timeout the run fails naming the timeout

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ENV, ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.two_process]
 
 
 def gpu_check(out, *flags):

@@ -257,6 +257,7 @@ def seed_ppo_command():
 
 
 @pytest.mark.slow
+@pytest.mark.two_process
 def test_seed_ppo_command_under_accelerate_with_two_processes(sft_model, rm, synthetic, tmp_path):
     command = seed_ppo_command()
     for key, value in {"YOUR_MODEL_PATH": sft_model, "YOUR_TOKENIZER_PATH": sft_model,
@@ -279,6 +280,7 @@ def test_seed_ppo_command_under_accelerate_with_two_processes(sft_model, rm, syn
 
 
 @pytest.mark.slow
+@pytest.mark.two_process
 def test_ppo_under_deepspeed_zero2(sft_model, rm, synthetic, tmp_path):
     cmd = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
            "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",

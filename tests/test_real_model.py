@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import run, seed_command, shared_path
 from ser.data import read_records, write_records
 
-pytestmark = [pytest.mark.slow, pytest.mark.real_model]
+pytestmark = [pytest.mark.slow, pytest.mark.real_model, pytest.mark.two_process]
 
 SIZES = {"finetune": 16, "reward": 20, "evaluation": 24, "unlabeled": 32, "rl": 16}
 

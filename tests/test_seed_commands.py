@@ -39,6 +39,7 @@ def hh_rlhf_task(root):
 
 
 @pytest.mark.slow
+@pytest.mark.two_process
 @pytest.mark.parametrize("task", [synthetic_task, hh_rlhf_task], ids=["synthetic", "hh-rlhf"])
 def test_seed_sft_then_rm_commands(task, tmp_path):
     data, base, sizes = task(tmp_path)

@@ -19,6 +19,7 @@ from ser.data import read_records
 
 
 @pytest.mark.slow
+@pytest.mark.two_process
 def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     F.main(*parse([F.ScriptArguments], filter_flags(synthetic, rm0, one)))
@@ -365,6 +366,7 @@ def two_nodes(script_and_flags, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.two_process
 def test_two_nodes_on_loopback_score_the_pool_like_one_process(synthetic, rm0, tmp_path):
     one, nodes = tmp_path / "one", tmp_path / "nodes"
     F.main(*parse([F.ScriptArguments], filter_flags(synthetic, rm0, one)))
@@ -379,6 +381,7 @@ def test_two_nodes_on_loopback_score_the_pool_like_one_process(synthetic, rm0, t
 
 
 @pytest.mark.slow
+@pytest.mark.two_process
 def test_two_nodes_on_loopback_train_the_rm_like_one_node(synthetic, sft_model, tmp_path):
     def flags(out):
         return ["rm_training.py", "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir",
@@ -396,6 +399,7 @@ def test_two_nodes_on_loopback_train_the_rm_like_one_node(synthetic, sft_model, 
 
 
 @pytest.mark.slow
+@pytest.mark.two_process
 def test_two_nodes_with_the_deepspeed_launcher_train_sft_like_one_node(tiny_model, synthetic, tmp_path):
     """ZeRO-3 SFT (the seed's DeepSpeed config) started by DeepSpeed's launcher: one node of 2 processes,
     and two "nodes" of one from a hostfile (scripts/cluster/deepspeed_launch.sh, as srun would start it)."""
@@ -433,6 +437,7 @@ def test_two_nodes_with_the_deepspeed_launcher_train_sft_like_one_node(tiny_mode
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
+@pytest.mark.two_process
 def test_two_nodes_on_loopback_run_sft_and_ppo_like_one_node(stage, tiny_model, sft_model, rm0, synthetic, tmp_path):
     """The stages not covered above, as two accelerate "machines" of one process against one of two:
     the same logged losses and the same saved weights."""

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ENV, ROOT, filter_flags, free_port, rm0  # noqa: F401 (rm0: a fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.two_process]
 
 ACCELERATE_ZERO3 = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
                     "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
