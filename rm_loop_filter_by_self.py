@@ -180,16 +180,21 @@ def member_probabilities(pool, args) -> list:
     paths = args.member_models if args.selection == "ensemble" else [args.previous_model] if args.previous_model else []
     if not args.reward_model_name:
         raise ValueError(f"--selection {args.selection}: needs --reward_model_name (its members score the pool too)")
-    out = []
+    out, ids = [], []  # the pool's token ids, tokenised once when a member reads the cache
+
+    def cached():
+        if not ids:
+            ids.extend(cached_ids(args))
+        return ids
+
     if args.selection == "ensemble" and args.feature_cache and (features.frozen_info(args.reward_model_name) or {}).get(
             "bootstrap_heads"):
-        ids_j, ids_k = cached_ids(args)
-        for r_j, r_k in features.bootstrap_rewards(args.feature_cache, ids_j, ids_k, args.reward_model_name):
+        for r_j, r_k in features.bootstrap_rewards(args.feature_cache, *cached(), args.reward_model_name):
             out.append(probabilities(r_j, r_k, args.probability))
     for path in paths:
         if args.feature_cache and features.frozen_info(path):
             features.check_trunk(features.frozen_info(path), path)
-            ids_j, ids_k = cached_ids(args)
+            ids_j, ids_k = cached()
             r_j, r_k = features.rewards(args.feature_cache, ids_j, path), features.rewards(args.feature_cache, ids_k, path)
         else:
             r_j, r_k = score_whole_pool(path, args)
