@@ -15,7 +15,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import zlib
 from pathlib import Path
@@ -351,28 +350,21 @@ def write_records(path, records) -> None:
 
 
 @contextlib.contextmanager
-def replacing(path, folder: bool = False):
-    """The one way this project writes a file or folder whole or not at all: yields a fresh temporary path
-    beside `path` (mkstemp/mkdtemp, `.NAME.*.tmp`: no name a planted link could take, and what
-    `remove_stale_temporaries` removes after a kill), which replaces `path` when the block ends without an
-    error. On an error nothing is left behind. A folder replaces only a missing or empty `path`."""
+def replacing(path):
+    """The one way this project writes a file whole or not at all: yields a fresh temporary path beside `path`
+    (mkstemp, `.NAME.*.tmp`: no name a planted link could take, and what `remove_stale_temporaries` removes
+    after a kill), which replaces `path` when the block ends without an error. On an error nothing is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    else:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, umask_mode(0o777 if folder else 0o666))
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
-        if folder:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def write_bytes(path, data: bytes) -> None:

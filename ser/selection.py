@@ -21,7 +21,6 @@ def sigmoid(x: float) -> float:
     """The logistic function, without overflow for large |x|."""
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 MAPPINGS = ("sigmoid", "pairwise", "centred")  # r -> p (ser.loop.probabilities)
-PROBABILITIES = MAPPINGS
 
 
 def _flag(default, help: str, **more):
