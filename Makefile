@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup lint test test-fast demo bench base-model experiments-quick clean gpu-check
+.PHONY: setup lint test test-fast demo bench base-model experiments-quick clean gpu-check gpu-bench
 
 setup: $(STAMP)
 
@@ -63,3 +63,7 @@ clean:
 GPU_CHECK_CONFIG ?= models/smollm2-135m-instruct
 gpu-check:
 	WANDB_MODE=disabled $(if $(wildcard $(PY)),$(PY),$(PYTHON)) scripts/gpu_check.py --config $(GPU_CHECK_CONFIG) --out runs/gpu-check
+
+# throughput on the visible GPU at the paper's 8B shape and the 135M one (random weights): bench/results/gpu.json
+gpu-bench:
+	WANDB_MODE=disabled $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m bench.bench_gpu --out bench/results
