@@ -117,16 +117,20 @@ def ece(w, pairs: Pairs) -> float:
 
 def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, probability="sigmoid", rule="paper",
             forward_only=False, ensemble=0, seed=0, thresholds: dict | None = None, max_loops: int = MAX_LOOPS,
-            keep_seed: bool = True, union: bool = True, continue_training: bool = True, bootstrap_seed: int | None = None):
+            keep_seed: bool = True, union: bool = True, continue_training: bool = True, bootstrap_seed: int | None = None,
+            train=None, w0=None):
     """scripts/ser_loop.sh's loop (ser/loop.py's `run`, the driver's settings as arguments) on features: Loop 0
     on the labelled seed, then each loop self-labels the remaining pool, decides its status, selects, and
     retrains, until Stop. `forward_only` is the monotone status; `ensemble` K adds K bootstrap heads of each
     RM's training pairs as members (--selection ensemble, as rm_training.py --bootstrap_heads K, whose
-    resamples are drawn with its --seed: `bootstrap_seed`; by default a seed per run and loop). Returns one
-    row per loop, with the mechanism figures, and each loop's selected pool indices."""
+    resamples are drawn with its --seed: `bootstrap_seed`; by default a seed per run and loop). `train(j, k,
+    init)` replaces the L-BFGS retraining at `l2` (another L2 rule or a step-budget trainer), and `w0` the seed
+    RM fitted here. Returns one row per loop, with the mechanism figures, and each loop's selection: its pool
+    indices and whether the RM preferred side j of each (its self-labels)."""
     t = Thresholds(**{"status1_min_pairs": floor, "status2_min_pairs": floor, "probability": probability,
                       "monotone": forward_only, **(thresholds or {})})
-    w0 = fit(labelled.j, labelled.k, l2)
+    w0 = fit(labelled.j, labelled.k, l2) if w0 is None else w0
+    train = train or (lambda j, k, init: fit(j, k, l2, init))
     acc, correct = accuracy(w0, held)
     rows = [{"loop": 0, "accuracy": acc, "correct": bits(correct), "ece": ece(w0, held), "status": "seed", "selected": 0}]
 
@@ -152,7 +156,7 @@ def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, pr
 
     settings = ser_loop.Settings(thresholds=t, rule="ensemble" if ensemble else rule, max_loops=max_loops,
                              keep_seed=keep_seed, union=union, continue_training=continue_training)
-    loops = ser_loop.run(w0, score, lambda mix, init: fit(*pairs_of(mix), l2, init), len(pool), settings,
+    loops = ser_loop.run(w0, score, lambda mix, init: train(*pairs_of(mix), init), len(pool), settings,
                          members if ensemble else None)
     selected_total = 0
     for rec in loops:
@@ -176,7 +180,7 @@ def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, pr
                      "self_label_precision": agrees.float().mean().item(),
                      "precision_by_confidence": [{"pairs": m, "precision": c / m if m else None} for m, c in bins],
                      "seed_rm_agreement": seed_pref.float().mean().item(), "selected_total": selected_total})
-    return rows, [rec.selected for rec in loops if rec.selected is not None]
+    return rows, [(rec.selected, rec.prefers_j) for rec in loops if rec.selected is not None]
 
 
 def bits(correct) -> str:
@@ -322,7 +326,7 @@ def run_one(variant, fraction, seed, pool: Pairs, held: Pairs, rest, l2_of):
         paper, selections = ser_run(labelled, unlabelled, held, l2, floor)
         loops, w = [paper[0]], None
         for t in range(1, len(selections) + 1):
-            union = unlabelled.take(torch.cat(selections[:t]))
+            union = unlabelled.take(torch.cat([idx for idx, _ in selections[:t]]))
             w = fit(torch.cat([labelled.j, union.j]), torch.cat([labelled.k, union.k]), l2, w)
             acc, correct = accuracy(w, held)
             loops.append({"loop": t, "accuracy": acc, "correct": bits(correct), "status": "oracle", "selected": len(union)})

@@ -115,6 +115,29 @@ def crossed(diffs_by_seed) -> dict:
             "p": math.erfc(abs(z) / math.sqrt(2)) if se else float(m == 0), "se": se, "seeds": s, "pairs": p}
 
 
+def crossed_ratio(numerator, denominator, draws: int = N_BOOT, seed: int = 0) -> dict:
+    """mean(numerator) / mean(denominator) of two seeds x pairs tables of paired differences (e.g. gap recovered:
+    (SER - seed RM) / (all labels - seed RM)), with a 95 % two-way bootstrap interval: the seeds and the pairs
+    resampled independently, both sources of variance, percentile interval. None where a mean is 0."""
+    import numpy as np
+
+    a, b = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"tables of shapes {a.shape} and {b.shape}: the same seeds and pairs are needed")
+    if b.mean() == 0:
+        return {"ratio": None, "ci": None}
+    rng = np.random.default_rng(seed)
+    s, p = a.shape
+    stats = []
+    for _ in range(draws):
+        rows, cols = rng.integers(0, s, s), rng.integers(0, p, p)
+        num, den = a[rows][:, cols].mean(), b[rows][:, cols].mean()
+        stats.append(num / den if den else np.nan)
+    stats = np.sort(np.asarray(stats)[~np.isnan(stats)])
+    return {"ratio": float(a.mean() / b.mean()),
+            "ci": (float(stats[int(0.025 * len(stats))]), float(stats[int(0.975 * len(stats)) - 1])) if len(stats) else None}
+
+
 def seeds_and_pairs_ci(accuracies, pairs: int) -> tuple[float, float]:
     """95 % interval of a mean accuracy over seeds on one set of `pairs` held-out pairs, counting both: the
     seeds' variance over their number plus the binomial bound m (1 - m) / pairs on the pairs' share (without

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import ENV, ROOT
 
+
 @pytest.mark.slow
 def test_the_gpu_bench_rehearses_on_the_cpu(tmp_path):
     subprocess.run([sys.executable, "-m", "bench.bench_gpu", "--dry_run", "True", "--out", str(tmp_path)],
