@@ -41,6 +41,8 @@ def test_one_seed_matches_steps_and_dials_precision(monkeypatch):
     assert by[("cv-seed", None)]["labelled"] == 26 and by[("cv-seed", None)]["layer"] == 2
     ser, matched, seed = by[("steps-ser", None)], by[("steps-matched", None)], by[("steps-seed", None)]
     assert ser["loops"] >= 1 and matched["steps"] == ser["steps"] == seed["steps"] + sum(ser["loop_steps"])
+    cv_ser, cv_matched = by[("stepscv-ser", None)], by[("stepscv-matched", None)]
+    assert cv_matched["steps"] == cv_ser["steps"] and cv_ser["lr"] in why.LR_GRID + [10.0, 100.0]
     assert seed["steps"] == 2 * -(-26 // why.STEPS["batch_size"])  # 2 epochs of batch 40: not to convergence
     assert [pi for v, pi in by if v == "flip"] == why.PIS
     precision = by[("correct", 1.0)]["self_precision"]
@@ -83,6 +85,7 @@ def test_the_report_reads_its_rows():
     for seed in (0, 1):
         rows += why.one_seed(why.PRIMARY, seed, pools, helds, rest) + [{**r, "fraction": why.PRIMARY, "seed": seed} for r in full]
     text = why.report({"setting": "toy", "held_out_pairs": 300, "validation_pairs": 0, "why": {"rows": rows}})
-    for needed in ("## 2. The optimisation confound", "## 3. The precision dial", "oracle − random-human", "gap recovered"):
+    for needed in ("## 2. The optimisation confound", "| STEPS-CV | 1 % |", "## 3. The precision dial", "oracle − random-human",
+                   "gap recovered"):
         assert needed in text
     assert "| 1 % | CV |" in text
