@@ -119,30 +119,24 @@ def pair_features(pool, args):
 
 
 def choose(pool, args) -> list[int]:
-    """The indices of the pairs to ask about, by --rule, in the order of choice."""
+    """The indices of the pairs to ask about, by --rule (ser/ask.py's `choose`), in the order of choice."""
     groups, p = [r["question"] for r in pool], [r["p_j"] for r in pool]
-    if args.rule == "uncertainty":
-        return ask.pick(p, ask.ngram_vectors(groups), args.n, groups=groups, diverse=args.diverse)
-    if args.rule == "random":
-        order = list(range(len(pool)))
-        random.Random(f"{args.seed}:random").shuffle(order)
-        return ask.one_per_group(order, groups)[:args.n]
+    if args.rule not in ask.FEATURE_RULES:
+        return ask.choose(args.rule, args.n, p, groups, seed=args.seed, diverse=args.diverse)
     f_j, f_k, info = pair_features(pool, args)
-    if args.rule == "d-optimal":
-        return ask.d_optimal(f_j - f_k, p, args.n, groups)[0]
-    if args.rule == "typical":
-        return ask.typical(f_j + f_k, args.n, groups, seed=args.seed)
-    from ser import features
+    member_p = None
+    if args.rule == "ensemble-diverse":
+        from ser import features
 
-    path = Path(args.reward_model_name) / features.BOOTSTRAP
-    if not path.is_file():
-        raise SystemExit(f"--rule ensemble-diverse: {args.reward_model_name} has no bootstrap heads; train it with "
-                         "rm_training.py --trunk frozen --bootstrap_heads K")
-    from safetensors.torch import load_file
+        path = Path(args.reward_model_name) / features.BOOTSTRAP
+        if not path.is_file():
+            raise SystemExit(f"--rule ensemble-diverse: {args.reward_model_name} has no bootstrap heads; train it with "
+                             "rm_training.py --trunk frozen --bootstrap_heads K")
+        from safetensors.torch import load_file
 
-    heads = load_file(str(path))["heads"]
-    member_p = torch.sigmoid((f_j - f_k) @ heads.T).T  # [K, pairs]
-    return ask.ensemble_diverse(member_p, f_j + f_k, args.n, groups)
+        heads = load_file(str(path))["heads"]
+        member_p = torch.sigmoid((f_j - f_k) @ heads.T).T  # [K, pairs]
+    return ask.choose(args.rule, args.n, p, groups, seed=args.seed, f_j=f_j, f_k=f_k, member_p=member_p)
 
 
 def task(record, a_is: str) -> tuple[dict, dict]:

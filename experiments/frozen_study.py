@@ -118,15 +118,17 @@ def ece(w, pairs: Pairs) -> float:
 def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, probability="sigmoid", rule="paper",
             forward_only=False, ensemble=0, seed=0, thresholds: dict | None = None, max_loops: int = MAX_LOOPS,
             keep_seed: bool = True, union: bool = True, continue_training: bool = True, bootstrap_seed: int | None = None,
-            train=None, w0=None):
+            train=None, w0=None, ask=None):
     """scripts/ser_loop.sh's loop (ser/loop.py's `run`, the driver's settings as arguments) on features: Loop 0
     on the labelled seed, then each loop self-labels the remaining pool, decides its status, selects, and
     retrains, until Stop. `forward_only` is the monotone status; `ensemble` K adds K bootstrap heads of each
     RM's training pairs as members (--selection ensemble, as rm_training.py --bootstrap_heads K, whose
     resamples are drawn with its --seed: `bootstrap_seed`; by default a seed per run and loop). `train(j, k,
     init)` replaces the L-BFGS retraining at `l2` (another L2 rule or a step-budget trainer), and `w0` the seed
-    RM fitted here. Returns one row per loop, with the mechanism figures, and each loop's selection: its pool
-    indices and whether the RM preferred side j of each (its self-labels)."""
+    RM fitted here. `ask(loop, rm, idx)` -> pool indices among idx for humans to label (their human labels join
+    the retraining, as the driver's ASK_HUMANS does; ser/loop.py's `run`). Returns one row per loop, with the
+    mechanism figures, and each loop's selection: its pool indices and whether the RM preferred side j of each
+    (its self-labels)."""
     t = Thresholds(**{"status1_min_pairs": floor, "status2_min_pairs": floor, "probability": probability,
                       "monotone": forward_only, **(thresholds or {})})
     w0 = fit(labelled.j, labelled.k, l2) if w0 is None else w0
@@ -156,14 +158,19 @@ def ser_run(labelled: Pairs, pool: Pairs, held: Pairs, l2: float, floor: int, pr
 
     settings = ser_loop.Settings(thresholds=t, rule="ensemble" if ensemble else rule, max_loops=max_loops,
                              keep_seed=keep_seed, union=union, continue_training=continue_training)
+    def asking(loop_t, rm, idx):  # the asked pairs with their human labels: side j, the human-preferred one
+        asked = ask(loop_t, rm, idx)
+        return None if asked is None else (asked, (asked, torch.ones(len(asked), dtype=torch.bool)))
+
     loops = ser_loop.run(w0, score, lambda mix, init: train(*pairs_of(mix), init), len(pool), settings,
-                         members if ensemble else None)
+                         members if ensemble else None, ask=asking if ask else None)
     selected_total = 0
     for rec in loops:
         d, both = rec.decision, torch.cat([rec.r_j, rec.r_k])
         row = {"loop": rec.loop, "status": d.status, "status1_eligible": d.status1_eligible,
                "status2_eligible": d.status2_eligible, "pool": len(rec.pool), "reward_mean": both.mean().item(),
-               "reward_std": both.std().item(), "selected": sum(d.mask)}
+               "reward_std": both.std().item(), "selected": sum(d.mask),
+               "asked": 0 if rec.asked is None else len(rec.asked)}
         if rec.rm is None:
             rows.append({**row, "accuracy": None})
             break

@@ -16,6 +16,7 @@ Plain uncertainty sampling is the same rule with every d = 1 (`diverse=False`).
 import hashlib
 import json
 import math
+import random
 import re
 import zlib
 
@@ -93,6 +94,32 @@ def pick(p, vectors: torch.Tensor, n: int, groups=None, diverse: bool = True, sh
 # (`groups`) and returns distinct pool indices in the order of choice.
 
 RULES = ("uncertainty", "random", "d-optimal", "ensemble-diverse", "typical")
+FEATURE_RULES = ("d-optimal", "ensemble-diverse", "typical")
+
+
+def choose(rule: str, n: int, p, groups, seed: int = 0, f_j=None, f_k=None, member_p=None,
+           diverse: bool = True) -> list[int]:
+    """The indices of (at most) n pairs to ask about by `rule`, in the order of choice, at most one per question
+    (`groups`): the one place a rule is dispatched (data/ask_humans.py and the budget study call it).
+    p: each pair's probability that response j is better (the RM's); f_j, f_k: the head's features of both
+    responses, for the rules in FEATURE_RULES; member_p: [K, pairs] bootstrap heads' p, for ensemble-diverse."""
+    if rule == "uncertainty":
+        return pick(p, ngram_vectors(groups), n, groups=groups, diverse=diverse)
+    if rule == "random":
+        order = list(range(len(p)))
+        random.Random(f"{seed}:random").shuffle(order)
+        return one_per_group(order, groups)[:n]
+    if rule not in FEATURE_RULES:
+        raise ValueError(f"rule {rule!r}: one of {', '.join(RULES)}")
+    if f_j is None or f_k is None:
+        raise ValueError(f"rule {rule}: reads the head's features f_j and f_k")
+    if rule == "d-optimal":
+        return d_optimal(f_j - f_k, p, n, groups)[0]
+    if rule == "typical":
+        return typical(f_j + f_k, n, groups, seed=seed)
+    if member_p is None:
+        raise ValueError("rule ensemble-diverse: reads the bootstrap heads' probabilities member_p")
+    return ensemble_diverse(member_p, f_j + f_k, n, groups)
 
 
 def one_per_group(order, groups) -> list[int]:
@@ -109,29 +136,33 @@ def one_per_group(order, groups) -> list[int]:
 def d_optimal(diffs: torch.Tensor, p, n: int, groups=None, ridge: float = 1e-3) -> tuple[list[int], list[float]]:
     """Greedy D-optimal design for a Bradley-Terry head (Shen, Sun and Ton, ICML 2025): each step takes the pair
     whose Fisher information p(1-p) x x^T raises log det(ridge I + sum over the chosen) the most, i.e. the largest
-    p(1-p) x^T A^-1 x (the matrix determinant lemma), with A^-1 updated by Sherman-Morrison. At most one pair per
-    question: once one is taken, its question's other pairs are not. Returns the chosen indices and log det A
-    after each choice (never decreasing)."""
+    p(1-p) x^T A^-1 x (the matrix determinant lemma). A^-1 changes by a rank-one Sherman-Morrison step, so each
+    pair's x^T A^-1 x is updated in O(dim), not recomputed. At most one pair per question: once one is taken,
+    its question's other pairs are not. Returns the chosen indices and log det A after each choice (never
+    decreasing)."""
     x = diffs.double()
     weight = torch.tensor([q * (1 - q) for q in p], dtype=torch.float64)
     a_inv = torch.eye(x.shape[1], dtype=torch.float64) / ridge
+    quad = (x * x).sum(1) / ridge  # x_i^T A^-1 x_i
     logdet = x.shape[1] * math.log(ridge)
+    keys = list(range(len(x))) if groups is None else list(groups)
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    key_ids = torch.tensor([index[k] for k in keys], dtype=torch.long)
     blocked = torch.zeros(len(x), dtype=torch.bool)
     chosen, logdets = [], []
-    keys = list(range(len(x))) if groups is None else list(groups)
-    for _ in range(min(n, len(set(keys)))):
-        gain = weight * torch.einsum("id,de,ie->i", x, a_inv, x)
-        gain[blocked] = -1.0
+    for _ in range(min(n, len(index))):
+        gain = torch.where(blocked, torch.tensor(-1.0, dtype=torch.float64), weight * quad)
         best = int(torch.argmax(gain))
         if gain[best] < 0:
             break
         v = a_inv @ x[best]
         step = weight[best] * (x[best] @ v)
         a_inv = a_inv - weight[best] * torch.outer(v, v) / (1 + step)
+        quad = quad - weight[best] * (x @ v) ** 2 / (1 + step)
         logdet += math.log1p(float(step))
         chosen.append(best)
         logdets.append(logdet)
-        blocked |= torch.tensor([k == keys[best] for k in keys])
+        blocked |= key_ids == key_ids[best]
     return chosen, logdets
 
 

@@ -106,7 +106,7 @@ class Settings:
 class Loop:
     """One loop of `run`: its pool (indices into the whole pool), the rewards and probabilities RM_{t-1} gave
     it, the decision, which pool pairs were selected (indices) and which side of each the RM prefers
-    (True: j), and RM_t (None at Stop)."""
+    (True: j), the pairs humans were asked about (indices), and RM_t (None at Stop)."""
 
     loop: int
     pool: object
@@ -117,18 +117,23 @@ class Loop:
     decision: Decision
     selected: object = None
     prefers_j: object = None
+    asked: object = None
     rm: object = None
 
 
 def run(rm0, score: Callable, train: Callable, n_pool: int, settings: Settings, members: Callable | None = None,
-        human: Sequence = ()) -> list[Loop]:
+        human: Sequence = (), ask: Callable | None = None) -> list[Loop]:
     """scripts/ser_loop.sh's loop after Loop 0, in one process.
 
     rm0: RM_0 (trained on the seed); score(rm, idx) -> (r_j, r_k) tensors of pool pairs idx; train(mix, init)
     -> RM_t, where mix is `training_mix` over "seed", the human sets and (indices, prefers_j) selections,
     and init is RM_{t-1} or None (afresh); members(loop, rms, idx, mix) -> other RMs' (p_j, p_k) for the
     ensemble and agreement rules, or None (rms: RM_0 .. RM_{t-1}; mix: what RM_{t-1} was trained on). Without
-    `members`, the agreement rule's member is RM_{t-2}, scored on the loop's pool (none at loop 1)."""
+    `members`, the agreement rule's member is RM_{t-2}, scored on the loop's pool (none at loop 1).
+    ask(loop, rm, idx) -> (asked, item) or None: where the driver's ASK_HUMANS asks, after the loop's
+    selection, among the pairs it did not select (idx) with RM_{t-1} (rm): the pool indices humans label
+    (they leave the pool) and what train reads for them (joining the human sets of this and every later
+    retraining)."""
     import torch
 
     t = settings.thresholds
@@ -152,10 +157,14 @@ def run(rm0, score: Callable, train: Callable, n_pool: int, settings: Settings, 
         statuses.append(decision.status)
         record.selected, record.prefers_j = remaining[mask], (p_j >= p_k)[mask]
         selections.append((record.selected, record.prefers_j))
+        remaining = remaining[~mask]
+        asked = ask(loop, rm, remaining) if ask else None
+        if asked is not None and len(asked[0]):
+            record.asked, human = asked[0], [*human, asked[1]]
+            remaining = remaining[~torch.isin(remaining, torch.as_tensor(asked[0]))]
         mix = training_mix("seed", selections, human, settings.keep_seed, settings.union)
         rm = record.rm = train(mix, start_from(rm, None, settings.continue_training))
         rms.append(rm)
-        remaining = remaining[~mask]
     return loops
 
 

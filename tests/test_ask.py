@@ -327,28 +327,32 @@ def test_the_driver_stops_for_labels_and_resumes_with_them(sft_model, synthetic,
 # ----------------------------------------------------------------------------- the budget study's report
 
 
-def test_the_budget_report_states_the_paired_differences(tmp_path):
-    """A made-up state in which asked pairs gain one point on random ones in every seed: the report's
-    paired row says +1.0 with a degenerate interval, and names the best arm."""
+@pytest.mark.slow
+def test_the_budget_study_asks_every_rule_alone_and_after_ser_and_reports_against_random(tmp_path, monkeypatch):
+    """One seed on toy features: each rule's asked pairs alone and after SER's loop 1 (as many as B, one per
+    question), and the report's tests against random and its pre-registered decision."""
+    from test_why_study import layers
+
     from experiments import ask_study
 
-    rows = []
-    for seed in range(5):
-        base = 0.55 + 0.01 * seed
-        rows += [{"arm": "seed", "budget": 0.0, "seed": seed, "accuracy": base},
-                 {"arm": "ser", "budget": 0.0, "seed": seed, "accuracy": base + 0.005}]
-        for b in (0.01, 0.05):
-            rows += [{"arm": "human-random", "budget": b, "seed": seed, "accuracy": base + 0.02},
-                     {"arm": "human-ask", "budget": b, "seed": seed, "accuracy": base + 0.03},
-                     {"arm": "ser+ask", "budget": b, "seed": seed, "accuracy": base + 0.025}]
-    state = {"setting": "made-up", "layer": 1, "seed_fraction": 0.01, "budgets": [0.01, 0.05], "pool_pairs": 100,
-             "held_out_pairs": 50, "seed_pairs": 1, "budget_pairs": {"0.01": 1, "0.05": 5}, "rows": rows}
-    path = tmp_path / "ask-made-up.json"
+    pools, helds = layers(n_pool=1000, n_held=200)
+    rest = list(range(len(pools[2])))
+    questions = [f"q{i // 2}" for i in range(len(rest))]  # two pairs per question
+    monkeypatch.setattr(ask_study, "BUDGETS", [0.01, 0.05])
+    rows = ask_study.one_seed(0, pools, helds, rest, questions) + ask_study.one_seed(1, pools, helds, rest, questions)
+    by = {(r["variant"], r["fraction"], r["seed"]): r for r in rows}
+    for b, n in ((0.01, 10), (0.05, 50)):
+        for rule in ask.RULES:
+            alone, after = by[(f"alone:{rule}", b, 0)], by[(f"ser:{rule}", b, 0)]
+            assert alone["asked"] == alone["distinct_questions"] == n, rule
+            assert after["asked"] == (n if after["loops"] >= 1 else 0), rule
+    state = {"setting": "toy", "seed_fraction": 0.01, "budgets": [0.01, 0.05], "pool_pairs": len(rest),
+             "held_out_pairs": 200, "seed_pairs": 10, "budget_pairs": {"0.01": 10, "0.05": 50}, "rows": rows}
+    path = tmp_path / "ask-toy.json"
     path.write_text(json.dumps(state))
     text = ask_study.write_report(path)
-    assert "| 5.0 % | human-ask − human-random | +1.0 | [+1.0, +1.0] | 0.062 |" in text  # 2/32: exact sign flips
-    assert "the best mean is human-ask, +0.5 points over ser+ask" in text
-    assert (tmp_path / "REPORT-ask-made-up.md").is_file() and (tmp_path / "ask-made-up.png").is_file()
+    assert "| after SER | 5 % | d-optimal |" in text and "## The pre-registered decision" in text
+    assert (tmp_path / "REPORT-ask-toy.md").is_file() and (tmp_path / "ask-toy.png").is_file()
 
 
 # ----------------------------------------------------------------------------- bad input (reliability)
@@ -507,15 +511,14 @@ def test_every_rule_returns_distinct_pairs_at_most_one_per_question(groups, n, s
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(len(groups), 4, generator=g)
     p = torch.rand(len(groups), generator=g).tolist()
-    results = {"uncertainty": ask.pick(p, feats, n, groups=groups),
-               "d-optimal": ask.d_optimal(feats, p, n, groups)[0],
-               "ensemble-diverse": ask.ensemble_diverse(torch.rand(3, len(groups), generator=g), feats, n, groups),
-               "typical": ask.typical(feats, n, groups, seed=seed),
-               "random": ask.one_per_group(torch.randperm(len(groups), generator=g).tolist(), groups)[:n]}
-    assert set(results) == set(ask.RULES)
+    member_p = torch.rand(3, len(groups), generator=g)
+    results = {rule: ask.choose(rule, n, p, [str(x) for x in groups], seed=seed, f_j=feats, f_k=torch.zeros_like(feats),
+                                member_p=member_p) for rule in ask.RULES}  # f_j - f_k and f_j + f_k are feats
     for rule, chosen in results.items():
         assert len(chosen) == len(set(chosen)) == min(n, len(set(groups))), rule
         assert len({groups[i] for i in chosen}) == len(chosen), rule
+    with pytest.raises(ValueError, match="reads the head's features"):
+        ask.choose("d-optimal", n, p, groups)
 
 
 def test_the_rules_on_features_say_what_they_miss(tmp_path):

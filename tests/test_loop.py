@@ -135,3 +135,35 @@ def test_continue_and_restart_differ_only_in_where_rm_t_starts():
             assert starts[1] == (2 if cont else None)
         selected = torch.cat([r.selected for r in loops if r.selected is not None])
         assert len(set(selected.tolist())) == len(selected)  # a pair is selected once
+
+
+def test_run_asks_among_the_pairs_the_loop_did_not_select_and_trains_on_their_labels():
+    """ser/loop.py's ask step, where the driver's ASK_HUMANS asks: after the loop's selection, among the pairs it
+    did not select; the asked pairs leave the pool and join this and every later retraining's human sets."""
+    import torch
+
+    from ser.loop import Settings, run
+    from ser.selection import Thresholds
+
+    rewards = torch.linspace(-3, 3, 40)  # pair i: r_j = rewards[i], r_k = 0; RM_t is t + 1 times as sure
+
+    def score(rm, idx):
+        return rewards[idx] * (1 + rm), torch.zeros(len(idx))
+
+    seen, mixes = [], []
+
+    def ask(loop, rm, idx):
+        seen.append((loop, idx.clone()))
+        return (idx[:3], f"human-{loop}") if loop == 1 else None
+
+    def train(mix, init):
+        mixes.append(mix)
+        return len(mixes)
+
+    loops = run(0, score, train, 40, Settings(Thresholds(status1_min_pairs=1, status2_min_pairs=1), max_loops=2), ask=ask)
+    first = loops[0]
+    assert set(seen[0][1].tolist()) == set(range(40)) - set(first.selected.tolist())  # only the unselected pairs
+    assert first.asked.tolist() == seen[0][1][:3].tolist()
+    assert mixes[0][:2] == ["seed", "human-1"] and mixes[1][:2] == ["seed", "human-1"]  # in every later retraining
+    assert not set(first.asked.tolist()) & set(loops[1].pool.tolist())  # the asked pairs left the pool
+    assert loops[1].asked is None and len(seen) == 2
