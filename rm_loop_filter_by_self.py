@@ -42,7 +42,8 @@ from ser.data import (
     write_records,
 )
 from ser.loop import probabilities
-from ser.modeling import FORWARD_COST, DataArguments, default_of, end_processes, hidden
+from ser.modeling import DataArguments, default_of, end_processes, hidden
+from ser.scoring import FORWARD_COST
 from ser.selection import RULES, STATUS1, STATUS2, WITH_MEMBERS, Decision, Thresholds
 
 GOLD = "gold_preferred"
@@ -108,7 +109,8 @@ def self_label(pool, args, scored_path):
     from tqdm.auto import tqdm
 
     from ser.cli import check_accelerator
-    from ser.modeling import held_weights, load_scorer, load_tokenizer, model_identity, process_state, score_pairs
+    from ser.modeling import held_weights, load_scorer, load_tokenizer, model_identity, process_state
+    from ser.scoring import score_pairs
 
     if not args.device:
         check_accelerator()
@@ -221,7 +223,8 @@ def cached_ids(args):
 
 def score_whole_pool(path, args):
     """A member RM's rewards of the pool, run on this process."""
-    from ser.modeling import THIS_PROCESS_ONLY, check_reward_model, load_scorer, load_tokenizer, score_pairs
+    from ser.modeling import THIS_PROCESS_ONLY, check_reward_model, load_scorer, load_tokenizer
+    from ser.scoring import score_pairs
 
     check_reward_model(path)
     tokenizer = load_tokenizer(args.tokenizer_name or path)

@@ -27,7 +27,6 @@ from trl.trainer.utils import disable_dropout_in_model
 from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json, write_records
 from ser.modeling import (
-    FORWARD_COST,
     DataArguments,
     check_saved_weights,
     default_of,
@@ -36,17 +35,14 @@ from ser.modeling import (
     fp32_master_weights,
     hidden,
     is_lora_dir,
-    length_batches,
     load_reward_model,
     load_tokenizer,
     lora_base,
-    pair_loss,
-    pair_metrics,
     record_lora_base,
-    score_ids,
     zero_stage,
 )
 from ser.modeling import ModelArguments as BaseModelArguments
+from ser.scoring import FORWARD_COST, length_batches, pair_loss, pair_metrics, score_ids
 
 logger = get_logger("rm_training")
 

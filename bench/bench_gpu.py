@@ -9,7 +9,7 @@ lengths of 1,000 helpful test pairs, under a Llama tokenizer; lengths only, no t
 with the prompt cut from the left as ser.data.encode cuts it. Each measurement alternates its methods and
 keeps each method's best of --repeats runs:
 * scoring, pairs/s and MFU: the released pipeline's method (one side per run, file order, batch 50), ours
-  (`ser.modeling.score_ids`: both sides, batches of similar length) and our shared-prefix scorer
+  (`ser.scoring.score_ids`: both sides, batches of similar length) and our shared-prefix scorer
   (`score_pairs_shared`: the prompt run once per pair);
 * RM training, LoRA r 8 on the attention and MLP projections, the pairwise loss: tokens/s, MFU and peak memory
   of one epoch-slice of optimiser steps in random batches padded to their longest (TRL RewardTrainer's default
@@ -34,7 +34,8 @@ import torch
 
 from ser.cli import parse
 from ser.data import write_json
-from ser.modeling import length_batches, score_ids, score_pairs_shared, whole_numel
+from ser.modeling import whole_numel
+from ser.scoring import length_batches, score_ids, score_pairs_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = Path(__file__).resolve().parent / "hh_lengths.json"

@@ -5,7 +5,7 @@
 Three ways to score both responses of the same pairs with the same model under bf16 autocast:
 * released: transformers' `pipeline("sentiment-analysis")` on the RM, batch 50, file order, one side per
   run, the text template tokenised with right truncation (as the released filter does);
-* length-sorted: `ser.modeling.score_pairs` (both sides in one pass in batches of similar length, at most
+* length-sorted: `ser.scoring.score_pairs` (both sides in one pass in batches of similar length, at most
   `--batch_size`, cut by `length_batches` with its default forward cost; questions cut from the left);
 * shared prefix: `score_pairs(shared_prefix=True)` (each question run once, its KV cache reused; the same
   batching).
@@ -26,7 +26,8 @@ import torch
 from bench.summary import merge_into_summary, portable
 from ser.cli import parse
 from ser.data import encode, format_text, split_transcript, write_text
-from ser.modeling import THIS_PROCESS_ONLY, load_tokenizer, score_pairs
+from ser.modeling import THIS_PROCESS_ONLY, load_tokenizer
+from ser.scoring import score_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -15,7 +15,8 @@ import torch
 
 from bench.bench_scoring import SHARED, hh_pairs
 from ser.cli import parse
-from ser.modeling import THIS_PROCESS_ONLY, load_tokenizer, score_pairs
+from ser.modeling import THIS_PROCESS_ONLY, load_tokenizer
+from ser.scoring import score_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 

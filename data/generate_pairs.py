@@ -31,8 +31,9 @@ from transformers import LogitsProcessor, LogitsProcessorList, set_seed
 
 from ser.cli import check_accelerator, get_logger, parse
 from ser.data import DataError, check_writable, load_records, write_json, write_records
-from ser.modeling import deal_out, end_processes, gather_parts, load_causal_lm, load_tokenizer, process_state
+from ser.modeling import end_processes, load_causal_lm, load_tokenizer, process_state
 from ser.rollout import response_texts, sample
+from ser.scoring import deal_out, gather_parts
 
 logger = get_logger("generate_pairs")
 

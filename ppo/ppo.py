@@ -58,13 +58,13 @@ from ser.modeling import (
     partitioned_at_load,
     record_lora_base,
     save_whole,
-    score_ids,
     whole_numel,
     whole_weights,
     zero_stage,
 )
 from ser.modeling import ModelArguments as BaseModelArguments
 from ser.rollout import lm_logprobs, logprobs_of, position_ids_of, reward_inputs, sample
+from ser.scoring import score_ids
 
 logger = get_logger("ppo")
 

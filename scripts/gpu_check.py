@@ -150,7 +150,8 @@ def _rm_and_pairs(c: Check, dtype=torch.float32, device=None):
 
 
 def _plain_and_shared(rm, tok, pairs, autocast=False):
-    from ser.modeling import THIS_PROCESS_ONLY, score_ids, score_pairs_shared
+    from ser.modeling import THIS_PROCESS_ONLY
+    from ser.scoring import score_ids, score_pairs_shared
 
     device = next(rm.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):

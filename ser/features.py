@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from ser.cli import get_logger
 from ser.data import DataError, replacing, write_json
-from ser.modeling import FORWARD_COST, deal_out, length_batches, model_identity
+from ser.modeling import model_identity
+from ser.scoring import FORWARD_COST, deal_out, length_batches
 
 META = "meta.json"
 FROZEN = "frozen_trunk.json"
@@ -300,7 +301,7 @@ def train_head(f_j, f_k, w0=None, l2: float = 1e-3, max_iter: int = 200, loss: s
     reward-centring term, center * mean((r_j + r_k)^2): a head has no bias, and the features share a large
     common component, so without it the rewards carry an arbitrary offset that probabilities p = sigmoid(r)
     (the paper's status thresholds) read as confidence."""
-    from ser.modeling import pair_loss
+    from ser.scoring import pair_loss
 
     f_j, f_k = f_j.double(), f_k.double()
     both = f_j + f_k
@@ -328,7 +329,7 @@ def train_head_steps(f_j, f_k, w0=None, l2: float = 1e-3, epochs: float = 1.0, l
     `warmup` steps of warm-up (a share of them below 1, as transformers' warmup_steps), `epochs` passes over
     the pairs in a seeded order (or exactly `steps` optimiser steps: a matched-steps control). `w0` continues
     a previous head, which now differs from restarting. Returns the head and the optimiser steps run."""
-    from ser.modeling import pair_loss
+    from ser.scoring import pair_loss
 
     n = len(f_j)
     per_epoch = math.ceil(n / batch_size)

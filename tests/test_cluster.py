@@ -110,7 +110,8 @@ def rm_flags(sft, synthetic, out):
 
 def reloaded_scores_match(out, synthetic):
     from ser.data import load_records, read_records
-    from ser.modeling import load_reward_model, load_tokenizer, score_pairs
+    from ser.modeling import load_reward_model, load_tokenizer
+    from ser.scoring import score_pairs
 
     tok = load_tokenizer(str(out))
     r_j, r_k, _ = score_pairs(load_reward_model(str(out), tok), tok, load_records(str(synthetic), "data/evaluation"), 96)

@@ -15,7 +15,8 @@ from conftest import CPU
 from ser import features
 from ser.cli import parse
 from ser.data import load_records, read_records
-from ser.modeling import load_reward_model, load_tokenizer, score_pairs
+from ser.modeling import load_reward_model, load_tokenizer
+from ser.scoring import score_pairs
 
 
 def frozen_rm(sft_model, synthetic, out, cache, *extra):

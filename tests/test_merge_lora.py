@@ -8,7 +8,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from scripts import merge_lora
-from ser.modeling import load_reward_model, load_tokenizer, score
+from ser.modeling import load_reward_model, load_tokenizer
+from ser.scoring import score
 
 
 def make_adapter(base, task, out, dtype=torch.float32):

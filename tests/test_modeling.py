@@ -13,20 +13,11 @@ from transformers import AutoModelForSequenceClassification
 
 import rm_training
 from conftest import CPU, shared_path
-from ser import modeling
+from ser import modeling, scoring
 from ser.cli import parse
 from ser.data import encode, load_records
-from ser.modeling import (
-    common_prefix,
-    length_batches,
-    load_reward_model,
-    load_tokenizer,
-    pair_metrics,
-    score,
-    score_ids,
-    score_pairs,
-    score_pairs_shared,
-)
+from ser.modeling import load_reward_model, load_tokenizer
+from ser.scoring import common_prefix, length_batches, pair_metrics, score, score_ids, score_pairs, score_pairs_shared
 
 
 def test_pair_metrics_counts_ties_apart():
@@ -133,7 +124,7 @@ def test_shared_prefix_handles_pairs_sharing_nothing_and_dummy_batches(sft_model
         seen.append(len(counts) // 2)  # this process's chunks
         return [counts, [n + 2 + i % 2 for i, n in enumerate(counts)] + [1, 2]]
 
-    monkeypatch.setattr(modeling, "gather_parts", gather_parts)
+    monkeypatch.setattr(scoring, "gather_parts", gather_parts)
     for kwargs in ({}, {"in_step_with": two}, {"chunk_pairs": 5}, {"chunk_pairs": 5, "in_step_with": two}):
         s_j, s_k, stats = score_pairs_shared(model, tok, pairs, 4, **kwargs)
         assert [x for ab in zip(s_j, s_k) for x in ab] == pytest.approx(plain, abs=1e-5), kwargs

@@ -370,8 +370,9 @@ def test_normalised_rewards_have_mean_0_and_std_1_on_the_sft_samples(sft_model, 
     from accelerate import PartialState
 
     from ser.data import load_records
-    from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, score_ids
+    from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer
     from ser.rollout import reward_inputs, sample
+    from ser.scoring import score_ids
 
     args, _ = ppo_args(sft_model, rm, synthetic, "unused", "--normalize_samples", "40")
     tok = load_tokenizer(str(sft_model))

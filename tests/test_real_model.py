@@ -99,7 +99,8 @@ def test_shared_prefix_scores_equal_plain_scores_on_smollm2(smollm2, tmp_path, m
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from ser.modeling import load_tokenizer, score_pairs
+    from ser.modeling import load_tokenizer
+    from ser.scoring import score_pairs
 
     data = hh_rows(tmp_path / "data")
     pairs = read_records(data / "data" / "evaluation" / "train.jsonl")

@@ -70,7 +70,7 @@ def test_a_lora_run_folder_moves_whole(sft_model, synthetic, tmp_path):
     run can move; the RM of the next loop, continued from it, records the same base."""
     import shutil
 
-    from ser.modeling import score_pairs
+    from ser.scoring import score_pairs
 
     run = tmp_path / "run"
     shutil.copytree(sft_model, run / "sft")

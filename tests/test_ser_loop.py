@@ -44,9 +44,9 @@ def test_two_processes_score_the_pool_like_one(synthetic, rm0, tmp_path):
 
 
 def test_a_killed_self_labelling_resumes_after_the_last_saved_chunk(synthetic, rm0, tmp_path, monkeypatch):
-    import ser.modeling
+    import ser.scoring
 
-    score_pairs, calls = ser.modeling.score_pairs, []
+    score_pairs, calls = ser.scoring.score_pairs, []
 
     def counted(*args, **kwargs):
         calls.append(len(args[2]))
@@ -54,7 +54,7 @@ def test_a_killed_self_labelling_resumes_after_the_last_saved_chunk(synthetic, r
             raise KeyboardInterrupt  # as a kill would stop it, in the middle of a chunk
         return score_pairs(*args, **kwargs)
 
-    monkeypatch.setattr(ser.modeling, "score_pairs", counted)
+    monkeypatch.setattr(ser.scoring, "score_pairs", counted)
     kill_at = 0
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, whole), "--chunk_pairs", "100"]))
@@ -81,9 +81,9 @@ def test_a_killed_self_labelling_resumes_after_the_last_saved_chunk(synthetic, r
 
 def filter_killed_at_the_second_chunk(monkeypatch, flags):
     """The filter run with `flags`, killed while it scores its second chunk (the first is saved)."""
-    import ser.modeling
+    import ser.scoring
 
-    score_pairs, calls = ser.modeling.score_pairs, []
+    score_pairs, calls = ser.scoring.score_pairs, []
 
     def killed(*args, **kwargs):
         calls.append(len(args[2]))
@@ -91,10 +91,10 @@ def filter_killed_at_the_second_chunk(monkeypatch, flags):
             raise KeyboardInterrupt
         return score_pairs(*args, **kwargs)
 
-    monkeypatch.setattr(ser.modeling, "score_pairs", killed)
+    monkeypatch.setattr(ser.scoring, "score_pairs", killed)
     with pytest.raises(KeyboardInterrupt):
         F.main(*parse([F.ScriptArguments], flags))
-    monkeypatch.setattr(ser.modeling, "score_pairs", score_pairs)
+    monkeypatch.setattr(ser.scoring, "score_pairs", score_pairs)
 
 
 def test_chunks_saved_by_another_run_are_never_reused(synthetic, rm0, tmp_path, monkeypatch):
@@ -130,7 +130,7 @@ def test_chunks_scored_by_another_rm_at_the_same_path_or_in_another_dtype_are_no
 def test_a_rerun_into_a_done_folder_drops_its_done_marker_before_writing(synthetic, rm0, tmp_path, monkeypatch):
     """A filter re-run killed part-way must not leave a folder that looks done (the old stats.json beside
     outputs being replaced); neither may an RM training re-run (the old eval_results.json)."""
-    import ser.modeling
+    import ser.scoring
 
     F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, tmp_path), "--chunk_pairs", "100"]))
     assert (tmp_path / "stats.json").is_file()
@@ -138,7 +138,7 @@ def test_a_rerun_into_a_done_folder_drops_its_done_marker_before_writing(synthet
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ser.modeling, "score_pairs", killed)
+    monkeypatch.setattr(ser.scoring, "score_pairs", killed)
     with pytest.raises(KeyboardInterrupt):
         F.main(*parse([F.ScriptArguments], [*filter_flags(synthetic, rm0, tmp_path), "--chunk_pairs", "50"]))
     assert not (tmp_path / "stats.json").exists()

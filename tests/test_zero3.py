@@ -47,7 +47,8 @@ def test_rm_training_under_zero3_saves_what_it_evaluated(sft_model, synthetic, t
     import json
 
     from ser.data import load_records
-    from ser.modeling import load_reward_model, load_tokenizer, score_pairs
+    from ser.modeling import load_reward_model, load_tokenizer
+    from ser.scoring import score_pairs
 
     out = tmp_path / "rm"
     head = [*ACCELERATE_ZERO3, "rm_training.py"] if launcher == "accelerate" else \
