@@ -74,7 +74,10 @@ def one_seed(seed: int, pools: dict, helds: dict, rest, questions) -> list[dict]
     def picks(rule, n, rm, idx):
         """Pool indices (into `unlabelled`) of the n pairs `rule` picks among idx, scored by the RM `rm`."""
         sub = unlabelled.take(idx)
-        d = sub.j - sub.k  # side j is the human-preferred one; the rules see only the RM's view of it
+        # side j is the human-preferred one; the rules see only the RM's view of it. p = sigmoid of the feature
+        # difference's reward, the driver's sigmoid(r_j - r_k) up to float rounding (tests/test_ask.py checks
+        # that the driver's and ser/loop.py's asks agree when p is taken from each response's reward)
+        d = sub.j - sub.k
         chosen = ask.choose(rule, n, torch.sigmoid(d @ rm).tolist(), [groups[i] for i in idx.tolist()], seed=seed,
                             f_j=sub.j, f_k=sub.k, member_p=torch.sigmoid(d @ heads.T).T)
         return idx[torch.tensor(chosen, dtype=torch.long)]

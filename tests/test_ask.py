@@ -276,7 +276,8 @@ def test_the_driver_stops_for_labels_and_resumes_with_them(sft_model, synthetic,
     run, cache = tmp_path / "run", tmp_path / "cache"
     common = ["--feature_cache", str(cache), "--dtype", "float32"]
     env = {**ENV, "DATA": str(synthetic), "SFT": str(sft_model), "RUN": str(run), "MAX_LOOPS": "2", "MAX_LENGTH": "96",
-           "ASK_HUMANS": "20", "RM_ARGS": " ".join(["--trunk", "frozen", "--head_l2", "1e-5", *common, *CPU]),
+           "ASK_HUMANS": "20", "RM_ARGS": " ".join(["--trunk", "frozen", "--head_l2", "1e-5", "--center_rewards_coefficient",
+                                                   "0.01", *common, *CPU]),  # the study's heads (frozen_study.CENTER)
            "FILTER_ARGS": " ".join([*common, "--status1_min_pairs", "40", "--status2_min_pairs", "40",
                                     "--probability", "pairwise"]),
            "PY": sys.executable, "LAUNCH": sys.executable}
@@ -322,6 +323,39 @@ def test_the_driver_stops_for_labels_and_resumes_with_them(sft_model, synthetic,
     again = driver(HUMAN_LABELS=str(full))  # the resume command run again: loop 1's labels are not loop 2's
     assert again.returncode == 5 and "ser: loop 2 awaits labels" in again.stderr, again.stderr[-2000:]
     assert "holds the labels loop 1 imported already" in again.stderr and not (run / "loop_2" / "ask" / "import.json").exists()
+
+    # the same run in process (ser/loop.py's `run` with its ask step, as the budget study runs it): the same
+    # pairs asked at both loops, loop 1's RM as accurate, loop 2's status and selection the same
+    from experiments import frozen_study
+    from ser import features
+    from ser.data import load_records
+    from ser.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(sft_model))
+    layer = features.frozen_info(run / "loop_0" / "rm")["layer"]
+    records = load_records(str(synthetic), "data/unlabeled")
+    seed, pool, held = (frozen_study.feature_pairs(cache, tok, load_records(str(synthetic), f"data/{split}"), layer, 96)
+                        for split in ("reward", "unlabeled", "evaluation"))
+
+    def identity(r):
+        return r["question"], frozenset((r["response_j"], r["response_k"]))
+
+    asked_here = {}
+
+    def ask_step(loop, rm, idx):  # p as ask_humans.py computes it: from each response's reward, in float64
+        sub = pool.take(idx)
+        chosen = ask.choose("uncertainty", 20, torch.sigmoid((sub.j @ rm).double() - (sub.k @ rm).double()).tolist(),
+                            [records[i]["question"] for i in idx.tolist()], seed=loop)
+        asked_here[loop] = idx[torch.tensor(chosen, dtype=torch.long)]
+        return asked_here[loop]
+
+    rows, _ = frozen_study.ser_run(seed, pool, held, 1e-5, 40, probability="pairwise", max_loops=2, ask=ask_step)
+    for t in (1, 2):
+        theirs = {identity(r) for r in read_records(run / f"loop_{t}" / "ask" / "asked.jsonl")}
+        assert {identity(records[i]) for i in asked_here[t].tolist()} == theirs, t
+    assert rows[1]["accuracy"] == pytest.approx(
+        json.loads((run / "loop_1" / "rm" / "eval_results.json").read_text())["accuracy"], abs=1e-9)
+    assert (rows[2]["status"], rows[2]["selected"], rows[2]["pool"]) == (loop_2["status"], loop_2["selected"], loop_2["pool"])
 
 
 # ----------------------------------------------------------------------------- the budget study's report
