@@ -3,8 +3,10 @@
     python data/ask_humans.py --pool RUN/loop_1/remaining.jsonl --n 200 --out RUN/loop_1/ask
 
 The pool is a loop's scored pairs (the filter's remaining.jsonl: the pairs it did not self-label, each with
-the RM's reward_j and reward_k). The n pairs are chosen by ser/ask.py's rule: the RM's least certain,
-one per question, near-duplicate questions spread out. OUT gets:
+the RM's reward_j and reward_k). The n pairs are chosen by --rule (ser/ask.py's `choose`), one per question.
+The default is `random`: in the pre-registered budget study (experiments/results-frozen/REPORT-ask-*.md: a
+frozen 135M trunk, a 1 % seed, 20 seeds, budgets of 1, 5 and 15 % of the pool) no rule beat random pairs,
+alone or asked after SER's loop 1, once held-out sampling and the 12 comparisons were counted (Holm). OUT gets:
   label_studio.json   Label Studio tasks (import them into a project with label_studio.xml as its labelling
                       config); `predictions` holds the RM's choice: leave "use predictions to prelabel" off
                       so that annotators do not see it
@@ -53,14 +55,20 @@ LABEL_CONFIG = f"""<View>
 FILES = ("label_studio.json", "label_studio.xml", "pairs.jsonl", "asked.jsonl")
 
 
+DEFAULT_RULE = "random"  # the pre-registered decision of the budget study (experiments/ask_study.py)
+
+
 @dataclass
 class Args:
     pool: str = field(metadata={"help": "scored pool pairs (a JSON/JSONL file with reward_j and reward_k): a loop's remaining.jsonl"})
     n: int = field(metadata={"help": "pairs to ask humans about"})
     out: str = field(metadata={"help": "folder for the export"})
-    rule: str = field(default="uncertainty", metadata={
-        "help": "uncertainty: the RM's least certain pairs, spread by hashed n-grams (ser/ask.py pick); random: a "
-                "seeded random pair per question; d-optimal: greedy log-det of the head's Fisher information; "
+    rule: str = field(default=DEFAULT_RULE, metadata={
+        "help": "random (the default: in the pre-registered budget study on HH-RLHF, 1 %% seed, 20 seeds, no rule beat "
+                "random at 1, 5 or 15 %% of the pool, alone or after SER's loop 1, once Holm-corrected; the best was "
+                "ensemble-diverse after SER at 15 %%, +0.5 points [+0.0, +1.0], Holm p 0.46; docs/stages.md): a seeded "
+                "random pair per question; uncertainty: the RM's least certain pairs, spread by hashed n-grams (ser/ask.py pick); "
+                "d-optimal: greedy log-det of the head's Fisher information; "
                 "ensemble-diverse: the pairs the RM's bootstrap heads disagree on, spread in feature space; typical: "
                 "the most typical pair of each k-means cluster of the features. The last three read a frozen-trunk "
                 "RM's features: --reward_model_name and --feature_cache", "choices": list(ask.RULES)})

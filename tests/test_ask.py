@@ -344,7 +344,7 @@ def test_the_driver_stops_for_labels_and_resumes_with_them(sft_model, synthetic,
 
     def ask_step(loop, rm, idx):  # p as ask_humans.py computes it: from each response's reward, in float64
         sub = pool.take(idx)
-        chosen = ask.choose("uncertainty", 20, torch.sigmoid((sub.j @ rm).double() - (sub.k @ rm).double()).tolist(),
+        chosen = ask.choose(ask_humans.DEFAULT_RULE, 20, torch.sigmoid((sub.j @ rm).double() - (sub.k @ rm).double()).tolist(),
                             [records[i]["question"] for i in idx.tolist()], seed=loop)
         asked_here[loop] = idx[torch.tensor(chosen, dtype=torch.long)]
         return asked_here[loop]
