@@ -181,6 +181,22 @@ def report(state, png_name: str | None = None) -> str:
             verdict[(arm, b, r)] = (d, adjusted.get((b, r)))
             lines.append(f"| {'alone' if arm == 'alone' else 'after SER'} | {100 * b:g} % | {r} | "
                          f"{why.diff(d, adjusted.get((b, r)))} |")
+    lines += ["", "The best rule against random at each B (the largest mean difference):", ""]
+    for arm in ("alone", "ser"):
+        for b in state["budgets"]:
+            r = max((r for r in RULES if r != "random" and verdict[(arm, b, r)][0]), key=lambda r: verdict[(arm, b, r)][0]["mean"])
+            d, p_holm = verdict[(arm, b, r)]
+            lines.append(f"- {'alone' if arm == 'alone' else 'after SER'}, B = {100 * b:g} %: {r}, {100 * d['mean']:+.1f} points "
+                         f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}], Holm p {p_holm:.2g}")
+    lines += ["", "## What the rules picked (alone; means over seeds)", "",
+              "The seed RM's mean uncertainty 1 − 2|p − 1/2| over the asked pairs (1: a coin flip to the RM; random "
+              "pairs show the pool's).", "", "| B | " + " | ".join(RULES) + " |", "|---|" + "---:|" * len(RULES)]
+    for b in state["budgets"]:
+        cells = []
+        for r in RULES:
+            u = [x["uncertainty"] for x in c.get((f"alone:{r}", b, None), {}).values() if x.get("uncertainty") is not None]
+            cells.append(f"{sum(u) / len(u):.2f}" if u else "–")
+        lines.append(f"| {100 * b:g} % | " + " | ".join(cells) + " |")
     lines += ["", "## What SER adds on top of the asked labels (after SER − alone, same rule and B; not tested)", "",
               "| B | " + " | ".join(RULES) + " |", "|---|" + "---:|" * len(RULES)]
     for b in state["budgets"]:
