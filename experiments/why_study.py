@@ -65,48 +65,43 @@ def folds_of(n: int, seed: int, k: int = FOLDS) -> list[torch.Tensor]:
     return [order[i::k] for i in range(min(k, n))]
 
 
-def cv_loss(f_j, f_k, l2: float, seed: int) -> float:
-    """Mean held-out-fold Bradley-Terry log loss of heads fitted at `l2` on the other folds."""
+def cv_loss(f_j, f_k, train, seed: int) -> float:
+    """Mean held-out-fold Bradley-Terry log loss of the heads `train(j, k)` fits on the other folds."""
     total, n = 0.0, len(f_j)
     for fold in folds_of(n, seed):
-        train = torch.ones(n, dtype=torch.bool)
-        train[fold] = False
-        w = fs.fit(f_j[train], f_k[train], l2)
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[fold] = False
+        w = train(f_j[keep], f_k[keep])
         total += torch.nn.functional.softplus(-(f_j[fold] - f_k[fold]) @ w).sum().item()
     return total / n
 
 
-def choose_l2(f_j, f_k, seed: int) -> tuple[float, float]:
-    """(L2, its CV loss): the grid's best, the grid extended by decades while its largest value wins; ties go
-    to the larger L2."""
-    grid = list(L2_GRID)
-    losses = {l2: cv_loss(f_j, f_k, l2, seed) for l2 in grid}
-    while min(losses, key=lambda x: (losses[x], -x)) == grid[-1] and grid[-1] < L2_MAX:
+def grid_search(loss, grid, largest: float, prefer_larger: bool) -> tuple[float, float]:
+    """(value, loss) of the grid's best; the grid extended by decades while its largest value wins, up to
+    `largest`; ties go to the larger value if `prefer_larger`, else to the smaller."""
+    grid = list(grid)
+    losses = {x: loss(x) for x in grid}
+
+    def best():
+        return min(losses, key=lambda x: (losses[x], -x if prefer_larger else x))
+
+    while best() == grid[-1] and grid[-1] < largest:
         grid.append(grid[-1] * 10)
-        losses[grid[-1]] = cv_loss(f_j, f_k, grid[-1], seed)
-    best = min(losses, key=lambda x: (losses[x], -x))
-    return best, losses[best]
+        losses[grid[-1]] = loss(grid[-1])
+    return best(), losses[best()]
+
+
+def choose_l2(f_j, f_k, seed: int) -> tuple[float, float]:
+    """(L2, its CV loss) of the L-BFGS head; ties go to the larger L2."""
+    return grid_search(lambda l2: cv_loss(f_j, f_k, lambda j, k: fs.fit(j, k, l2), seed), L2_GRID, L2_MAX, True)
 
 
 def choose_lr(f_j, f_k, seed: int) -> tuple[float, float]:
-    """(peak learning rate, its CV loss) of the step-budget head (STEPS's schedule) by the same 5-fold CV; the
-    grid extended by decades while its largest wins, up to LR_MAX; ties go to the smaller rate."""
-    def loss(lr):
-        total, n = 0.0, len(f_j)
-        for fold in folds_of(n, seed):
-            train = torch.ones(n, dtype=torch.bool)
-            train[fold] = False
-            w, _ = features.train_head_steps(f_j[train], f_k[train], None, seed=seed, **{**STEPS, "lr": lr})
-            total += torch.nn.functional.softplus(-(f_j[fold] - f_k[fold]) @ w).sum().item()
-        return total / n
+    """(peak learning rate, its CV loss) of the step-budget head (STEPS's schedule); ties go to the smaller."""
+    def train(lr):
+        return lambda j, k: features.train_head_steps(j, k, None, seed=seed, **{**STEPS, "lr": lr})[0]
 
-    grid = list(LR_GRID)
-    losses = {lr: loss(lr) for lr in grid}
-    while min(losses, key=lambda x: (losses[x], x)) == grid[-1] and grid[-1] < LR_MAX:
-        grid.append(grid[-1] * 10)
-        losses[grid[-1]] = loss(grid[-1])
-    best = min(losses, key=lambda x: (losses[x], x))
-    return best, losses[best]
+    return grid_search(lambda lr: cv_loss(f_j, f_k, train(lr), seed), LR_GRID, LR_MAX, False)
 
 
 def choose_layer(pools: dict, idx, seed: int) -> tuple[int, float]:
