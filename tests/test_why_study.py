@@ -52,7 +52,7 @@ def test_one_seed_matches_steps_and_dials_precision(monkeypatch):
     assert by[("flip", 1.0)]["selected"] == n == by[("random-human", None)]["selected"] == by[("random-self", None)]["selected"]
 
 
-def test_the_dial_sets_the_precision_it_names():
+def test_the_dial_sets_the_precision_it_names(monkeypatch):
     """flip at pi trains on exactly round((1 - pi) n) wrong labels; correct at pi on round(pi n) right ones."""
     pools, helds = layers()
     unlabelled, held = pools[2].take(list(range(100, 2600))), helds[2]
@@ -61,11 +61,8 @@ def test_the_dial_sets_the_precision_it_names():
     selections = [(torch.arange(200), (unlabelled.take(range(200)).j - unlabelled.take(range(200)).k) @ w0 > 0)]
     seen = []
     real_fit = fs.fit
-    fs.fit = lambda j, k, l2, w=None: seen.append((j, k)) or real_fit(j, k, l2, w)
-    try:
-        why.dial_and_comparators(0.01, 0, labelled, unlabelled, held, w0, 1.0, [], selections, {})
-    finally:
-        fs.fit = real_fit
+    monkeypatch.setattr(fs, "fit", lambda j, k, l2, w=None: seen.append((j, k)) or real_fit(j, k, l2, w))
+    why.dial_and_comparators(0.01, 0, labelled, unlabelled, held, w0, 1.0, [], selections, {})
     truth = unlabelled.take(range(200))
     right = lambda j: int((j[100:] == truth.j).all(1).sum())  # noqa: E731 (selected pairs whose j is the human's)
     own = int(selections[0][1].sum())
