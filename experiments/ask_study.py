@@ -61,7 +61,7 @@ def one_seed(seed: int, pools: dict, helds: dict, rest, questions) -> list[dict]
 
     def row(variant, budget, w=None, ser_rows=None, **more):
         if ser_rows is not None:
-            last = max((r for r in ser_rows if r.get("accuracy") is not None), key=lambda r: r["loop"])
+            last = fs.last_trained(ser_rows)
             acc, correct = last["accuracy"], last["correct"]
             more.update(loops=last["loop"], self_labels=last.get("selected_total", 0),
                         asked=sum(r.get("asked", 0) for r in ser_rows))
@@ -128,8 +128,7 @@ def run(args: Args) -> Path:
     n_pool = len(splits["reward_full"][0])
     _, rest = fs.universe_split(n_pool)
     layers = features.read_meta(work / "cache")["layers"]
-    loaded = {layer: fs.load(work, splits, layer) for layer in layers}
-    pools, helds = {k: v[0] for k, v in loaded.items()}, {k: v[1] for k, v in loaded.items()}
+    pools, helds = fs.load_layers(work, splits, layers)
     questions = [r["question"] for r in splits["reward_full"][0]]
     state.update(fingerprint=fs.fingerprint(work, data), seed_fraction=SEED_FRACTION, budgets=BUDGETS,
                  pool_pairs=len(rest), held_out_pairs=len(splits["evaluation"][0]),

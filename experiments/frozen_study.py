@@ -78,6 +78,17 @@ def load(work: Path, splits: dict, layer: int):
     return pool, held
 
 
+def load_layers(work: Path, splits: dict, layers) -> tuple[dict, dict]:
+    """({layer: pool pairs}, {layer: held-out pairs}) at each of `layers`."""
+    loaded = {layer: load(work, splits, layer) for layer in layers}
+    return {k: v[0] for k, v in loaded.items()}, {k: v[1] for k, v in loaded.items()}
+
+
+def last_trained(ser_rows) -> dict:
+    """A SER run's last loop that trained an RM (Loop 0 if none did)."""
+    return max((r for r in ser_rows if r.get("accuracy") is not None), key=lambda r: r["loop"])
+
+
 def universe_split(n: int):
     """(validation, the rest) indices of the pool; the validation pairs are the same for every seed."""
     order = list(range(n))

@@ -106,7 +106,10 @@ def choose_lr(f_j, f_k, seed: int) -> tuple[float, float]:
 
 def choose_layer(pools: dict, idx, seed: int) -> tuple[int, float]:
     """(layer, L2) with the least CV loss on the labelled pairs `idx` (ties: the deeper layer)."""
-    best = {layer: choose_l2(p.take(idx).j, p.take(idx).k, seed) for layer, p in pools.items()}
+    best = {}
+    for layer, pool in pools.items():
+        sub = pool.take(idx)  # gathered once per layer
+        best[layer] = choose_l2(sub.j, sub.k, seed)
     layer = min(best, key=lambda x: (best[x][1], -x))
     return layer, best[layer][0]
 
@@ -121,7 +124,7 @@ def row(variant, fraction, seed, w, held, **extra) -> dict:
 
 def final_row(variant, fraction, seed, ser_rows, **extra) -> dict:
     """A SER run's row: its last RM's held-out accuracy, and how many loops trained."""
-    last = max((r for r in ser_rows if r.get("accuracy") is not None), key=lambda r: r["loop"])
+    last = fs.last_trained(ser_rows)
     return {"variant": variant, "fraction": fraction, "seed": seed, "accuracy": last["accuracy"],
             "correct": last["correct"], "loops": last["loop"], "selected_total": last.get("selected_total", 0),
             "precision_by_loop": [r.get("self_label_precision") for r in ser_rows if r["loop"] > 0], **extra}
@@ -251,8 +254,7 @@ def run(args: Args) -> dict:
                                    "rows": []})
     _, rest = fs.universe_split(len(splits["reward_full"][0]))
     layers = features.read_meta(work / "cache")["layers"]
-    loaded = {layer: fs.load(work, splits, layer) for layer in layers}
-    pools, helds = {k: v[0] for k, v in loaded.items()}, {k: v[1] for k, v in loaded.items()}
+    pools, helds = fs.load_layers(work, splits, layers)
     t0 = time.perf_counter()
     full = full_rows(pools, helds, rest)
     print(f"why: all-label heads (layer {full[0]['layer']}, L2 {full[0]['l2']:g}) in {time.perf_counter() - t0:.0f} s", flush=True)
