@@ -83,7 +83,8 @@ class ScriptArguments(DataArguments, Thresholds):
     chunk_pairs: int = field(default=10_000, metadata={
         "help": "pairs scored and saved at a time (tokenised ones are held per chunk); a killed run resumes after the last"})
     shared_prefix: bool = field(default=False, metadata={
-        "help": "run each pair's question once and reuse its KV cache for both responses (same scores)"})
+        "help": "run each pair's question once and reuse its KV cache for both responses (same scores); with "
+                "--feature_cache, featurise that way too"})
     shared_prefix_chunk: int = field(default=0, metadata={
         "help": "pairs whose question caches are held at once with --shared_prefix; default 4 batches"})
     dtype: str = field(default="auto", metadata={"help": "RM weights dtype: auto, float32, bfloat16, float16"})
@@ -260,7 +261,8 @@ def self_label_cached(pool, args):
             ids_k.append(k["input_ids"])
             truncated += j["truncated"] + k["truncated"]
     built = features.build_cache(args.feature_cache, info["trunk"], tokenizer.pad_token_id, ids_j + ids_k,
-                                 args.max_length, [info["layer"]], args.batch_size, args.dtype, None, state)
+                                 args.max_length, [info["layer"]], args.batch_size, args.dtype, None, state,
+                                 shared_prefix=args.shared_prefix)
     set_scores(pool, features.rewards(args.feature_cache, ids_j, args.reward_model_name),
                features.rewards(args.feature_cache, ids_k, args.reward_model_name), args)
     seconds = time.perf_counter() - start

@@ -91,6 +91,8 @@ class ScriptArguments(DataArguments):
     feature_layer: int = field(default=-1, metadata={
         "help": "--trunk frozen: the trunk layer whose last-token state the head reads (-1: the last); the saved RM "
                 "is the trunk truncated after it"})
+    shared_prefix: bool = field(default=False, metadata={
+        "help": "--trunk frozen: featurise each pair's question once for both responses (the same features)"})
     head_l2: float = field(default=1e-3, metadata={"help": "--trunk frozen: L2 penalty of the head, l2/2 |w|^2"})
     head_optimizer: str = field(default="lbfgs", metadata={
         "help": "--trunk frozen: lbfgs (full batch, to convergence) or adamw (as the paper trains RMs: "
@@ -240,7 +242,8 @@ def train_frozen(script_args, model_args, config, tokenizer, train_records, eval
     eval_j, eval_k = list(eval_dataset["chosen_ids"]), list(eval_dataset["rejected_ids"])
     built = features.build_cache(cache, trunk, tokenizer.pad_token_id, chosen + rejected + eval_j + eval_k,
                                  config.max_length, [layer], config.per_device_eval_batch_size, model_args.dtype,
-                                 bool(config.bf16), state, progress=None if config.disable_tqdm else "featurising")
+                                 bool(config.bf16), state, progress=None if config.disable_tqdm else "featurising",
+                                 shared_prefix=script_args.shared_prefix)
     end_processes()  # the head is fitted and saved by the main process alone
     if not state.is_main_process:
         return None

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ser.cli import get_logger
 from ser.data import DataError, replacing, write_json
 from ser.modeling import model_identity
-from ser.scoring import FORWARD_COST, deal_out, length_batches
+from ser.scoring import FORWARD_COST, deal_out, length_batches, prefix_groups, run_shared
 
 META = "meta.json"
 FROZEN = "frozen_trunk.json"
@@ -191,11 +191,13 @@ def building(folder: Path, state):
 @torch.no_grad()
 def build_cache(folder, trunk_path, pad_id: int, sequences, max_length: int, layers, batch_size: int = 16,
                 dtype: str = "auto", bf16: bool | None = None, state=None, part_rows: int = 4096,
-                progress: str | None = "featurising", device=None) -> dict:
+                progress: str | None = "featurising", device=None, shared_prefix: bool = False) -> dict:
     """Features of every sequence not yet in the cache at `folder`. Each process featurises its share (split
-    like pool scoring) in batches of similar length and saves a part every `part_rows` rows. The trunk's
-    weights dtype and bf16 autocast are part of the cache's identity; `bf16=None` takes the cache's own
-    (off for a new cache)."""
+    like pool scoring) in batches of similar length and saves a part every `part_rows` rows. With
+    `shared_prefix`, sequences that share a prefix (both sides of a pair: their question) are grouped
+    (`prefix_groups`), whole groups are dealt out, and each group's prefix runs once (`run_shared`); the
+    features equal the plain pass's up to float rounding. The trunk's weights dtype and bf16 autocast are part
+    of the cache's identity; `bf16=None` takes the cache's own (off for a new cache)."""
     from ser.modeling import process_state
 
     folder, state = Path(folder), state or process_state()
@@ -215,21 +217,43 @@ def build_cache(folder, trunk_path, pad_id: int, sequences, max_length: int, lay
         state.wait_for_everyone()
         have = cached_keys(folder)
         todo = list({key(s): s for s in sequences if key(s) not in have}.items())
-        mine = [todo[i] for i in deal_out([len(s) for _, s in todo], state)]
-        featurise(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows, progress,
-                  device or state.device)
+        if shared_prefix:
+            groups = prefix_groups([s for _, s in todo])
+            mine = [[todo[i] for i in groups[g]] for g in deal_out([sum(len(todo[i][1]) for i in g) for g in groups],
+                                                                     state)]
+            featurise_shared(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows,
+                             progress, device or state.device)
+            mine = [m for g in mine for m in g]
+        else:
+            mine = [todo[i] for i in deal_out([len(s) for _, s in todo], state)]
+            featurise(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows, progress,
+                      device or state.device)
         state.wait_for_everyone()
     return {"sequences": len(sequences), "featurised_here": len(mine), "cached_before": len(sequences) - len(todo)}
 
 
-def featurise(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows, progress, device):
-    """The features of `mine` ((key, ids) pairs), saved as parts of `part_rows` rows. No layer past the deepest
-    one asked is computed (the trunk is cut there; its last hidden state is then that layer's, normed)."""
+def cut(trunk, layers, n_layers, device) -> int:
+    """No layer past the deepest one asked is computed: the trunk is cut there (its last hidden state is then
+    that layer's, normed). Returns the trunk's layer count."""
     deepest = max(layers)
     if deepest < n_layers:
         trunk.layers = trunk.layers[:deepest]
         trunk.config.num_hidden_layers = n_layers = deepest
     trunk.to(device)
+    return n_layers
+
+
+def readout(trunk, hidden, rows, last, layers, n_layers) -> torch.Tensor:
+    """[rows, layers, hidden] features at each row's `last` position: hidden_states[n_layers] is after the
+    final norm; a checkpoint truncated after layer l computes norm(h_l)."""
+    at = torch.arange(rows, device=last.device)
+    return torch.stack([hidden[x][at, last] if x == n_layers else trunk.norm(hidden[x][at, last]) for x in layers],
+                       1).float().cpu()
+
+
+def featurise(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows, progress, device):
+    """The features of `mine` ((key, ids) pairs), saved as parts of `part_rows` rows."""
+    n_layers = cut(trunk, layers, n_layers, device)
     batches = length_batches([len(s) for _, s in mine], batch_size, FORWARD_COST)
     rows, keys = [], []
     bar = tqdm(total=len(mine), desc=progress, unit="seq", disable=progress is None or not state.is_main_process)
@@ -240,16 +264,39 @@ def featurise(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, s
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             hidden = trunk(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        at = torch.arange(len(seqs), device=device)
-        # hidden_states[n_layers] is after the final norm; a checkpoint truncated after layer l computes norm(h_l)
-        feats = [hidden[x][at, last] if x == n_layers else trunk.norm(hidden[x][at, last]) for x in layers]
-        rows.append(torch.stack(feats, 1).float().cpu())
+        rows.append(readout(trunk, hidden, len(seqs), torch.tensor([len(s) - 1 for s in seqs], device=device), layers,
+                            n_layers))
         keys += [mine[i][0] for i in batch]
         bar.update(len(batch))
         if len(keys) >= part_rows or b == len(batches) - 1:
             save_part(folder, f"part-{state.process_index}-{uuid.uuid4().hex[:16]}", torch.cat(rows), keys)
             rows, keys = [], []
+    bar.close()
+
+
+def featurise_shared(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows, progress,
+                     device):
+    """`featurise` for `mine` in groups ([[(key, ids), ...], ...]) whose shared prefix runs once (`run_shared`),
+    whole groups to a part of about `part_rows` rows."""
+    n_layers = cut(trunk, layers, n_layers, device)
+    bar = tqdm(total=sum(map(len, mine)), desc=progress, unit="seq",
+               disable=progress is None or not state.is_main_process)
+
+    def read(output, last):
+        return readout(trunk, output.hidden_states, len(last), last, layers, n_layers)
+
+    start = 0
+    while start < len(mine):
+        end, rows = start, 0
+        while end < len(mine) and (rows < part_rows or end == start):
+            rows, end = rows + len(mine[end]), end + 1
+        groups = {g: [ids for _, ids in mine[g]] for g in range(start, end)}
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            values, _ = run_shared(trunk, pad_id, pad_id, groups, read, batch_size, output_hidden_states=True)
+        save_part(folder, f"part-{state.process_index}-{uuid.uuid4().hex[:16]}",
+                  torch.stack([v for g in groups for v in values[g]]), [k for g in groups for k, _ in mine[g]])
+        bar.update(rows)
+        start = end
     bar.close()
 
 

@@ -193,58 +193,101 @@ def _stacked_cache(prefixes, width):
     return DynamicCache(ddp_cache_data=stacked)
 
 
-@torch.no_grad()
 def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, progress: str | None = None,
                        chunk_pairs: int = 0, forward_cost: float = FORWARD_COST,
                        in_step_with: PartialState | None = None) -> tuple[list[float], list[float], dict]:
     """Rewards of both sides of each pair of token sequences ({key: (ids_j, ids_k)}, scored on this process
-    only), running the prefix they share (the question) once and reusing its KV cache for each side.
+    only), running the prefix they share (the question) once and reusing its KV cache for each side
+    (`run_shared`). The scores equal `score_ids`'s on the whole sequences up to float rounding."""
+    def reward(output, last):
+        return output.logits[:, 0].float().cpu().tolist()
 
-    The pairs, sorted by prefix length, go in chunks of `chunk_pairs` (default 4 batches), in two passes:
+    values, stats = run_shared(model, tokenizer.pad_token_id, tokenizer.eos_token_id, pairs, reward, batch_size,
+                               progress, chunk_pairs, forward_cost, in_step_with)
+    return [values[k][0] for k in pairs], [values[k][1] for k in pairs], stats
+
+
+def shared_prefix(group) -> int:
+    """Tokens every sequence of the group shares at the start, leaving each at least its last token."""
+    return min((common_prefix(group[0], other) for other in group[1:]), default=0)
+
+
+def prefix_groups(sequences, max_group: int = 64) -> list[list[int]]:
+    """Indices of `sequences` in groups that share a prefix, chosen to save the most tokens when each group's
+    shared prefix runs once (`run_shared`): the sequences sorted, then cut into runs of at most `max_group` by
+    dynamic programming over (members - 1) x shared prefix. Both sides of a pair, or every response to one
+    question, fall into one group; a prefix every sequence shares (a chat template's system prompt) does not
+    merge different questions when their own groups save more."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    n = len(order)
+    neighbour = [common_prefix(sequences[order[i]], sequences[order[i + 1]]) for i in range(n - 1)]
+    best, start = [0] + [-1] * n, [0] * (n + 1)  # best[i]: most tokens saved by order[:i]; start[i]: its last run's
+    for i in range(1, n + 1):
+        shared = None
+        for j in range(i - 1, max(-1, i - 1 - max_group), -1):  # the run order[j:i], growing to the left
+            shared = math.inf if j == i - 1 else min(shared, neighbour[j])
+            saved = best[j] + (0 if j == i - 1 else (i - j - 1) * shared)
+            if saved > best[i]:
+                best[i], start[i] = saved, j
+    groups, i = [], n
+    while i:
+        groups.append(order[start[i]:i])
+        i = start[i]
+    return groups[::-1]
+
+
+@torch.no_grad()
+def run_shared(model, pad_id: int, eos_id: int, groups: dict, read, batch_size: int = 32, progress: str | None = None,
+               chunk_groups: int = 0, forward_cost: float = FORWARD_COST, in_step_with: PartialState | None = None,
+               **model_kwargs) -> tuple[dict, dict]:
+    """`read`'s value for every sequence of each group of token sequences ({key: [ids, ...]}, on this process
+    only; a pair is a group of two), running the prefix a group shares (a pair's question) once and reusing
+    its KV cache for each member: {key: [value per member]}. `read(output, last)` turns a continuation
+    batch's model output into one value per row; `last` holds each row's last real position in the batch.
+
+    The groups, sorted by prefix length, go in chunks of `chunk_groups` (default 4 batches), in two passes:
     1. the chunk's prefixes in batches of similar length (`length_batches`); each prefix's keys and values
        are kept without their padding;
-    2. the chunk's continuations, both sides mixed, in batches of similar length of their own: each runs
-       over the stacked cache of its own prefix (right-padded, the padding masked out), with positions
-       continuing from that prefix's length, and its reward is read at its last token (its eos).
+    2. the chunk's continuations, members of all its groups mixed, in batches of similar length of their own:
+       each runs over the stacked cache of its own prefix (right-padded, the padding masked out), with
+       positions continuing from that prefix's length.
     A cache's padding never runs through the projections and MLP, so the padding left is the continuations'
-    and the prefixes' own; a pair that shares nothing runs whole, over an empty prefix. But a continuation
+    and the prefixes' own; a group that shares nothing runs whole, over an empty prefix. But a continuation
     batch carries the cache of its longest prefix, and the rows of shorter prefixes pay for it in attention
     and in the copies that stack the caches, so a chunk is kept to a narrow range of prefix lengths; larger
     chunks sort the continuations better and pad less.
     A chunk's prefix caches are held at once: layers x 2 x KV heads x head size x prefix tokens (for
     SmolLM2-135M in bf16, 23 KB a token; Llama-3-8B, 131 KB).
-    The scores equal `score_ids`'s on the whole sequences up to float rounding. Every process of
-    `in_step_with` runs the same number of chunks and of forward passes in each (dummy ones when short),
-    so ZeRO-3-partitioned processes stay in step.
+    Every process of `in_step_with` runs the same number of chunks and of forward passes in each (dummy ones
+    when short), so ZeRO-3-partitioned processes stay in step.
     """
-    chunk_pairs = chunk_pairs or 4 * batch_size
-    splits = {k: common_prefix(*pairs[k]) for k in pairs}
-    keys = sorted(pairs, key=lambda k: (splits[k], len(pairs[k][0]) + len(pairs[k][1])))
-    plan = []  # per chunk: its keys, its batches of prefixes (keys) and of continuations ((key, side))
-    for start in range(0, len(keys), chunk_pairs):
-        chunk = keys[start:start + chunk_pairs]
+    chunk_groups = chunk_groups or 4 * batch_size
+    splits = {k: shared_prefix(groups[k]) for k in groups}
+    keys = sorted(groups, key=lambda k: (splits[k], sum(map(len, groups[k]))))
+    plan = []  # per chunk: its keys, its batches of prefixes (keys) and of continuations ((key, member))
+    for start in range(0, len(keys), chunk_groups):
+        chunk = keys[start:start + chunk_groups]
         shared = [k for k in chunk if splits[k]]
-        items = [(k, side) for k in chunk for side in (0, 1)]
+        items = [(k, m) for k in chunk for m in range(len(groups[k]))]
         plan.append((chunk, [[shared[i] for i in b] for b in length_batches([splits[k] for k in shared], batch_size,
                                                                               forward_cost)],
                      [[items[i] for i in b] for b in length_batches(
-                         [len(pairs[k][side]) - splits[k] for k, side in items], batch_size, forward_cost)]))
+                         [len(groups[k][m]) - splits[k] for k, m in items], batch_size, forward_cost)]))
     counts = in_step([n for _, p, c in plan for n in (len(p), len(c))], in_step_with or THIS_PROCESS_ONLY)
     steps = list(zip(counts[::2], counts[1::2]))  # per chunk: prefix and continuation forwards
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    rewards = {k: [0.0, 0.0] for k in pairs}
+    values = {k: [None] * len(groups[k]) for k in groups}
     run_tokens, padded_tokens = 0, 0
-    eos = tokenizer.eos_token_id
-    bar = tqdm(total=len(keys), desc=progress, unit="pair", disable=progress is None)
+    bar = tqdm(total=len(keys), desc=progress, unit="group", disable=progress is None)
     for c, (n_prefix, n_continuation) in enumerate(steps):
         chunk, prefix_batches, continuation_batches = plan[c] if c < len(plan) else ([], [], [])
         kv = {}  # key -> per layer (keys, values) of its prefix, unpadded
         for b in range(n_prefix):
             batch = prefix_batches[b] if b < len(prefix_batches) else []
-            rows = [pairs[k][0][:splits[k]] for k in batch] or [[eos]]
-            ids, mask = _right_padded(rows, tokenizer.pad_token_id)
+            rows = [groups[k][0][:splits[k]] for k in batch] or [[eos_id]]
+            ids, mask = _right_padded(rows, pad_id)
             cache = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True).past_key_values
             layers = [(k, v) for k, v, *_ in cache]
             for row, key in enumerate(batch):
@@ -253,30 +296,31 @@ def score_pairs_shared(model, tokenizer, pairs: dict, batch_size: int = 32, prog
                 padded_tokens += ids.numel()
         for b in range(n_continuation):
             batch = continuation_batches[b] if b < len(continuation_batches) else []
-            rows = [pairs[k][side][splits[k]:] for k, side in batch] or [[eos]]
+            rows = [groups[k][m][splits[k]:] for k, m in batch] or [[eos_id]]
             lengths = [splits[k] for k, _ in batch] or [0]
-            ids, mask = _right_padded(rows, tokenizer.pad_token_id)
+            ids, mask = _right_padded(rows, pad_id)
             width = max(lengths)
             prefix_mask = (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
             cache = _stacked_cache([kv.get(k) for k, _ in batch], width) if width else None
             positions = torch.tensor(lengths).unsqueeze(1) + torch.arange(ids.shape[1]).unsqueeze(0)
-            logits = model(input_ids=ids.to(device), attention_mask=torch.cat([prefix_mask, mask], 1).to(device),
-                           position_ids=positions.to(device), past_key_values=cache, use_cache=cache is not None).logits
-            for (key, side), value in zip(batch, logits[:, 0].float().cpu().tolist()):
-                rewards[key][side] = value
+            output = model(input_ids=ids.to(device), attention_mask=torch.cat([prefix_mask, mask], 1).to(device),
+                           position_ids=positions.to(device), past_key_values=cache, use_cache=cache is not None,
+                           **model_kwargs)
+            for (key, m), value in zip(batch, read(output, torch.tensor([len(r) - 1 for r in rows], device=device))):
+                values[key][m] = value
             if batch:
                 padded_tokens += ids.numel()
-        run_tokens += sum(len(pairs[k][0]) + len(pairs[k][1]) - splits[k] for k in chunk)
+        run_tokens += sum(sum(map(len, groups[k])) - (len(groups[k]) - 1) * splits[k] for k in chunk)
         bar.update(len(chunk))
     bar.close()
     if was_training:
         model.train()
-    plain_tokens = sum(len(a) + len(c) for a, c in pairs.values())
+    plain_tokens = sum(sum(map(len, g)) for g in groups.values())
     stats = {"shared_prefix": True, "tokens_run": run_tokens, "tokens_plain": plain_tokens, "padded_tokens": padded_tokens,
              "forward_passes": sum(p + c for p, c in steps),
              "shared_prefix_token_saving": 1 - run_tokens / plain_tokens if plain_tokens else 0.0,
              "padding_share": 1 - run_tokens / padded_tokens if padded_tokens else 0.0}
-    return [rewards[k][0] for k in pairs], [rewards[k][1] for k in pairs], stats
+    return values, stats
 
 
 def pair_loss(r_j, r_k, kind: str = "bt", margin: float = 1.0):

@@ -360,3 +360,19 @@ def test_ask_humans_rules_on_a_frozen_rm_s_features(sft_model, synthetic, tmp_pa
         asked = read_records(out / "asked.jsonl")
         assert len(asked) == 12 and len({a["question"] for a in asked}) == 12 and len(pool) >= 12, rule
         assert json.loads((out / "ask.json").read_text())["rule_name"] == rule
+
+
+def test_shared_prefix_features_equal_plain_features(sft_model, synthetic, tmp_path):
+    """Each pair's question runs once for both answers (and for every answer to the same question): the cache's
+    features are those of the plain pass, at the trunk's last layer (after its final norm) and at a cut one."""
+    tok, seqs = cache_sequences(sft_model, synthetic, 30)
+    n_layers = json.loads((sft_model / "config.json").read_text())["num_hidden_layers"]
+    layers = sorted({1, n_layers})
+    for name, shared in (("plain", False), ("shared", True)):
+        built = features.build_cache(tmp_path / name, **{**build_args(sft_model, tok, seqs), "layers": layers,
+                                                         "shared_prefix": shared})
+        assert built["featurised_here"] == len(set(map(tuple, seqs)))
+    assert len(list((tmp_path / "shared").glob("part-*.json"))) >= 2  # parts of about part_rows rows, groups whole
+    for layer in layers:
+        plain, shared = (features.load_features(tmp_path / n, seqs, layer) for n in ("plain", "shared"))
+        assert torch.allclose(plain, shared, atol=1e-4, rtol=1e-4), (layer, (plain - shared).abs().max())

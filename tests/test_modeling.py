@@ -17,7 +17,7 @@ from ser import modeling, scoring
 from ser.cli import parse
 from ser.data import encode, load_records
 from ser.modeling import load_reward_model, load_tokenizer
-from ser.scoring import common_prefix, length_batches, pair_metrics, score, score_ids, score_pairs, score_pairs_shared
+from ser.scoring import common_prefix, length_batches, pair_metrics, prefix_groups, score, score_ids, score_pairs, score_pairs_shared
 
 
 def test_pair_metrics_counts_ties_apart():
@@ -295,3 +295,17 @@ def test_save_whole_refuses_a_folder_that_is_not_a_model_and_replaces_a_model_by
     assert modeling.is_model_folder(tmp_path / "model") and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     modeling.save_whole(run, model, tok, replace=True)  # said explicitly
     assert modeling.is_model_folder(run)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=6), min_size=0, max_size=12),
+       st.integers(1, 5))
+def test_prefix_groups_cover_every_sequence_once_and_keep_pairs_of_a_question_together(tails, max_group):
+    template = [9, 9, 9]  # what every sequence shares (a chat template's system prompt)
+    sequences = [template + [100 + q] * 8 + tail for q, tail in enumerate(tails) for tail in (tail, tail + [7])]
+    groups = prefix_groups(sequences, max_group=max_group)
+    assert sorted(i for g in groups for i in g) == list(range(len(sequences)))
+    assert all(1 <= len(g) <= max_group for g in groups)
+    if max_group >= 2:  # both answers to question q (its 8 tokens) share 11 tokens, other questions only 3
+        assert all(len({sequences[i][3] for i in g}) == 1 for g in groups)
+        assert all(len(g) == 2 for g in groups)
