@@ -8,10 +8,13 @@ sample of --seed_pairs labelled pairs, --pool_pairs unlabelled ones and --eval_p
   frozen        the same driver with `--trunk frozen --feature_cache` (featurising included, one forward
                 per sequence);
   frozen_again  the same driver into another RUN on the built cache (what another seed or variant costs);
-  in_process    experiments/frozen_study.py's loop on the same cache (no process starts).
-The same thresholds, epochs and floors everywhere. Writes bench/results/frozen.json and merges the ratios
-`frozen_ser_run_speedup_first` (lora / frozen) and `frozen_ser_run_speedup_cached` (lora / in_process)
-into summary.json.
+  in_process    experiments/frozen_study.py's loop on the same cache (no process starts);
+  frozen_shared_prefix  `frozen` with --shared_prefix (each pair's question featurised once for both answers).
+And featurising alone, in this process: the task's sequences (both sides of every seed, pool and held-out
+pair) into a new cache, plainly and with shared prefixes, at each of --featurise_lengths (sequences/s, tokens
+saved). The same thresholds, epochs and floors everywhere. Writes bench/results/frozen.json and merges the
+ratios `frozen_ser_run_speedup_first` (lora / frozen), `frozen_ser_run_speedup_cached` (lora / in_process) and
+the shared-prefix featurising speedups into summary.json. `--only featurising` runs the featurising part alone.
 """
 
 import json
@@ -42,6 +45,11 @@ class Args:
     floor: int = field(default=15, metadata={"help": "status count floors (5 % of the pool)"})
     workdir: str = field(default="runs/frozen", metadata={"help": "where the frozen study keeps the prepared HH data"})
     out: str = field(default=str(ROOT / "bench" / "results"), metadata={"help": "results folder"})
+    featurise_lengths: list[int] = field(default_factory=lambda: [128, 256], metadata={
+        "help": "max_length of the featurising timings (the left cut of a long pair's question differs by side, "
+                "so a longer window shares more)"})
+    only: str | None = field(default=None, metadata={"help": "featurising: time featurising alone",
+                                                      "choices": ["featurising"]})
 
 
 def small_task(args: Args, folder: Path) -> None:
@@ -99,13 +107,53 @@ def in_process(args: Args, data: Path, run: Path, cache: Path) -> dict:
             "final_accuracy": [r for r in rows if r.get("accuracy") is not None][-1]["accuracy"]}
 
 
+def featurising(args: Args, data: Path, tmp: Path) -> dict:
+    """Sequences per second of building a cache of the task's sequences, plain and with shared prefixes, side
+    by side at each length (the driver's settings: float32 weights, batches of 16, no autocast)."""
+    from ser import features
+    from ser.data import encode
+    from ser.modeling import load_tokenizer, process_state
+    from ser.scoring import prefix_groups, shared_prefix
+
+    tok = load_tokenizer(str(SMOLLM2))
+    records = [r for split in ("reward", "unlabeled", "evaluation") for r in load_records(str(data), f"data/{split}")]
+    out = {}
+    for length in args.featurise_lengths:
+        seqs = [encode(tok, r["question"], r[side], length)["input_ids"] for r in records
+                for side in ("response_j", "response_k")]
+        groups = prefix_groups(seqs)
+        saved = sum((len(g) - 1) * shared_prefix([seqs[i] for i in g]) for g in groups)
+        row = {"sequences": len(seqs), "tokens": sum(map(len, seqs)), "shared_prefix_token_saving":
+               saved / sum(map(len, seqs))}
+        for name, shared in (("plain", False), ("shared_prefix", True)):
+            start = time.perf_counter()
+            features.build_cache(tmp / f"cache-{length}-{name}", SMOLLM2, tok.pad_token_id, seqs, length, [-1], 16,
+                                 "float32", False, process_state(), progress=None, shared_prefix=shared)
+            seconds = time.perf_counter() - start
+            row[name] = {"seconds": seconds, "sequences_per_second": len(seqs) / seconds}
+        row["speedup"] = row["plain"]["seconds"] / row["shared_prefix"]["seconds"]
+        out[str(length)] = row
+        print(f"bench_frozen: featurising at {length} tokens: {json.dumps(row)}", flush=True)
+    return out
+
+
 def main(args: Args):
     if not (SMOLLM2 / "config.json").is_file():
         raise SystemExit(f"{SMOLLM2}: missing; run `make base-model` first")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data, cache = tmp / "data", tmp / "cache"
         small_task(args, data)
+        feat = featurising(args, data, tmp)
+        speedups = {f"featurising_shared_prefix_speedup_{n}": round(r["speedup"], 2) for n, r in feat.items()}
+        if args.only == "featurising":
+            report = json.loads((out / "frozen.json").read_text()) if (out / "frozen.json").is_file() else {}
+            report["featurising"] = {"config": {"featurise_lengths": args.featurise_lengths}, **feat}
+            (out / "frozen.json").write_text(json.dumps(report, indent=1) + "\n")
+            merge_into_summary(out, speedups)
+            return
         frozen_flags = ["--feature_cache", str(cache), "--dtype", "float32"]
         frozen_rm = ["--trunk", "frozen", "--head_l2", str(HEAD_L2), "--center_rewards_coefficient", "0.01",
                      *frozen_flags]
@@ -114,18 +162,21 @@ def main(args: Args):
         results["frozen"] = driver(args, data, tmp / "frozen", frozen_rm, frozen_flags)
         results["frozen_again"] = driver(args, data, tmp / "frozen_again", frozen_rm, frozen_flags)
         results["in_process"] = in_process(args, data, tmp / "frozen", cache)
+        shared_cache = ["--feature_cache", str(tmp / "cache-shared"), "--dtype", "float32", "--shared_prefix", "True"]
+        results["frozen_shared_prefix"] = driver(args, data, tmp / "frozen_shared", [*frozen_rm, *shared_cache],
+                                                 shared_cache)
     if len({r["loops"] for r in results.values()}) > 1:
         print(f"bench_frozen: warning: the runs ran {[r['loops'] for r in results.values()]} loops: unequal work")
     lora = results["lora"]["seconds"]
     ratios = {"frozen_ser_run_speedup_first": lora / results["frozen"]["seconds"],
               "frozen_ser_run_speedup_driver_cached": lora / results["frozen_again"]["seconds"],
-              "frozen_ser_run_speedup_cached": lora / results["in_process"]["seconds"]}
+              "frozen_ser_run_speedup_cached": lora / results["in_process"]["seconds"],
+              "frozen_ser_run_speedup_first_shared_prefix": lora / results["frozen_shared_prefix"]["seconds"]}
     report = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "model": "SmolLM2-135M-Instruct",
-              "cpu_threads": os.cpu_count(), **results, **ratios}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+              "cpu_threads": os.cpu_count(), **results, **ratios,
+              "featurising": {"config": {"featurise_lengths": args.featurise_lengths}, **feat}}
     (out / "frozen.json").write_text(json.dumps(report, indent=1) + "\n")
-    merge_into_summary(out, {k: round(v, 1) for k, v in ratios.items()})
+    merge_into_summary(out, {**{k: round(v, 1) for k, v in ratios.items()}, **speedups})
     print(json.dumps(report, indent=1))
 
 

@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -46,17 +47,41 @@ class Args:
     results: str = field(default="experiments/results-frozen", metadata={"help": "where the study's results go"})
     seeds: int = field(default=20, metadata={"help": "seeds per budget"})
     report_only: bool = field(default=False, metadata={"help": "rewrite the report from the JSON, run nothing"})
+    diagnose_seeds: int = field(default=0, metadata={
+        "help": "also describe, for this many seeds, what each rule's picks cover and how decisive their labels are "
+                "(descriptive, not pre-registered)"})
 
 
-def one_seed(seed: int, pools: dict, helds: dict, rest, questions) -> list[dict]:
+def setup(seed: int, pools: dict, helds: dict, rest, questions) -> SimpleNamespace:
+    """One seed's split, layer, L2, seed RM RM_0 and its bootstrap heads, and `picks(rule, n, rm, idx)`: the pool
+    indices (into `unlabelled`) of the n pairs `rule` picks among idx, scored by the RM `rm`."""
     labelled_idx, pool_idx = fs.seed_split(rest, SEED_FRACTION, seed)
     layer, l2 = why.choose_layer(pools, labelled_idx, seed)
     pool, held = pools[layer], helds[layer]
     labelled, unlabelled = pool.take(labelled_idx), pool.take(pool_idx)
     groups = [questions[i] for i in pool_idx]
-    floor = max(1, math.ceil(fs.PAPER_FLOOR * len(unlabelled)))
     w0 = fs.fit(labelled.j, labelled.k, l2)
     heads = features.bootstrap_heads(labelled.j, labelled.k, HEADS, seed, l2=l2, center=fs.CENTER)
+
+    def picks(rule, n, rm, idx):
+        sub = unlabelled.take(idx)
+        # side j is the human-preferred one; the rules see only the RM's view of it. p = sigmoid of the feature
+        # difference's reward, the driver's sigmoid(r_j - r_k) up to float rounding (tests/test_ask.py checks
+        # that the driver's and ser/loop.py's asks agree when p is taken from each response's reward)
+        d = sub.j - sub.k
+        chosen = ask.choose(rule, n, torch.sigmoid(d @ rm).tolist(), [groups[i] for i in idx.tolist()], seed=seed,
+                            f_j=sub.j, f_k=sub.k, member_p=torch.sigmoid(d @ heads.T).T)
+        return idx[torch.tensor(chosen, dtype=torch.long)]
+
+    return SimpleNamespace(labelled_idx=labelled_idx, layer=layer, l2=l2, labelled=labelled, unlabelled=unlabelled,
+                           held=held, groups=groups, w0=w0, picks=picks)
+
+
+def one_seed(seed: int, pools: dict, helds: dict, rest, questions) -> list[dict]:
+    s = setup(seed, pools, helds, rest, questions)
+    labelled_idx, layer, l2, labelled, unlabelled = s.labelled_idx, s.layer, s.l2, s.labelled, s.unlabelled
+    held, groups, w0, picks = s.held, s.groups, s.w0, s.picks
+    floor = max(1, math.ceil(fs.PAPER_FLOOR * len(unlabelled)))
     rows = []
 
     def row(variant, budget, w=None, ser_rows=None, **more):
@@ -70,17 +95,6 @@ def one_seed(seed: int, pools: dict, helds: dict, rest, questions) -> list[dict]
             correct = fs.bits(correct)
         rows.append({"variant": variant, "fraction": budget, "seed": seed, "accuracy": acc, "correct": correct,
                      "layer": layer, **more})
-
-    def picks(rule, n, rm, idx):
-        """Pool indices (into `unlabelled`) of the n pairs `rule` picks among idx, scored by the RM `rm`."""
-        sub = unlabelled.take(idx)
-        # side j is the human-preferred one; the rules see only the RM's view of it. p = sigmoid of the feature
-        # difference's reward, the driver's sigmoid(r_j - r_k) up to float rounding (tests/test_ask.py checks
-        # that the driver's and ser/loop.py's asks agree when p is taken from each response's reward)
-        d = sub.j - sub.k
-        chosen = ask.choose(rule, n, torch.sigmoid(d @ rm).tolist(), [groups[i] for i in idx.tolist()], seed=seed,
-                            f_j=sub.j, f_k=sub.k, member_p=torch.sigmoid(d @ heads.T).T)
-        return idx[torch.tensor(chosen, dtype=torch.long)]
 
     row("seed", 0.0, w0, l2=l2, labelled=len(labelled_idx))
     row("ser", 0.0, ser_rows=fs.ser_run(labelled, unlabelled, held, l2, floor, w0=w0)[0], l2=l2)
@@ -115,6 +129,41 @@ def one_seed(seed: int, pools: dict, helds: dict, rest, questions) -> list[dict]
     return rows
 
 
+def cosine_cover(held: torch.Tensor, asked: torch.Tensor, centre: torch.Tensor) -> float:
+    """Mean over held-out vectors of the cosine distance (1 - cos) to the nearest asked one, both centred on
+    the pool's mean (a trunk's features share one direction, which raw cosines would measure): how well the
+    asked pairs cover the held-out pairs (0: each held-out pair has an asked twin)."""
+    h, a = (torch.nn.functional.normalize(x.float() - centre, dim=1) for x in (held, asked))
+    return float((1 - (h @ a.T).max(1).values).mean())
+
+
+def diagnose_seed(seed: int, pools: dict, helds: dict, rest, questions, full_heads: dict) -> list[dict]:
+    """What each rule's alone picks are, beside random's: the seed RM's uncertainty on them, their coverage of the
+    held-out pairs (in the pair space f_j + f_k that typical and ensemble-diverse spread over, and in the
+    difference space f_j - f_k the head learns from), and how decisive their human labels are: the agreement with
+    them of the head trained on every pool label (its training accuracy on those pairs) and its mean confidence
+    2|p - 1/2|. Descriptive, added after the study; nothing here is tested."""
+    s = setup(seed, pools, helds, rest, questions)
+    if s.layer not in full_heads:
+        pool = pools[s.layer].take(torch.as_tensor(rest))
+        full_heads[s.layer] = fs.fit(pool.j, pool.k, why.choose_l2(pool.j, pool.k, 0)[0])
+    w_full, out = full_heads[s.layer], []
+    u = s.unlabelled
+    centre_pair, centre_diff = (u.j + u.k).float().mean(0), (u.j - u.k).float().mean(0)
+    for budget in BUDGETS:
+        b = round(budget * len(rest))
+        for rule in RULES:
+            x = s.unlabelled.take(s.picks(rule, b, s.w0, torch.arange(len(s.unlabelled))))
+            p0, p_full = torch.sigmoid((x.j - x.k) @ s.w0), torch.sigmoid((x.j - x.k) @ w_full)
+            out.append({"seed": seed, "fraction": budget, "rule": rule, "layer": s.layer, "asked": len(x.j),
+                        "uncertainty": float((1 - 2 * (p0 - 0.5).abs()).mean()),
+                        "cover_pair": cosine_cover(s.held.j + s.held.k, x.j + x.k, centre_pair),
+                        "cover_diff": cosine_cover(s.held.j - s.held.k, x.j - x.k, centre_diff),
+                        "full_agree": float((p_full > 0.5).float().mean()),
+                        "full_confidence": float((2 * (p_full - 0.5).abs()).mean())})
+    return out
+
+
 def run(args: Args) -> Path:
     from experiments import frozen
 
@@ -142,6 +191,13 @@ def run(args: Args) -> Path:
         state["rows"] += one_seed(seed, pools, helds, rest, questions)
         write_json(path, state)  # a seed's rows at once: an interruption loses at most one seed
         print(f"ask_study: {args.setting} seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    diagnosed, full_heads = {r["seed"] for r in state.get("diagnostics", [])}, {}
+    for seed in range(args.diagnose_seeds):
+        if seed not in diagnosed:
+            state["diagnostics"] = state.get("diagnostics", []) + diagnose_seed(seed, pools, helds, rest, questions,
+                                                                               full_heads)
+            write_json(path, state)
+            print(f"ask_study: {args.setting} seed {seed} diagnosed", flush=True)
     return path
 
 
@@ -196,6 +252,8 @@ def report(state, png_name: str | None = None) -> str:
             u = [x["uncertainty"] for x in c.get((f"alone:{r}", b, None), {}).values() if x.get("uncertainty") is not None]
             cells.append(f"{sum(u) / len(u):.2f}" if u else "–")
         lines.append(f"| {100 * b:g} % | " + " | ".join(cells) + " |")
+    if state.get("diagnostics"):
+        lines += diagnostics_table(state["diagnostics"])
     lines += ["", "## What SER adds on top of the asked labels (after SER − alone, same rule and B; not tested)", "",
               "| B | " + " | ".join(RULES) + " |", "|---|" + "---:|" * len(RULES)]
     for b in state["budgets"]:
@@ -216,6 +274,28 @@ def report(state, png_name: str | None = None) -> str:
     if png_name:
         lines += ["", f"![accuracy against B]({png_name})"]
     return "\n".join(lines) + "\n"
+
+
+def diagnostics_table(diag: list[dict]) -> list[str]:
+    seeds = sorted({r["seed"] for r in diag})
+    lines = ["", f"## Why: what each rule's picks cover and how decisive their labels are (alone; means over seeds "
+             f"{seeds[0]}–{seeds[-1]}; descriptive, added after the study, not tested)", "",
+             "Uncertainty: the seed RM's 1 − 2|p − 1/2| on the asked pairs. Cover: the mean cosine distance from a "
+             "held-out pair to its nearest asked pair, centred on the pool's mean (lower covers better), in the "
+             "pair space (f_j + f_k, where typical and ensemble-diverse spread) and the difference space "
+             "(f_j − f_k, what the head learns from). "
+             "Label decisiveness: on the asked pairs, the share of human labels the head trained on every pool label "
+             "agrees with, and its mean confidence 2|p − 1/2|; near-ties score near 50 % and 0.",
+             "", "| B | rule | uncertainty | cover, pair space | cover, difference space | all-label head agrees (%) "
+             "| its confidence |", "|---|---|---:|---:|---:|---:|---:|"]
+    for b in sorted({r["fraction"] for r in diag}):
+        for rule in RULES:
+            rs = [r for r in diag if r["fraction"] == b and r["rule"] == rule]
+            m = {k: sum(r[k] for r in rs) / len(rs) for k in ("uncertainty", "cover_pair", "cover_diff", "full_agree",
+                                                              "full_confidence")}
+            lines.append(f"| {100 * b:g} % | {rule} | {m['uncertainty']:.2f} | {m['cover_pair']:.3f} | "
+                         f"{m['cover_diff']:.3f} | {100 * m['full_agree']:.1f} | {m['full_confidence']:.2f} |")
+    return lines
 
 
 def plot(state, path: Path) -> None:

@@ -56,6 +56,9 @@ class Args:
     results: str = field(default="experiments/results-frozen", metadata={"help": "results JSON, REPORT, plots"})
     featurise_only: bool = field(default=False, metadata={"help": "stop after building the feature cache"})
     batch_size: int = field(default=16, metadata={"help": "sequences per featurising batch"})
+    dtype: str = field(default="bfloat16", metadata={
+        "help": "the trunk's dtype while featurising: bfloat16 (with bf16 autocast; the committed studies') or float32 "
+                "(slower; features then do not depend on which sequences share a batch)", "choices": ["bfloat16", "float32"]})
     shared_prefix: bool = field(default=False, metadata={
         "help": "featurise each pair's question once for both responses (the same features up to rounding)"})
 
@@ -118,8 +121,8 @@ def featurise(args: Args):
     splits = encoded(data, tokenizer, args.max_length)
     sequences = [s for _, j, k in splits.values() for s in j + k]
     stats = features.build_cache(work / "cache", trunk, tokenizer.pad_token_id, sequences, args.max_length,
-                                 args.layers or default_layers(trunk), args.batch_size, "bfloat16", True, part_rows=1024,
-                                 shared_prefix=args.shared_prefix)
+                                 args.layers or default_layers(trunk), args.batch_size, args.dtype,
+                                 args.dtype == "bfloat16", part_rows=1024, shared_prefix=args.shared_prefix)
     print(f"frozen: {args.name}: {len(sequences)} sequences, {stats}", flush=True)
     return work, splits, data
 
