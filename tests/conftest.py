@@ -193,3 +193,29 @@ class Server:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# ----------------------------------------------------------------------------- toy cached features (the studies)
+
+
+def toy_pairs(n, dim, direction, noise, generator):
+    """Pairs whose human-preferred side j scores higher along `direction`, with label noise; features of a
+    trunk's scale (norms in the tens), so a few AdamW steps already give rewards the status thresholds read."""
+    import torch
+
+    from experiments import frozen_study as fs
+
+    x_j, x_k = (10 * torch.randn(n, dim, generator=generator) for _ in range(2))
+    swap = ((x_j - x_k) @ direction + 10 * noise * torch.randn(n, generator=generator)) < 0
+    return fs.Pairs(torch.where(swap[:, None], x_k, x_j), torch.where(swap[:, None], x_j, x_k))
+
+
+def toy_layers(n_pool=2600, n_held=300):
+    """Toy cached features of two layers: layer 1's labels are coin flips, layer 2's follow one direction."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(16, generator=g)
+    pools = {1: toy_pairs(n_pool, 16, torch.zeros(16), 1.0, g), 2: toy_pairs(n_pool, 16, direction, 2.0, g)}
+    helds = {1: toy_pairs(n_held, 16, torch.zeros(16), 1.0, g), 2: toy_pairs(n_held, 16, direction, 2.0, g)}
+    return pools, helds

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT
+from conftest import ROOT, toy_layers
 from data import ask_humans, import_labels
 from ser import ask
 from ser.data import DataError, read_records, strip_meta
@@ -365,11 +365,9 @@ def test_the_driver_stops_for_labels_and_resumes_with_them(sft_model, synthetic,
 def test_the_budget_study_asks_every_rule_alone_and_after_ser_and_reports_against_random(tmp_path, monkeypatch):
     """One seed on toy features: each rule's asked pairs alone and after SER's loop 1 (as many as B, one per
     question), and the report's tests against random and its pre-registered decision."""
-    from test_why_study import layers
-
     from experiments import ask_study
 
-    pools, helds = layers(n_pool=1000, n_held=200)
+    pools, helds = toy_layers(n_pool=1000, n_held=200)
     rest = list(range(len(pools[2])))
     questions = [f"q{i // 2}" for i in range(len(rest))]  # two pairs per question
     monkeypatch.setattr(ask_study, "BUDGETS", [0.01, 0.05])
@@ -387,6 +385,26 @@ def test_the_budget_study_asks_every_rule_alone_and_after_ser_and_reports_agains
     text = ask_study.write_report(path)
     assert "| after SER | 5 % | d-optimal |" in text and "## The pre-registered decision" in text
     assert (tmp_path / "REPORT-ask-toy.md").is_file() and (tmp_path / "ask-toy.png").is_file()
+    state["diagnostics"] = ask_study.diagnose_seed(0, pools, helds, rest, questions, {})
+    assert {(d["fraction"], d["rule"]) for d in state["diagnostics"]} == {(b, r) for b in (0.01, 0.05) for r in ask.RULES}
+    for d in state["diagnostics"]:
+        assert 0 <= d["cover_pair"] <= 2 and 0 <= d["cover_diff"] <= 2 and 0 <= d["full_agree"] <= 1
+    for rule in ask.RULES:  # five times the pairs (those of 1 % among them or not) never cover the held-out worse by much
+        small, large = (next(d for d in state["diagnostics"] if d["fraction"] == b and d["rule"] == rule) for b in (0.01, 0.05))
+        assert large["cover_diff"] <= small["cover_diff"] + 0.05, rule
+    path.write_text(json.dumps(state))
+    assert "| 5 % | typical |" in ask_study.write_report(path).split("## Why")[1]
+
+
+def test_cosine_cover_is_zero_on_itself_and_never_grows_with_more_asked_pairs():
+    from experiments import ask_study
+
+    g = torch.Generator().manual_seed(0)
+    held, pool = torch.randn(50, 8, generator=g) + 3, torch.randn(200, 8, generator=g) + 3
+    centre = pool.mean(0)
+    assert ask_study.cosine_cover(held, held, centre) == pytest.approx(0, abs=1e-6)
+    covers = [ask_study.cosine_cover(held, pool[:n], centre) for n in (10, 50, 200)]
+    assert covers == sorted(covers, reverse=True) and covers[0] > covers[-1]
 
 
 # ----------------------------------------------------------------------------- bad input (reliability)

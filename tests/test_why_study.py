@@ -4,24 +4,9 @@ reads its rows."""
 
 import torch
 
+from conftest import toy_layers as layers
 from experiments import frozen_study as fs
 from experiments import why_study as why
-
-
-def pairs(n, dim, direction, noise, generator):
-    """Pairs whose human-preferred side j scores higher along `direction`, with label noise; features of a
-    trunk's scale (norms in the tens), so a few AdamW steps already give rewards the status thresholds read."""
-    x_j, x_k = (10 * torch.randn(n, dim, generator=generator) for _ in range(2))
-    swap = ((x_j - x_k) @ direction + 10 * noise * torch.randn(n, generator=generator)) < 0
-    return fs.Pairs(torch.where(swap[:, None], x_k, x_j), torch.where(swap[:, None], x_j, x_k))
-
-
-def layers(n_pool=2600, n_held=300):
-    g = torch.Generator().manual_seed(0)
-    direction = torch.randn(16, generator=g)
-    pools = {1: pairs(n_pool, 16, torch.zeros(16), 1.0, g), 2: pairs(n_pool, 16, direction, 2.0, g)}
-    helds = {1: pairs(n_held, 16, torch.zeros(16), 1.0, g), 2: pairs(n_held, 16, direction, 2.0, g)}
-    return pools, helds
 
 
 def test_cv_picks_the_informative_layer_and_extends_the_l2_grid_for_pure_noise():
