@@ -41,8 +41,9 @@ from ser.data import (
     write_json,
     write_records,
 )
+from ser.flags import DataArguments, default_of, hidden
 from ser.loop import probabilities
-from ser.modeling import DataArguments, default_of, end_processes, hidden
+from ser.modeling import end_processes
 from ser.scoring import FORWARD_COST
 from ser.selection import RULES, STATUS1, STATUS2, WITH_MEMBERS, Decision, Thresholds
 

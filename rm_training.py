@@ -26,14 +26,13 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json, write_records
+from ser.flags import DataArguments, default_of, hidden
+from ser.flags import ModelArguments as BaseModelArguments
 from ser.modeling import (
-    DataArguments,
     check_saved_weights,
-    default_of,
     end_processes,
     fit_embeddings,
     fp32_master_weights,
-    hidden,
     is_lora_dir,
     load_reward_model,
     load_tokenizer,
@@ -41,7 +40,6 @@ from ser.modeling import (
     record_lora_base,
     zero_stage,
 )
-from ser.modeling import ModelArguments as BaseModelArguments
 from ser.scoring import FORWARD_COST, length_batches, pair_loss, pair_metrics, score_ids
 
 logger = get_logger("rm_training")

@@ -13,14 +13,11 @@ from trl import SFTConfig, SFTTrainer
 
 from ser.cli import get_logger, parse, resolved_args, resume_from, setup_wandb
 from ser.data import DataError, encode, load_records, subsample, write_json
+from ser.flags import DataArguments, ModelArguments, default_of, hidden
 from ser.modeling import (
-    DataArguments,
-    ModelArguments,
     check_saved_weights,
-    default_of,
     end_processes,
     fp32_master_weights,
-    hidden,
     load_causal_lm,
     load_tokenizer,
     merge_lora,

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from ser.cli import check_accelerator, parse
 from ser.data import load_records, subsample, write_json, write_records
-from ser.modeling import THIS_PROCESS_ONLY, DataArguments, default_of, load_causal_lm, load_reward_model, load_tokenizer, process_state
+from ser.flags import DataArguments, default_of
+from ser.modeling import THIS_PROCESS_ONLY, load_causal_lm, load_reward_model, load_tokenizer, process_state
 from ser.rollout import lm_logprobs, response_texts, reward_inputs, sample
 from ser.scoring import score_ids
 

@@ -43,11 +43,11 @@ from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits
 
 from ser.cli import check_accelerator, get_logger, parse, resolved_args, setup_wandb
 from ser.data import check_writable, load_records, write_json
+from ser.flags import DataArguments, default_of
+from ser.flags import ModelArguments as BaseModelArguments
 from ser.modeling import (
     THIS_PROCESS_ONLY,
-    DataArguments,
     check_saved_weights,
-    default_of,
     fp32_master_weights,
     held_weights,
     inference_engine,
@@ -62,7 +62,6 @@ from ser.modeling import (
     whole_weights,
     zero_stage,
 )
-from ser.modeling import ModelArguments as BaseModelArguments
 from ser.rollout import lm_logprobs, logprobs_of, position_ids_of, reward_inputs, sample
 from ser.scoring import score_ids
 

@@ -121,7 +121,7 @@ def parse(dataclass_types, argv=None, counted=()):
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (see --help for the flags this script takes)")
-    from ser.modeling import DataArguments
+    from ser.flags import DataArguments
 
     for config in parsed:  # a hidden shared field takes the value of the flag another dataclass declares
         if not isinstance(config, DataArguments):

@@ -349,7 +349,7 @@ def _run_stage(stage, a: PlanArgs, config, dtype, ids):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from ser.modeling import ModelArguments
+    from ser.flags import ModelArguments
 
     ids = ids.to(a.device)
     cls = AutoModelForCausalLM if stage == "sft" else AutoModelForSequenceClassification

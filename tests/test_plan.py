@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ser import plan as P
-from ser.modeling import ModelArguments
+from ser.flags import ModelArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "scripts" / "cluster" / "configs"
