@@ -228,10 +228,13 @@ def ppo_report(setting, rows, rng):
              f"Seeds: {', '.join(map(str, sorted({r['seed'] for r in rows})))}. Each policy gives "
              f"{rows[0]['n_eval']} samples on held-out prompts (16 per prompt), as does the SFT policy with the same seed; "
              "the gold reward of the synthetic task judges. Win rates leave ties apart.", "",
-             "Configurations: `old` = PPO's former defaults (raw RM scores, KL horizon 10000 samples), `new` = today's "
-             "(scores normalised by the RM's mean and std on SFT samples, horizon a tenth of the run), `ensemble` = "
-             "the new defaults on the mean − std of every SER loop's RM; rows without one ran before they existed "
-             "(the old defaults). The KL target is 6 nats.", "",
+             "Configurations (experiments/run.py's PPO_CONFIGS): `old` = PPO's former defaults (raw RM scores, KL "
+             "horizon 10000 samples, KL target 6 nats); `target6` = scores normalised by the RM's mean and std on SFT "
+             "samples, horizon a tenth of the run, target 6; `new` = today's defaults, the same with target 3 (chosen on "
+             "seeds 5–9 by the rule of PREREGISTRATION-ppo-defaults.md); `ensemble` = today's defaults on the mean − std "
+             "of every SER loop's RM; the candidates `kl3` (target 3), `early` (a step's epochs stop past 1.5 x 0.1 "
+             "approximate KL) and `budget` (a step past 12 nats ends the run, the last checkpoint within it kept), "
+             "both at target 6. Rows without a configuration ran before they existed (the old defaults).", "",
              "| RM behind PPO | seeds | RM accuracy | gold reward, PPO − SFT | 95 % CI | gold fell | gold win rate vs SFT | "
              "95 % CI | all-label RM's win rate | KL to SFT (nats) | median step KL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -251,7 +254,34 @@ def ppo_report(setting, rows, rng):
                      f"{fmt_ci(bootstrap_ci(win, rng))} | {fmt(mean_std([r['full_rm_win_rate'] for r in rs])[0])} | "
                      f"{mean_std([r['kl_to_sft'] for r in rs])[0]:.1f} | "
                      f"{'–' if not step_kl else f'{statistics.median(step_kl):.1f}'} |")
-    return lines + [""], summary
+    return lines + [""] + ppo_choice(rows), summary
+
+
+# PREREGISTRATION-ppo-defaults.md: the candidates, their KL targets, and the order that breaks ties
+PPO_CANDIDATES = {"target6": 6.0, "kl3": 3.0, "early": 6.0, "budget": 6.0}
+
+
+def ppo_choice(rows) -> list[str]:
+    """The pre-registered choice among the KL candidates (where their rows are here): the most (RM kind, seed)
+    cells in which gold rose over SFT among those whose median step KL is within 2x of their target; ties to the
+    higher mean gold gain, then to the simpler change."""
+    by = {c: [r for r in rows if r.get("ppo_config") == c] for c in PPO_CANDIDATES}
+    if sum(bool(rs) for rs in by.values()) < 2:
+        return []
+    lines = ["The choice of PREREGISTRATION-ppo-defaults.md (its `new` is `target6` here):", "",
+             "| candidate | cells | gold rose | mean gold gain | median step KL | within 2x of its target |",
+             "|---|---|---|---|---|---|"]
+    score = {}
+    for c, rs in by.items():
+        if not rs:
+            continue
+        gains = [r["ppo_gold_reward"] - r["sft_gold_reward"] for r in rs]
+        kl = statistics.median(r["step_kl_median"] for r in rs)
+        eligible = kl <= 2 * PPO_CANDIDATES[c]
+        score[c] = (eligible, sum(g > 0 for g in gains), statistics.mean(gains), -list(PPO_CANDIDATES).index(c))
+        lines.append(f"| {c} | {len(rs)} | {score[c][1]} | {score[c][2]:+.3f} | {kl:.2f} | {'yes' if eligible else 'no'} |")
+    best = max((c for c in score if score[c][0]), key=lambda c: score[c][1:], default=None)
+    return lines + ["", f"Chosen: `{best}`." if best else "No candidate is eligible.", ""]
 
 
 def _ci3(ci):

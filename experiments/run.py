@@ -41,8 +41,8 @@ SHARED = ROOT.parent / "shared"
 
 @dataclass
 class Args:
-    grid: str = field(metadata={"help": "synthetic, synthetic-ppo, hh-rlhf-smollm2 or quick",
-                                "choices": ["synthetic", "synthetic-ppo", "hh-rlhf-smollm2", "quick"]})
+    grid: str = field(metadata={"help": "synthetic, synthetic-ppo, synthetic-ppo-tune, hh-rlhf-smollm2 or quick",
+                                "choices": ["synthetic", "synthetic-ppo", "synthetic-ppo-tune", "hh-rlhf-smollm2", "quick"]})
     seeds: list[int] = field(default_factory=list, metadata={"help": "data/model seeds; default: the grid's"})
     variants: list[str] = field(default_factory=list, metadata={"help": "run only these variants; default: all"})
     results: str = field(default="experiments/results", metadata={"help": "folder of results.json, REPORT.md, plots"})
@@ -114,20 +114,32 @@ HH = dict(
 
 # Downstream: PPO of the SFT policy against the seed, ser-paper and all-label RMs of the synthetic grid
 # (the demo's PPO settings), judged by the hidden gold reward against SFT. Each RM under PPO's old defaults
-# (raw rewards, Ziegler et al.'s KL horizon of 10000 samples), its new ones (rewards normalised on SFT samples,
-# a horizon of a tenth of the run), and for SER the ensemble of its loops' RMs (mean - std of their scores).
+# (raw rewards, Ziegler et al.'s KL horizon of 10000 samples), under `target6` (rewards normalised on SFT samples,
+# a horizon of a tenth of the run, KL target 6: the defaults before the choice below), under today's defaults
+# (`new`: the same with KL target 3), and for SER the ensemble of its loops' RMs (mean - std of their scores).
 # The rows named ppo:seed, ppo:ser-paper and ppo:full (3 seeds) were run before the configurations existed,
-# with the old defaults.
-PPO_CONFIGS = {"old": ["--normalize_reward", "none", "--kl_horizon", "10000"], "new": [],
-               "ensemble": ["--reward_ensemble", "mean_minus_std"]}
+# with the old defaults. Today's KL target was chosen among `target6`, `kl3`, `early` and `budget` on seeds 5-9
+# (the grid synthetic-ppo-tune, results in experiments/results-ppo-tune), by the rule committed beforehand in
+# experiments/results/PREREGISTRATION-ppo-defaults.md, where `target6` is called `new`.
+PPO_CONFIGS = {"old": ["--normalize_reward", "none", "--kl_horizon", "10000"], "target6": ["--kl_target", "6"],
+               "new": [], "ensemble": ["--reward_ensemble", "mean_minus_std"], "kl3": ["--kl_target", "3"],
+               "early": ["--early_stopping", "True", "--kl_target", "6"],
+               "budget": ["--kl_budget", "12", "--save_freq", "10", "--kl_target", "6"]}
+PPO_KINDS = ("seed", "ser-paper", "full")
 SYNTHETIC_PPO = {**SYNTHETIC, "setting": "synthetic-ppo", "seeds": [0, 1, 2, 3, 4],
-                 "variants": {**{f"ppo:{k}@{c}": SYNTHETIC_VARIANTS[k] for k in ("seed", "ser-paper", "full")
-                                 for c in ("old", "new")}, "ppo:ser-paper@ensemble": SYNTHETIC_VARIANTS["ser-paper"]},
+                 "variants": {**{f"ppo:{k}@{c}": SYNTHETIC_VARIANTS[k] for k in PPO_KINDS for c in ("old", "target6", "new")},
+                              "ppo:ser-paper@ensemble": SYNTHETIC_VARIANTS["ser-paper"]},
                  "ppo": ["--steps", "80", "--batch_size", "32", "--mini_batch_size", "8", "--gradient_accumulation_steps",
                          "1", "--ppo_epochs", "4", "--learning_rate", "3e-3", "--init_kl_coef", "0.1",
                          "--output_max_length", "24", "--save_freq", "0"]}
+# the tuning set of the KL choice (run with --results experiments/results-ppo-tune); its `new` rows ran when the
+# default target was 6, and are `target6` today
+SYNTHETIC_PPO_TUNE = {**SYNTHETIC_PPO, "seeds": [5, 6, 7, 8, 9],
+                      "variants": {f"ppo:{k}@{c}": SYNTHETIC_VARIANTS[k] for k in PPO_KINDS
+                                   for c in ("target6", "kl3", "early", "budget")}}
 
-GRIDS = {"synthetic": SYNTHETIC, "synthetic-ppo": SYNTHETIC_PPO, "quick": QUICK, "hh-rlhf-smollm2": HH}
+GRIDS = {"synthetic": SYNTHETIC, "synthetic-ppo": SYNTHETIC_PPO, "synthetic-ppo-tune": SYNTHETIC_PPO_TUNE, "quick": QUICK,
+         "hh-rlhf-smollm2": HH}
 CPU = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "False", "--report_to", "none",
        "--disable_tqdm", "True", "--save_strategy", "no"]
 
