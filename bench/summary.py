@@ -30,6 +30,10 @@ KEYS = {  # key: (what, goal)
     "frozen_ser_run_speedup_driver_cached": ("the same, the frozen run again through the driver on the built cache",
                                              ""),
     "frozen_ser_run_speedup_cached": ("the same, in process on the cache (another seed or variant)", ">= 1000"),
+    "frozen_ser_run_speedup_first_shared_prefix": ("the first run again, featurising with --shared_prefix", ">= 10"),
+    "featurising_shared_prefix_speedup_128": ("featurising the run's 920 sequences, shared prefix over plain, at 128 "
+                                              "tokens (SmolLM2)", ""),
+    "featurising_shared_prefix_speedup_256": ("the same at 256 tokens", ""),
 }
 
 
