@@ -35,11 +35,16 @@ def length_batches(lengths, max_rows: int, forward_cost: float = FORWARD_COST) -
             cost = best[j] + width * (i - j) + forward_cost
             if cost < best[i]:
                 best[i], start[i] = cost, j
-    batches, i = [], n
+    return runs(order, start)
+
+
+def runs(order, start) -> list[list]:
+    """The runs a segmentation by dynamic programming cut `order` into, from `start` (each end's run start)."""
+    out, i = [], len(order)
     while i:
-        batches.append(order[start[i]:i])
+        out.append(order[start[i]:i])
         i = start[i]
-    return batches[::-1]
+    return out[::-1]
 
 
 def deal_out(lengths, state) -> list[int]:
@@ -229,11 +234,7 @@ def prefix_groups(sequences, max_group: int = 64) -> list[list[int]]:
             saved = best[j] + (0 if j == i - 1 else (i - j - 1) * shared)
             if saved > best[i]:
                 best[i], start[i] = saved, j
-    groups, i = [], n
-    while i:
-        groups.append(order[start[i]:i])
-        i = start[i]
-    return groups[::-1]
+    return runs(order, start)
 
 
 @torch.no_grad()
