@@ -147,20 +147,24 @@ def diagnose_seed(seed: int, pools: dict, helds: dict, rest, questions, full_hea
     if s.layer not in full_heads:
         pool = pools[s.layer].take(torch.as_tensor(rest))
         full_heads[s.layer] = fs.fit(pool.j, pool.k, why.choose_l2(pool.j, pool.k, 0)[0])
-    w_full, out = full_heads[s.layer], []
-    u = s.unlabelled
+    w_full, u, out = full_heads[s.layer], s.unlabelled, []
     centre_pair, centre_diff = (u.j + u.k).float().mean(0), (u.j - u.k).float().mean(0)
+
+    def mean_uncertainty(p) -> float:
+        return sum(map(ask.uncertainty, p.tolist())) / len(p)
+
     for budget in BUDGETS:
         b = round(budget * len(rest))
         for rule in RULES:
-            x = s.unlabelled.take(s.picks(rule, b, s.w0, torch.arange(len(s.unlabelled))))
-            p0, p_full = torch.sigmoid((x.j - x.k) @ s.w0), torch.sigmoid((x.j - x.k) @ w_full)
+            x = u.take(s.picks(rule, b, s.w0, torch.arange(len(u))))
+            d = x.j - x.k
+            p_full = torch.sigmoid(d @ w_full)
             out.append({"seed": seed, "fraction": budget, "rule": rule, "layer": s.layer, "asked": len(x.j),
-                        "uncertainty": float((1 - 2 * (p0 - 0.5).abs()).mean()),
+                        "uncertainty": mean_uncertainty(torch.sigmoid(d @ s.w0)),
                         "cover_pair": cosine_cover(s.held.j + s.held.k, x.j + x.k, centre_pair),
-                        "cover_diff": cosine_cover(s.held.j - s.held.k, x.j - x.k, centre_diff),
+                        "cover_diff": cosine_cover(s.held.j - s.held.k, d, centre_diff),
                         "full_agree": float((p_full > 0.5).float().mean()),
-                        "full_confidence": float((2 * (p_full - 0.5).abs()).mean())})
+                        "full_confidence": 1 - mean_uncertainty(p_full)})
     return out
 
 

@@ -223,13 +223,14 @@ def build_cache(folder, trunk_path, pad_id: int, sequences, max_length: int, lay
                                                                      state)]
             featurise_shared(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows,
                              progress, device or state.device)
-            mine = [m for g in mine for m in g]
+            featurised = sum(map(len, mine))
         else:
             mine = [todo[i] for i in deal_out([len(s) for _, s in todo], state)]
             featurise(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, state, part_rows, progress,
                       device or state.device)
+            featurised = len(mine)
         state.wait_for_everyone()
-    return {"sequences": len(sequences), "featurised_here": len(mine), "cached_before": len(sequences) - len(todo)}
+    return {"sequences": len(sequences), "featurised_here": featurised, "cached_before": len(sequences) - len(todo)}
 
 
 def cut(trunk, layers, n_layers, device) -> int:
@@ -243,10 +244,10 @@ def cut(trunk, layers, n_layers, device) -> int:
     return n_layers
 
 
-def readout(trunk, hidden, rows, last, layers, n_layers) -> torch.Tensor:
+def readout(trunk, hidden, last, layers, n_layers) -> torch.Tensor:
     """[rows, layers, hidden] features at each row's `last` position: hidden_states[n_layers] is after the
     final norm; a checkpoint truncated after layer l computes norm(h_l)."""
-    at = torch.arange(rows, device=last.device)
+    at = torch.arange(len(last), device=last.device)
     return torch.stack([hidden[x][at, last] if x == n_layers else trunk.norm(hidden[x][at, last]) for x in layers],
                        1).float().cpu()
 
@@ -264,8 +265,7 @@ def featurise(trunk, mine, folder, layers, n_layers, pad_id, batch_size, bf16, s
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             hidden = trunk(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        rows.append(readout(trunk, hidden, len(seqs), torch.tensor([len(s) - 1 for s in seqs], device=device), layers,
-                            n_layers))
+        rows.append(readout(trunk, hidden, torch.tensor([len(s) - 1 for s in seqs], device=device), layers, n_layers))
         keys += [mine[i][0] for i in batch]
         bar.update(len(batch))
         if len(keys) >= part_rows or b == len(batches) - 1:
@@ -283,7 +283,7 @@ def featurise_shared(trunk, mine, folder, layers, n_layers, pad_id, batch_size, 
                disable=progress is None or not state.is_main_process)
 
     def read(output, last):
-        return readout(trunk, output.hidden_states, len(last), last, layers, n_layers)
+        return readout(trunk, output.hidden_states, last, layers, n_layers)
 
     start = 0
     while start < len(mine):
