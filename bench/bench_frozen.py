@@ -2,19 +2,22 @@
 
     python -m bench.bench_frozen     # needs `make base-model` and the HH-RLHF sample in ../shared/data
 
-Four timings, side by side in one invocation, on a small HH-RLHF pool (the frozen study's split, a seeded
+Timings, side by side in one invocation, on a small HH-RLHF pool (the frozen study's split, a seeded
 sample of --seed_pairs labelled pairs, --pool_pairs unlabelled ones and --eval_pairs held-out ones):
   lora          scripts/ser_loop.sh with LoRA RMs (the driver's default), MAX_LENGTH tokens;
   frozen        the same driver with `--trunk frozen --feature_cache` (featurising included, one forward
                 per sequence);
   frozen_again  the same driver into another RUN on the built cache (what another seed or variant costs);
   in_process    experiments/frozen_study.py's loop on the same cache (no process starts);
-  frozen_shared_prefix  `frozen` with --shared_prefix (each pair's question featurised once for both answers).
+  frozen_shared_prefix  `frozen` with --shared_prefix (each pair's question featurised once for both answers);
+  lora_bf16, frozen_bf16  `lora` and `frozen` as README launches them (RM_ARGS="--bf16 True"; the frozen trunk in
+                its own dtype, bf16 for SmolLM2): the others compute in float32 throughout.
 And featurising alone, in this process: the task's sequences (both sides of every seed, pool and held-out
 pair) into a new cache, plainly and with shared prefixes, at each of --featurise_lengths (sequences/s, tokens
 saved). The same thresholds, epochs and floors everywhere. Writes bench/results/frozen.json and merges the
-ratios `frozen_ser_run_speedup_first` (lora / frozen), `frozen_ser_run_speedup_cached` (lora / in_process) and
-the shared-prefix featurising speedups into summary.json. `--only featurising` runs the featurising part alone.
+ratios `frozen_ser_run_speedup_first` (lora / frozen), `frozen_ser_run_speedup_first_bf16` (lora_bf16 /
+frozen_bf16), `frozen_ser_run_speedup_cached` (lora / in_process) and the shared-prefix featurising speedups into
+summary.json. `--only featurising` runs the featurising part alone.
 """
 
 import json
@@ -72,12 +75,12 @@ def small_task(args: Args, folder: Path) -> None:
     write_records(folder / "data" / "evaluation" / "test.jsonl", held[:args.eval_pairs])
 
 
-def driver(args: Args, data: Path, run: Path, rm_args: list[str], filter_args: list[str]) -> dict:
+def driver(args: Args, data: Path, run: Path, rm_args: list[str], filter_args: list[str], bf16: bool = False) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "DATA": str(data), "SFT": str(SMOLLM2),
            "RUN": str(run), "MAX_LOOPS": "3", "MAX_LENGTH": str(args.max_length), "SEED_EPOCHS": "1",
            "LOOP_EPOCHS": "1", "PY": sys.executable, "LAUNCH": sys.executable,
-           "RM_ARGS": " ".join(["--use_cpu", "True", "--bf16", "False", "--per_device_train_batch_size", "8", *rm_args]),
+           "RM_ARGS": " ".join(["--use_cpu", "True", "--bf16", str(bf16), "--per_device_train_batch_size", "8", *rm_args]),
            "FILTER_ARGS": " ".join(["--status1_min_pairs", str(args.floor), "--status2_min_pairs", str(args.floor),
                                     "--probability", "pairwise", *filter_args])}
     start = time.perf_counter()
@@ -155,8 +158,8 @@ def main(args: Args):
             merge_into_summary(out, speedups)
             return
         frozen_flags = ["--feature_cache", str(cache), "--dtype", "float32"]
-        frozen_rm = ["--trunk", "frozen", "--head_l2", str(HEAD_L2), "--center_rewards_coefficient", "0.01",
-                     *frozen_flags]
+        frozen_head = ["--trunk", "frozen", "--head_l2", str(HEAD_L2), "--center_rewards_coefficient", "0.01"]
+        frozen_rm = [*frozen_head, *frozen_flags]
         # LoRA at 1e-3: at the paper's 2e-5 one epoch on 60 pairs leaves every reward near equal, and loop 1 stops
         results = {"lora": driver(args, data, tmp / "lora", ["--learning_rate", "1e-3"], [])}
         results["frozen"] = driver(args, data, tmp / "frozen", frozen_rm, frozen_flags)
@@ -165,13 +168,21 @@ def main(args: Args):
         shared_cache = ["--feature_cache", str(tmp / "cache-shared"), "--dtype", "float32", "--shared_prefix", "True"]
         results["frozen_shared_prefix"] = driver(args, data, tmp / "frozen_shared", [*frozen_rm, *shared_cache],
                                                  shared_cache)
+        # README's launch (RM_ARGS="--bf16 True"): LoRA under bf16 autocast; the frozen trunk in its own dtype
+        # (bf16 for SmolLM2) with bf16 autocast, featurising included
+        results["lora_bf16"] = driver(args, data, tmp / "lora_bf16", ["--learning_rate", "1e-3"], [], bf16=True)
+        bf16_cache = ["--feature_cache", str(tmp / "cache-bf16")]
+        results["frozen_bf16"] = driver(args, data, tmp / "frozen_bf16", [*frozen_head, *bf16_cache], bf16_cache,
+                                        bf16=True)
     if len({r["loops"] for r in results.values()}) > 1:
         print(f"bench_frozen: warning: the runs ran {[r['loops'] for r in results.values()]} loops: unequal work")
     lora = results["lora"]["seconds"]
     ratios = {"frozen_ser_run_speedup_first": lora / results["frozen"]["seconds"],
               "frozen_ser_run_speedup_driver_cached": lora / results["frozen_again"]["seconds"],
               "frozen_ser_run_speedup_cached": lora / results["in_process"]["seconds"],
-              "frozen_ser_run_speedup_first_shared_prefix": lora / results["frozen_shared_prefix"]["seconds"]}
+              "frozen_ser_run_speedup_first_shared_prefix": lora / results["frozen_shared_prefix"]["seconds"],
+              "frozen_ser_run_speedup_first_bf16": results["lora_bf16"]["seconds"] / results["frozen_bf16"]["seconds"],
+              "lora_bf16_over_fp32": lora / results["lora_bf16"]["seconds"]}
     report = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "model": "SmolLM2-135M-Instruct",
               "cpu_threads": os.cpu_count(), **results, **ratios,
               "featurising": {"config": {"featurise_lengths": args.featurise_lengths}, **feat}}

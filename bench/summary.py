@@ -26,7 +26,10 @@ KEYS = {  # key: (what, goal)
     "ppo_tokens_per_s": ("PPO tokens per second (tiny policy, one process)", ""),
     "ppo_generation_share": ("share of a PPO step spent generating", ""),
     "frozen_ser_run_speedup_first": ("a SER run (Loop 0 + 3 loops), frozen-trunk over LoRA RMs, featurising "
-                                     "included (SmolLM2, small HH pool)", ">= 10"),
+                                     "included (SmolLM2, small HH pool, float32)", ">= 10"),
+    "frozen_ser_run_speedup_first_bf16": ("the same as README launches it (--bf16 True; the trunk in its own bf16)",
+                                          ">= 10"),
+    "lora_bf16_over_fp32": ("the LoRA SER run, bf16 autocast over float32", ""),
     "frozen_ser_run_speedup_driver_cached": ("the same, the frozen run again through the driver on the built cache",
                                              ""),
     "frozen_ser_run_speedup_cached": ("the same, in process on the cache (another seed or variant)", ">= 1000"),
