@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ser.cli import parse
 from ser.selection import STOP
-from ser.stats import bootstrap_ci, mean_std, paired_bootstrap_ci
+from ser.stats import bootstrap_ci, crossed, mean_std, paired_bootstrap_ci
 
 
 @dataclass
@@ -221,13 +221,24 @@ def analysis(setting, rows, summary, seeds):
     return out + [""]
 
 
+def gain_table(rows):
+    """The seeds x prompts table of per-prompt gold gains, or None unless every row recorded the same prompts."""
+    by_prompt = [r.get("gold_gain_by_prompt") for r in rows]
+    if len(rows) < 2 or any(g is None for g in by_prompt) or any(g.keys() != by_prompt[0].keys() for g in by_prompt):
+        return None
+    return [[g[q] for q in sorted(g)] for g in by_prompt]
+
+
 def ppo_report(setting, rows, rng):
     """Downstream: PPO against each variant's RM, judged against SFT by the hidden gold reward."""
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     lines = [f"## Setting `{setting}`: PPO against each RM", "",
              f"Seeds: {', '.join(map(str, sorted({r['seed'] for r in rows})))}. Each policy gives "
              f"{rows[0]['n_eval']} samples on held-out prompts (16 per prompt), as does the SFT policy with the same seed; "
-             "the gold reward of the synthetic task judges. Win rates leave ties apart.", "",
+             "the gold reward of the synthetic task judges. Win rates leave ties apart. Every seed answers the same "
+             "held-out prompts, so the gold gain's interval counts both seeds and prompts (`ser.stats.crossed` on "
+             "the seeds x prompts table of per-prompt gains); rows that did not record per-prompt gains (their run "
+             "folders were reused) have an interval over seeds alone, marked *seeds*.", "",
              "Configurations (experiments/run.py's PPO_CONFIGS): `old` = PPO's former defaults (raw RM scores, KL "
              "horizon 10000 samples, KL target 6 nats); `target6` = scores normalised by the RM's mean and std on SFT "
              "samples, horizon a tenth of the run, target 6; `new` = today's defaults, the same with target 3 (chosen on "
@@ -249,16 +260,28 @@ def ppo_report(setting, rows, rng):
         step_kl = [r["step_kl_median"] for r in rs if r.get("step_kl_median") is not None]
         summary[v] = {"gold_gain": g, "gold_gain_std": gsd, "gold_win_rate": w, "gold_win_rate_std": wsd, "n": len(rs),
                       "gold_fell": fell, "step_kl_median": statistics.median(step_kl) if step_kl else None}
+        table = gain_table(rs)
+        seeds_ci = bootstrap_ci(gain, rng)  # drawn for every row, so the other intervals' draws stay as they were
+        ci = _ci3(crossed(table)["ci"]) if table is not None else f"{_ci3(seeds_ci)} *seeds*"
+        summary[v]["gold_gain_ci"] = "seeds x prompts" if table is not None else "seeds"
         lines.append(f"| {v.removeprefix('ppo:')} | {len(rs)} | {fmt(mean_std([r['rm_accuracy'] for r in rs])[0])} | "
-                     f"{g:+.3f} ± {gsd:.3f} | {_ci3(bootstrap_ci(gain, rng))} | {fell} of {len(rs)} | {fmt(w)} ± {fmt(wsd)} | "
+                     f"{g:+.3f} ± {gsd:.3f} | {ci} | {fell} of {len(rs)} | {fmt(w)} ± {fmt(wsd)} | "
                      f"{fmt_ci(bootstrap_ci(win, rng))} | {fmt(mean_std([r['full_rm_win_rate'] for r in rs])[0])} | "
                      f"{mean_std([r['kl_to_sft'] for r in rs])[0]:.1f} | "
                      f"{'–' if not step_kl else f'{statistics.median(step_kl):.1f}'} |")
     return lines + [""] + ppo_choice(rows), summary
 
 
-# PREREGISTRATION-ppo-defaults.md: the candidates, their KL targets, and the order that breaks ties
-PPO_CANDIDATES = {"target6": 6.0, "kl3": 3.0, "early": 6.0, "budget": 6.0}
+# PREREGISTRATION-ppo-defaults.md: the candidates, in the order that breaks ties (the simpler change first)
+PPO_CANDIDATES = ("target6", "kl3", "early", "budget")
+
+
+def kl_target(config: str) -> float:
+    """The KL target a configuration of experiments/run.py's PPO_CONFIGS passes (each candidate names its own)."""
+    from experiments.run import PPO_CONFIGS  # here, not at the top: run.py imports this module
+
+    flags = PPO_CONFIGS[config]
+    return float(flags[flags.index("--kl_target") + 1])
 
 
 def ppo_choice(rows) -> list[str]:
@@ -277,8 +300,8 @@ def ppo_choice(rows) -> list[str]:
             continue
         gains = [r["ppo_gold_reward"] - r["sft_gold_reward"] for r in rs]
         kl = statistics.median(r["step_kl_median"] for r in rs)
-        eligible = kl <= 2 * PPO_CANDIDATES[c]
-        score[c] = (eligible, sum(g > 0 for g in gains), statistics.mean(gains), -list(PPO_CANDIDATES).index(c))
+        eligible = kl <= 2 * kl_target(c)
+        score[c] = (eligible, sum(g > 0 for g in gains), statistics.mean(gains), -PPO_CANDIDATES.index(c))
         lines.append(f"| {c} | {len(rs)} | {score[c][1]} | {score[c][2]:+.3f} | {kl:.2f} | {'yes' if eligible else 'no'} |")
     best = max((c for c in score if score[c][0]), key=lambda c: score[c][1:], default=None)
     return lines + ["", f"Chosen: `{best}`." if best else "No candidate is eligible.", ""]

@@ -48,6 +48,8 @@ class Args:
     results: str = field(default="experiments/results", metadata={"help": "folder of results.json, REPORT.md, plots"})
     workdir: str = field(default="runs/experiments", metadata={"help": "checkpoints and intermediate files"})
     keep_checkpoints: bool = field(default=False, metadata={"help": "keep the RMs of finished runs in --workdir"})
+    backfill_prompt_gains: bool = field(default=False, metadata={
+        "help": "only add per-prompt gold gains to PPO rows made before rows recorded them, then report"})
 
 
 # ----------------------------------------------------------------------------- variants
@@ -319,6 +321,28 @@ def run_variant(grid, name, spec, seed, work: Path, data: Path, start_model: Pat
     return rows
 
 
+def prompt_gains(out: Path, summary: dict) -> dict:
+    """Per held-out prompt, the gold reward of PPO's samples minus SFT's (means over each prompt's samples), from
+    the samples ppo/evaluate.py wrote (OUT/eval_policy.{base,policy}.jsonl), scored by the synthetic task's gold
+    reward as evaluate.py scores them. Every seed answers the same prompts, so the report's interval can count
+    both seeds and prompts. Refused unless the samples reproduce the summary's mean gold rewards."""
+    from ser.synthetic import gold_reward
+
+    means = {}
+    for name in ("base", "policy"):
+        by_prompt = {}
+        for r in read_records(out / f"eval_policy.{name}.jsonl"):
+            by_prompt.setdefault(r["question"], []).append(gold_reward(r["question"], r["response"]))
+        golds = [g for gs in by_prompt.values() for g in gs]
+        if abs(sum(golds) / len(golds) - summary[name]["gold_reward"]) > 1e-9:
+            raise SystemExit(f"{out}: the samples' mean gold reward ({sum(golds) / len(golds)}) is not "
+                             f"eval_policy.json's {name} gold reward ({summary[name]['gold_reward']})")
+        means[name] = {q: sum(gs) / len(gs) for q, gs in by_prompt.items()}
+    if means["base"].keys() != means["policy"].keys():
+        raise SystemExit(f"{out}: PPO's and SFT's samples answer different prompts")
+    return {q: means["policy"][q] - means["base"][q] for q in sorted(means["base"])}
+
+
 def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_rms: dict):
     """PPO against the RM of one variant, then the policy against SFT by the gold reward (one row)."""
     rm_variant, _, config = name.removeprefix("ppo:").partition("@")
@@ -354,6 +378,7 @@ def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_
              "sft_gold_reward": summary["base"]["gold_reward"], "ppo_gold_reward": summary["policy"]["gold_reward"],
              "gold_win_rate": judged["gold"]["win_rate"], "gold_tie_rate": judged["gold"]["tie_rate"],
              "full_rm_win_rate": judged["judge_rm"]["win_rate"], "policy_rm_win_rate": judged["policy_rm"]["win_rate"],
+             "gold_gain_by_prompt": prompt_gains(out, summary),
              "kl_to_sft": summary["kl_to_base"], "ppo_config": config or "old", "ensemble_members": len(members),
              "step_kl_median": statistics.median(r["objective/kl"] for r in steps),
              "gold_by_step": [r.get("gold/reward_mean") for r in steps], "kl_by_step": [r["objective/kl"] for r in steps],
@@ -363,18 +388,60 @@ def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_
 # ----------------------------------------------------------------------------- the grid
 
 
-def save_rows(path: Path, new: list, key: tuple) -> list:
-    """Replace the rows of run `key` in results.json by `new`, under a lock: grids of other settings may
-    be writing to the same file at the same time. Returns every row."""
+def edit_rows(path: Path, edit) -> list:
+    """results.json's rows replaced by `edit(rows)`, under a lock: grids of other settings may be writing to the
+    same file at the same time. Returns every row."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(".results.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-        rows = [r for r in rows if (r["setting"], r["variant"], r["seed"]) != key] + new
+        rows = edit(json.loads(path.read_text())["rows"] if path.is_file() else [])
         write_json(path, {"rows": rows})
     return rows
+
+
+def save_rows(path: Path, new: list, key: tuple) -> list:
+    """Replace the rows of run `key` (setting, variant, seed) in results.json by `new`."""
+    return edit_rows(path, lambda rows: [r for r in rows if (r["setting"], r["variant"], r["seed"]) != key] + new)
+
+
+def backfill_prompt_gains(path: Path, workdir: Path) -> None:
+    """Add `gold_gain_by_prompt` to the PPO rows made before rows recorded it, from the samples their runs left
+    in --workdir. A row's folder is the one its variant names; a `target6` row may have run as `new` (the name
+    of those defaults then). `prompt_gains` checks the samples against the row's mean gold rewards, so only a
+    folder holding that row's run is used. Rows whose run left no such folder are counted and keep intervals
+    over seeds alone in the report."""
+    counts = {"filled": 0, "had": 0, "no_folder": 0}
+
+    def fill(rows):
+        for r in rows:
+            if r["status"] != "ppo" or r["setting"] != "synthetic-ppo":
+                continue
+            if "gold_gain_by_prompt" in r:
+                counts["had"] += 1
+                continue
+            work = workdir / r["setting"] / f"seed{r['seed']}"
+            folder = r["variant"].replace(":", "-")
+            candidates = [folder] + ([folder.replace("@target6", "@new")] if folder.endswith("@target6") else [])
+            summary = {"base": {"gold_reward": r["sft_gold_reward"]}, "policy": {"gold_reward": r["ppo_gold_reward"]}}
+            for name in candidates:
+                if (work / name / "eval_policy.policy.jsonl").is_file():
+                    try:
+                        r["gold_gain_by_prompt"] = prompt_gains(work / name, summary)
+                    except SystemExit as e:
+                        print(f"experiments: {r['variant']} seed {r['seed']}: {name} is another run ({e})")
+                        continue
+                    counts["filled"] += 1
+                    break
+            else:
+                counts["no_folder"] += 1
+                print(f"experiments: {r['variant']} seed {r['seed']}: no run folder reproduces its gold rewards")
+        return rows
+
+    edit_rows(path, fill)
+    print(f"experiments: per-prompt gold gains: {counts['filled']} rows filled, {counts['had']} had them, "
+          f"{counts['no_folder']} without a run folder (their intervals stay over seeds)")
 
 
 def main(args: Args):
@@ -390,6 +457,9 @@ def main(args: Args):
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; this grid has {list(grid['variants'])}")
     prepare_fn = prepare_hh if grid["setting"].startswith("hh") else prepare_synthetic
+    if args.backfill_prompt_gains:
+        backfill_prompt_gains(path, Path(args.workdir))
+        seeds = []  # nothing runs: the report is redone from the rows
     for seed in seeds:
         work = Path(args.workdir) / grid["setting"] / f"seed{seed}"
         seed_rms = {}
