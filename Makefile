@@ -53,6 +53,7 @@ bench: setup
 	$(PY) -m bench.bench_scaling
 	$(PY) -m bench.bench_ppo
 	$(PY) -m bench.bench_frozen
+	$(PY) -m bench.bench_frozen --only first_run --seed_epochs 2 --loop_epochs 5
 	$(PY) -m bench.summary --doc docs/benchmarks.md
 
 clean:

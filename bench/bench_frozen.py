@@ -45,14 +45,18 @@ class Args:
     pool_pairs: int = field(default=300, metadata={"help": "unlabelled pool pairs"})
     eval_pairs: int = field(default=100, metadata={"help": "held-out pairs"})
     max_length: int = field(default=128, metadata={"help": "tokens per sequence (MAX_LENGTH)"})
-    floor: int = field(default=15, metadata={"help": "status count floors (5 % of the pool)"})
+    floor: int = field(default=15, metadata={"help": "status count floors (a twentieth of the pool)"})
     workdir: str = field(default="runs/frozen", metadata={"help": "where the frozen study keeps the prepared HH data"})
     out: str = field(default=str(ROOT / "bench" / "results"), metadata={"help": "results folder"})
     featurise_lengths: list[int] = field(default_factory=lambda: [128, 256], metadata={
         "help": "max_length of the featurising timings (the left cut of a long pair's question differs by side, "
                 "so a longer window shares more)"})
-    only: str | None = field(default=None, metadata={"help": "featurising: time featurising alone",
-                                                      "choices": ["featurising"]})
+    seed_epochs: int = field(default=1, metadata={"help": "SEED_EPOCHS of every driver run"})
+    loop_epochs: int = field(default=1, metadata={"help": "LOOP_EPOCHS of every driver run"})
+    only: str | None = field(default=None, metadata={
+        "help": "featurising: time featurising alone; first_run: the LoRA and the frozen first run alone, as README "
+                "launches them (--bf16 True), at --seed_epochs and --loop_epochs (a frozen head's L-BFGS fit takes "
+                "no epochs; LoRA's cost grows with them)", "choices": ["featurising", "first_run"]})
 
 
 def small_task(args: Args, folder: Path) -> None:
@@ -78,8 +82,8 @@ def small_task(args: Args, folder: Path) -> None:
 def driver(args: Args, data: Path, run: Path, rm_args: list[str], filter_args: list[str], bf16: bool = False) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "DATA": str(data), "SFT": str(SMOLLM2),
-           "RUN": str(run), "MAX_LOOPS": "3", "MAX_LENGTH": str(args.max_length), "SEED_EPOCHS": "1",
-           "LOOP_EPOCHS": "1", "PY": sys.executable, "LAUNCH": sys.executable,
+           "RUN": str(run), "MAX_LOOPS": "3", "MAX_LENGTH": str(args.max_length),
+           "SEED_EPOCHS": str(args.seed_epochs), "LOOP_EPOCHS": str(args.loop_epochs), "PY": sys.executable, "LAUNCH": sys.executable,
            "RM_ARGS": " ".join(["--use_cpu", "True", "--bf16", str(bf16), "--per_device_train_batch_size", "8", *rm_args]),
            "FILTER_ARGS": " ".join(["--status1_min_pairs", str(args.floor), "--status2_min_pairs", str(args.floor),
                                     "--probability", "pairwise", *filter_args])}
@@ -140,27 +144,49 @@ def featurising(args: Args, data: Path, tmp: Path) -> dict:
     return out
 
 
+def readme_runs(args: Args, data: Path, tmp: Path, frozen_head: list[str]) -> dict:
+    """LoRA and the frozen first run as README launches them (RM_ARGS="--bf16 True"): LoRA under bf16 autocast,
+    the frozen trunk in its own dtype (bf16 for SmolLM2) with bf16 autocast, featurising included."""
+    bf16_cache = ["--feature_cache", str(tmp / "cache-bf16")]
+    # LoRA at 1e-3: at the paper's 2e-5 one epoch on 60 pairs leaves every reward near equal, and loop 1 stops
+    return {"lora_bf16": driver(args, data, tmp / "lora_bf16", ["--learning_rate", "1e-3"], [], bf16=True),
+            "frozen_bf16": driver(args, data, tmp / "frozen_bf16", [*frozen_head, *bf16_cache], bf16_cache, bf16=True)}
+
+
+def update_report(out: Path, key: str, value: dict, summary: dict) -> None:
+    """One part of frozen.json replaced (the others kept), and its figures merged into summary.json."""
+    report = json.loads((out / "frozen.json").read_text()) if (out / "frozen.json").is_file() else {}
+    report[key] = value
+    (out / "frozen.json").write_text(json.dumps(report, indent=1) + "\n")
+    merge_into_summary(out, summary)
+
+
 def main(args: Args):
     if not (SMOLLM2 / "config.json").is_file():
         raise SystemExit(f"{SMOLLM2}: missing; run `make base-model` first")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    frozen_head = ["--trunk", "frozen", "--head_l2", str(HEAD_L2), "--center_rewards_coefficient", "0.01"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data, cache = tmp / "data", tmp / "cache"
         small_task(args, data)
+        if args.only == "first_run":
+            runs = readme_runs(args, data, tmp, frozen_head)
+            ratio = runs["lora_bf16"]["seconds"] / runs["frozen_bf16"]["seconds"]
+            epochs = f"epochs_{args.seed_epochs}_{args.loop_epochs}"
+            update_report(out, f"first_run_{epochs}", {"config": {k: v for k, v in vars(args).items() if k != "out"},
+                                                       **runs, "speedup": ratio},
+                          {f"frozen_ser_run_speedup_first_bf16_{epochs}": round(ratio, 1)})
+            print(json.dumps(runs, indent=1), f"\nfrozen first run over LoRA: {ratio:.1f}x")
+            return
         feat = featurising(args, data, tmp)
         speedups = {f"featurising_shared_prefix_speedup_{n}": round(r["speedup"], 2) for n, r in feat.items()}
         if args.only == "featurising":
-            report = json.loads((out / "frozen.json").read_text()) if (out / "frozen.json").is_file() else {}
-            report["featurising"] = {"config": {"featurise_lengths": args.featurise_lengths}, **feat}
-            (out / "frozen.json").write_text(json.dumps(report, indent=1) + "\n")
-            merge_into_summary(out, speedups)
+            update_report(out, "featurising", {"config": {"featurise_lengths": args.featurise_lengths}, **feat}, speedups)
             return
         frozen_flags = ["--feature_cache", str(cache), "--dtype", "float32"]
-        frozen_head = ["--trunk", "frozen", "--head_l2", str(HEAD_L2), "--center_rewards_coefficient", "0.01"]
         frozen_rm = [*frozen_head, *frozen_flags]
-        # LoRA at 1e-3: at the paper's 2e-5 one epoch on 60 pairs leaves every reward near equal, and loop 1 stops
         results = {"lora": driver(args, data, tmp / "lora", ["--learning_rate", "1e-3"], [])}
         results["frozen"] = driver(args, data, tmp / "frozen", frozen_rm, frozen_flags)
         results["frozen_again"] = driver(args, data, tmp / "frozen_again", frozen_rm, frozen_flags)
@@ -168,12 +194,7 @@ def main(args: Args):
         shared_cache = ["--feature_cache", str(tmp / "cache-shared"), "--dtype", "float32", "--shared_prefix", "True"]
         results["frozen_shared_prefix"] = driver(args, data, tmp / "frozen_shared", [*frozen_rm, *shared_cache],
                                                  shared_cache)
-        # README's launch (RM_ARGS="--bf16 True"): LoRA under bf16 autocast; the frozen trunk in its own dtype
-        # (bf16 for SmolLM2) with bf16 autocast, featurising included
-        results["lora_bf16"] = driver(args, data, tmp / "lora_bf16", ["--learning_rate", "1e-3"], [], bf16=True)
-        bf16_cache = ["--feature_cache", str(tmp / "cache-bf16")]
-        results["frozen_bf16"] = driver(args, data, tmp / "frozen_bf16", [*frozen_head, *bf16_cache], bf16_cache,
-                                        bf16=True)
+        results.update(readme_runs(args, data, tmp, frozen_head))
     if len({r["loops"] for r in results.values()}) > 1:
         print(f"bench_frozen: warning: the runs ran {[r['loops'] for r in results.values()]} loops: unequal work")
     lora = results["lora"]["seconds"]
@@ -183,7 +204,9 @@ def main(args: Args):
               "frozen_ser_run_speedup_first_shared_prefix": lora / results["frozen_shared_prefix"]["seconds"],
               "frozen_ser_run_speedup_first_bf16": results["lora_bf16"]["seconds"] / results["frozen_bf16"]["seconds"],
               "lora_bf16_over_fp32": lora / results["lora_bf16"]["seconds"]}
-    report = {"config": {k: v for k, v in vars(args).items() if k != "out"}, "model": "SmolLM2-135M-Instruct",
+    report = json.loads((out / "frozen.json").read_text()) if (out / "frozen.json").is_file() else {}
+    report = {**{k: v for k, v in report.items() if k.startswith("first_run_")},  # kept: `--only first_run`'s
+              "config": {k: v for k, v in vars(args).items() if k != "out"}, "model": "SmolLM2-135M-Instruct",
               "cpu_threads": os.cpu_count(), **results, **ratios,
               "featurising": {"config": {"featurise_lengths": args.featurise_lengths}, **feat}}
     (out / "frozen.json").write_text(json.dumps(report, indent=1) + "\n")

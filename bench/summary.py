@@ -30,6 +30,8 @@ KEYS = {  # key: (what, goal)
     "frozen_ser_run_speedup_first_bf16": ("the same as README launches it (--bf16 True; the trunk in its own bf16)",
                                           ">= 10"),
     "lora_bf16_over_fp32": ("the LoRA SER run, bf16 autocast over float32", ""),
+    "frozen_ser_run_speedup_first_bf16_epochs_2_5": ("the same at the driver's default epochs (SEED_EPOCHS 2, "
+                                                     "LOOP_EPOCHS 5)", ">= 10"),
     "frozen_ser_run_speedup_driver_cached": ("the same, the frozen run again through the driver on the built cache",
                                              ""),
     "frozen_ser_run_speedup_cached": ("the same, in process on the cache (another seed or variant)", ">= 1000"),
