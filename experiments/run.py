@@ -335,11 +335,11 @@ def prompt_gains(out: Path, summary: dict) -> dict:
             by_prompt.setdefault(r["question"], []).append(gold_reward(r["question"], r["response"]))
         golds = [g for gs in by_prompt.values() for g in gs]
         if abs(sum(golds) / len(golds) - summary[name]["gold_reward"]) > 1e-9:
-            raise SystemExit(f"{out}: the samples' mean gold reward ({sum(golds) / len(golds)}) is not "
+            raise ValueError(f"{out}: the samples' mean gold reward ({sum(golds) / len(golds)}) is not "
                              f"eval_policy.json's {name} gold reward ({summary[name]['gold_reward']})")
         means[name] = {q: sum(gs) / len(gs) for q, gs in by_prompt.items()}
     if means["base"].keys() != means["policy"].keys():
-        raise SystemExit(f"{out}: PPO's and SFT's samples answer different prompts")
+        raise ValueError(f"{out}: PPO's and SFT's samples answer different prompts")
     return {q: means["policy"][q] - means["base"][q] for q in sorted(means["base"])}
 
 
@@ -429,7 +429,7 @@ def backfill_prompt_gains(path: Path, workdir: Path) -> None:
                 if (work / name / "eval_policy.policy.jsonl").is_file():
                     try:
                         r["gold_gain_by_prompt"] = prompt_gains(work / name, summary)
-                    except SystemExit as e:
+                    except ValueError as e:
                         print(f"experiments: {r['variant']} seed {r['seed']}: {name} is another run ({e})")
                         continue
                     counts["filled"] += 1

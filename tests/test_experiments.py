@@ -78,7 +78,7 @@ def test_prompt_gains_are_per_prompt_gold_differences_checked_against_the_summar
         mean = lambda xs: sum(gold_reward(q, a) for qq, a in xs if qq == q) / 2  # noqa: E731
         assert gains[q] == pytest.approx(mean(policy) - mean(base))
     summary["policy"]["gold_reward"] += 0.01  # samples of another run than the row's
-    with pytest.raises(SystemExit, match="not eval_policy.json's policy gold reward"):
+    with pytest.raises(ValueError, match="not eval_policy.json's policy gold reward"):
         runner.prompt_gains(tmp_path, summary)
 
 

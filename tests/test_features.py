@@ -376,3 +376,32 @@ def test_shared_prefix_features_equal_plain_features(sft_model, synthetic, tmp_p
     for layer in layers:
         plain, shared = (features.load_features(tmp_path / n, seqs, layer) for n in ("plain", "shared"))
         assert torch.allclose(plain, shared, atol=1e-4, rtol=1e-4), (layer, (plain - shared).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.two_process
+@pytest.mark.parametrize("shared_prefix", ["False", "True"])
+def test_two_processes_featurise_and_fit_a_frozen_rm_as_one_process_does(sft_model, synthetic, frozen, tmp_path,
+                                                                        shared_prefix):
+    """torchrun with 2 processes (gloo): each featurises its share of the sequences (whole shared-prefix groups),
+    the main process fits the head; the cache and the RM are the one-process fixture's, up to float rounding."""
+    import subprocess
+
+    from conftest import ENV, ROOT
+
+    out, cache = tmp_path / "rm", tmp_path / "cache"
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "rm_training.py",
+                           "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
+                           "--trunk", "frozen", "--feature_cache", str(cache), "--max_length", "96", "--dtype",
+                           "float32", "--feature_layer", "1", "--shared_prefix", shared_prefix, *CPU],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    one_rm, one_cache = frozen
+    two, one = (json.loads((d / "eval_results.json").read_text()) for d in (out, one_rm))
+    # the main process featurised its share only (the fixture's one process featurised every distinct sequence)
+    assert 0 < two["featurising"]["featurised_here"] <= 0.75 * one["featurising"]["featurised_here"]
+    _, seqs = cache_sequences(sft_model, synthetic)
+    assert torch.allclose(features.load_features(cache, seqs, 1), features.load_features(one_cache, seqs, 1),
+                          atol=1e-4, rtol=1e-4)
+    assert two["accuracy"] == one["accuracy"] and two["margin"] == pytest.approx(one["margin"], abs=1e-4)
+    assert torch.allclose(features.head_weight(out), features.head_weight(one_rm), atol=1e-4)
