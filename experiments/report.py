@@ -221,9 +221,10 @@ def analysis(setting, rows, summary, seeds):
     return out + [""]
 
 
-def gain_table(rows):
-    """The seeds x prompts table of per-prompt gold gains, or None unless every row recorded the same prompts."""
-    by_prompt = [r.get("gold_gain_by_prompt") for r in rows]
+def prompt_table(rows, field="gold_gain_by_prompt"):
+    """The seeds x prompts table of a per-prompt figure (gold gain, gold win rate), or None unless every row
+    recorded it for the same prompts."""
+    by_prompt = [r.get(field) for r in rows]
     if len(rows) < 2 or any(g is None for g in by_prompt) or any(g.keys() != by_prompt[0].keys() for g in by_prompt):
         return None
     return [[g[q] for q in sorted(g)] for g in by_prompt]
@@ -236,9 +237,9 @@ def ppo_report(setting, rows, rng):
              f"Seeds: {', '.join(map(str, sorted({r['seed'] for r in rows})))}. Each policy gives "
              f"{rows[0]['n_eval']} samples on held-out prompts (16 per prompt), as does the SFT policy with the same seed; "
              "the gold reward of the synthetic task judges. Win rates leave ties apart. Every seed answers the same "
-             "held-out prompts, so the gold gain's interval counts both seeds and prompts (`ser.stats.crossed` on "
-             "the seeds x prompts table of per-prompt gains); rows that did not record per-prompt gains (their run "
-             "folders were reused) have an interval over seeds alone, marked *seeds*.", "",
+             "held-out prompts, so the intervals of the gold gain and the gold win rate count both seeds and prompts "
+             "(`ser.stats.crossed` on the seeds x prompts table of per-prompt figures); rows that did not record "
+             "per-prompt figures (their run folders were reused) have intervals over seeds alone, marked *seeds*.", "",
              "Configurations (experiments/run.py's PPO_CONFIGS): `old` = PPO's former defaults (raw RM scores, KL "
              "horizon 10000 samples, KL target 6 nats); `target6` = scores normalised by the RM's mean and std on SFT "
              "samples, horizon a tenth of the run, target 6; `new` = today's defaults, the same with target 3 (chosen on "
@@ -260,13 +261,16 @@ def ppo_report(setting, rows, rng):
         step_kl = [r["step_kl_median"] for r in rs if r.get("step_kl_median") is not None]
         summary[v] = {"gold_gain": g, "gold_gain_std": gsd, "gold_win_rate": w, "gold_win_rate_std": wsd, "n": len(rs),
                       "gold_fell": fell, "step_kl_median": statistics.median(step_kl) if step_kl else None}
-        table = gain_table(rs)
+        gains, wins = prompt_table(rs), prompt_table(rs, "gold_win_by_prompt")
         seeds_ci = bootstrap_ci(gain, rng)  # drawn for every row, so the other intervals' draws stay as they were
-        ci = _ci3(crossed(table)["ci"]) if table is not None else f"{_ci3(seeds_ci)} *seeds*"
-        summary[v]["gold_gain_ci"] = "seeds x prompts" if table is not None else "seeds"
+        ci = _ci3(crossed(gains)["ci"]) if gains is not None else f"{_ci3(seeds_ci)} *seeds*"
+        seeds_win_ci = bootstrap_ci(win, rng)
+        win_ci = fmt_ci(crossed(wins)["ci"]) if wins is not None else f"{fmt_ci(seeds_win_ci)} *seeds*"
+        summary[v]["gold_gain_ci"] = "seeds x prompts" if gains is not None else "seeds"
+        summary[v]["gold_win_rate_ci"] = "seeds x prompts" if wins is not None else "seeds"
         lines.append(f"| {v.removeprefix('ppo:')} | {len(rs)} | {fmt(mean_std([r['rm_accuracy'] for r in rs])[0])} | "
                      f"{g:+.3f} ± {gsd:.3f} | {ci} | {fell} of {len(rs)} | {fmt(w)} ± {fmt(wsd)} | "
-                     f"{fmt_ci(bootstrap_ci(win, rng))} | {fmt(mean_std([r['full_rm_win_rate'] for r in rs])[0])} | "
+                     f"{win_ci} | {fmt(mean_std([r['full_rm_win_rate'] for r in rs])[0])} | "
                      f"{mean_std([r['kl_to_sft'] for r in rs])[0]:.1f} | "
                      f"{'–' if not step_kl else f'{statistics.median(step_kl):.1f}'} |")
     return lines + [""] + ppo_choice(rows), summary

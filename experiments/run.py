@@ -48,8 +48,8 @@ class Args:
     results: str = field(default="experiments/results", metadata={"help": "folder of results.json, REPORT.md, plots"})
     workdir: str = field(default="runs/experiments", metadata={"help": "checkpoints and intermediate files"})
     keep_checkpoints: bool = field(default=False, metadata={"help": "keep the RMs of finished runs in --workdir"})
-    backfill_prompt_gains: bool = field(default=False, metadata={
-        "help": "only add per-prompt gold gains to PPO rows made before rows recorded them, then report"})
+    backfill_prompt_stats: bool = field(default=False, metadata={
+        "help": "only add per-prompt gold gains and win rates to PPO rows made before rows recorded them, then report"})
 
 
 # ----------------------------------------------------------------------------- variants
@@ -321,26 +321,30 @@ def run_variant(grid, name, spec, seed, work: Path, data: Path, start_model: Pat
     return rows
 
 
-def prompt_gains(out: Path, summary: dict) -> dict:
-    """Per held-out prompt, the gold reward of PPO's samples minus SFT's (means over each prompt's samples), from
-    the samples ppo/evaluate.py wrote (OUT/eval_policy.{base,policy}.jsonl), scored by the synthetic task's gold
-    reward as evaluate.py scores them. Every seed answers the same prompts, so the report's interval can count
-    both seeds and prompts. Refused unless the samples reproduce the summary's mean gold rewards."""
+def prompt_stats(out: Path, row: dict) -> dict:
+    """Per held-out prompt, PPO's gold reward minus SFT's (means over each prompt's samples) and PPO's gold win
+    rate against SFT (its i-th sample against SFT's i-th, ties apart), from the samples ppo/evaluate.py wrote
+    (OUT/eval_policy.{base,policy}.jsonl), scored by the synthetic task's gold reward as evaluate.py scores them.
+    Every seed answers the same prompts, so the report's intervals can count both seeds and prompts. Refused
+    unless the samples reproduce the row's mean gold rewards and win rate."""
     from ser.synthetic import gold_reward
 
-    means = {}
-    for name in ("base", "policy"):
-        by_prompt = {}
-        for r in read_records(out / f"eval_policy.{name}.jsonl"):
-            by_prompt.setdefault(r["question"], []).append(gold_reward(r["question"], r["response"]))
-        golds = [g for gs in by_prompt.values() for g in gs]
-        if abs(sum(golds) / len(golds) - summary[name]["gold_reward"]) > 1e-9:
-            raise ValueError(f"{out}: the samples' mean gold reward ({sum(golds) / len(golds)}) is not "
-                             f"eval_policy.json's {name} gold reward ({summary[name]['gold_reward']})")
-        means[name] = {q: sum(gs) / len(gs) for q, gs in by_prompt.items()}
-    if means["base"].keys() != means["policy"].keys():
+    samples = {name: read_records(out / f"eval_policy.{name}.jsonl") for name in ("base", "policy")}
+    gold = {name: [gold_reward(r["question"], r["response"]) for r in rs] for name, rs in samples.items()}
+    questions = [r["question"] for r in samples["base"]]
+    if questions != [r["question"] for r in samples["policy"]]:
         raise ValueError(f"{out}: PPO's and SFT's samples answer different prompts")
-    return {q: means["policy"][q] - means["base"][q] for q in sorted(means["base"])}
+    wins = [a > b for a, b in zip(gold["policy"], gold["base"])]
+    for name, got, want in (("SFT's mean gold reward", gold["base"], "sft_gold_reward"),
+                            ("PPO's mean gold reward", gold["policy"], "ppo_gold_reward"),
+                            ("PPO's gold win rate", wins, "gold_win_rate")):
+        if abs(sum(got) / len(got) - row[want]) > 1e-9:
+            raise ValueError(f"{out}: the samples' {name} ({sum(got) / len(got)}) is not the run's ({row[want]})")
+    by_prompt = {}
+    for q, a, b, w in zip(questions, gold["policy"], gold["base"], wins):
+        by_prompt.setdefault(q, []).append((a - b, w))
+    return {"gold_gain_by_prompt": {q: sum(d for d, _ in v) / len(v) for q, v in sorted(by_prompt.items())},
+            "gold_win_by_prompt": {q: sum(w for _, w in v) / len(v) for q, v in sorted(by_prompt.items())}}
 
 
 def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_rms: dict):
@@ -372,17 +376,17 @@ def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_
           "--samples_per_prompt", 16, "--seed", seed, "--output", out / "eval_policy.json")
     summary = json.loads((out / "eval_policy.json").read_text())
     judged = summary["judged_by"]
-    return [{"setting": grid["setting"], "variant": name, "seed": seed, "fraction": spec["fraction"], "loop": final["loop"],
-             "rm_accuracy": final["accuracy"], "accuracy": None, "tie_rate": None, "n_eval": summary["samples"],
-             "status": "ppo", "selected": None, "pseudo_label_precision": None,
-             "sft_gold_reward": summary["base"]["gold_reward"], "ppo_gold_reward": summary["policy"]["gold_reward"],
-             "gold_win_rate": judged["gold"]["win_rate"], "gold_tie_rate": judged["gold"]["tie_rate"],
-             "full_rm_win_rate": judged["judge_rm"]["win_rate"], "policy_rm_win_rate": judged["policy_rm"]["win_rate"],
-             "gold_gain_by_prompt": prompt_gains(out, summary),
-             "kl_to_sft": summary["kl_to_base"], "ppo_config": config or "old", "ensemble_members": len(members),
-             "step_kl_median": statistics.median(r["objective/kl"] for r in steps),
-             "gold_by_step": [r.get("gold/reward_mean") for r in steps], "kl_by_step": [r["objective/kl"] for r in steps],
-             "proxy_by_step": [r["env/reward_mean"] for r in steps], "wall_s": time.perf_counter() - t0}]
+    row = {"setting": grid["setting"], "variant": name, "seed": seed, "fraction": spec["fraction"], "loop": final["loop"],
+           "rm_accuracy": final["accuracy"], "accuracy": None, "tie_rate": None, "n_eval": summary["samples"],
+           "status": "ppo", "selected": None, "pseudo_label_precision": None,
+           "sft_gold_reward": summary["base"]["gold_reward"], "ppo_gold_reward": summary["policy"]["gold_reward"],
+           "gold_win_rate": judged["gold"]["win_rate"], "gold_tie_rate": judged["gold"]["tie_rate"],
+           "full_rm_win_rate": judged["judge_rm"]["win_rate"], "policy_rm_win_rate": judged["policy_rm"]["win_rate"],
+           "kl_to_sft": summary["kl_to_base"], "ppo_config": config or "old", "ensemble_members": len(members),
+           "step_kl_median": statistics.median(r["objective/kl"] for r in steps),
+           "gold_by_step": [r.get("gold/reward_mean") for r in steps], "kl_by_step": [r["objective/kl"] for r in steps],
+           "proxy_by_step": [r["env/reward_mean"] for r in steps]}
+    return [{**row, **prompt_stats(out, row), "wall_s": time.perf_counter() - t0}]
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -406,29 +410,28 @@ def save_rows(path: Path, new: list, key: tuple) -> list:
     return edit_rows(path, lambda rows: [r for r in rows if (r["setting"], r["variant"], r["seed"]) != key] + new)
 
 
-def backfill_prompt_gains(path: Path, workdir: Path) -> None:
-    """Add `gold_gain_by_prompt` to the PPO rows made before rows recorded it, from the samples their runs left
-    in --workdir. A row's folder is the one its variant names; a `target6` row may have run as `new` (the name
-    of those defaults then). `prompt_gains` checks the samples against the row's mean gold rewards, so only a
-    folder holding that row's run is used. Rows whose run left no such folder are counted and keep intervals
-    over seeds alone in the report."""
+def backfill_prompt_stats(path: Path, workdir: Path) -> None:
+    """Add the per-prompt gold gains and win rates to the PPO rows made before rows recorded them, from the
+    samples their runs left in --workdir. A row's folder is the one its variant names; a `target6` row may have
+    run as `new` (the name of those defaults then). `prompt_stats` checks the samples against the row's mean
+    gold rewards and win rate, so only a folder holding that row's run is used. Rows whose run left no such
+    folder are counted and keep intervals over seeds alone in the report."""
     counts = {"filled": 0, "had": 0, "no_folder": 0}
 
     def fill(rows):
         for r in rows:
             if r["status"] != "ppo" or r["setting"] != "synthetic-ppo":
                 continue
-            if "gold_gain_by_prompt" in r:
+            if "gold_win_by_prompt" in r:
                 counts["had"] += 1
                 continue
             work = workdir / r["setting"] / f"seed{r['seed']}"
             folder = r["variant"].replace(":", "-")
             candidates = [folder] + ([folder.replace("@target6", "@new")] if folder.endswith("@target6") else [])
-            summary = {"base": {"gold_reward": r["sft_gold_reward"]}, "policy": {"gold_reward": r["ppo_gold_reward"]}}
             for name in candidates:
                 if (work / name / "eval_policy.policy.jsonl").is_file():
                     try:
-                        r["gold_gain_by_prompt"] = prompt_gains(work / name, summary)
+                        r.update(prompt_stats(work / name, r))
                     except ValueError as e:
                         print(f"experiments: {r['variant']} seed {r['seed']}: {name} is another run ({e})")
                         continue
@@ -440,7 +443,7 @@ def backfill_prompt_gains(path: Path, workdir: Path) -> None:
         return rows
 
     edit_rows(path, fill)
-    print(f"experiments: per-prompt gold gains: {counts['filled']} rows filled, {counts['had']} had them, "
+    print(f"experiments: per-prompt gold gains and win rates: {counts['filled']} rows filled, {counts['had']} had them, "
           f"{counts['no_folder']} without a run folder (their intervals stay over seeds)")
 
 
@@ -457,8 +460,8 @@ def main(args: Args):
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; this grid has {list(grid['variants'])}")
     prepare_fn = prepare_hh if grid["setting"].startswith("hh") else prepare_synthetic
-    if args.backfill_prompt_gains:
-        backfill_prompt_gains(path, Path(args.workdir))
+    if args.backfill_prompt_stats:
+        backfill_prompt_stats(path, Path(args.workdir))
         seeds = []  # nothing runs: the report is redone from the rows
     for seed in seeds:
         work = Path(args.workdir) / grid["setting"] / f"seed{seed}"

@@ -52,62 +52,67 @@ def test_quick_grid_rows_resume_and_report(tmp_path, capsys):
 
 
 def _ppo_samples(folder, base, policy):
-    """eval_policy.{base,policy}.jsonl as ppo/evaluate.py writes them, and the summary's mean gold rewards."""
+    """eval_policy.{base,policy}.jsonl as ppo/evaluate.py writes them, and the run's figures: mean gold rewards
+    and PPO's gold win rate (its i-th sample against SFT's i-th)."""
     from ser.data import write_records
     from ser.synthetic import gold_reward
 
-    summary = {}
     for name, samples in (("base", base), ("policy", policy)):
         write_records(folder / f"eval_policy.{name}.jsonl", [{"question": q, "response": a} for q, a in samples])
-        summary[name] = {"gold_reward": sum(gold_reward(q, a) for q, a in samples) / len(samples)}
-    return summary
+    gold = {name: [gold_reward(q, a) for q, a in samples] for name, samples in (("base", base), ("policy", policy))}
+    return {"sft_gold_reward": sum(gold["base"]) / len(base), "ppo_gold_reward": sum(gold["policy"]) / len(policy),
+            "gold_win_rate": sum(a > b for a, b in zip(gold["policy"], gold["base"])) / len(base)}
 
 
 KITCHEN, BEACH = "I am going to the kitchen tomorrow. What do I need?", "Pack a bag for a day at the beach."
 
 
-def test_prompt_gains_are_per_prompt_gold_differences_checked_against_the_summary(tmp_path):
+def test_prompt_stats_are_per_prompt_gold_gains_and_win_rates_checked_against_the_run(tmp_path):
     from ser.synthetic import gold_reward
 
     base = [(KITCHEN, "Bring lamp."), (KITCHEN, "."), (BEACH, "Bring bucket."), (BEACH, "Bring drum.")]
     policy = [(KITCHEN, "Bring lamp, rope."), (KITCHEN, "Bring camera."), (BEACH, "."), (BEACH, "Bring bucket.")]
-    summary = _ppo_samples(tmp_path, base, policy)
-    gains = runner.prompt_gains(tmp_path, summary)
-    assert list(gains) == sorted([KITCHEN, BEACH])
+    run = _ppo_samples(tmp_path, base, policy)
+    stats = runner.prompt_stats(tmp_path, run)
+    assert list(stats["gold_gain_by_prompt"]) == list(stats["gold_win_by_prompt"]) == sorted([KITCHEN, BEACH])
     for q in (KITCHEN, BEACH):
-        mean = lambda xs: sum(gold_reward(q, a) for qq, a in xs if qq == q) / 2  # noqa: E731
-        assert gains[q] == pytest.approx(mean(policy) - mean(base))
-    summary["policy"]["gold_reward"] += 0.01  # samples of another run than the row's
-    with pytest.raises(ValueError, match="not eval_policy.json's policy gold reward"):
-        runner.prompt_gains(tmp_path, summary)
+        golds = lambda xs: [gold_reward(q, a) for qq, a in xs if qq == q]  # noqa: E731
+        assert stats["gold_gain_by_prompt"][q] == pytest.approx(sum(golds(policy)) / 2 - sum(golds(base)) / 2)
+        assert stats["gold_win_by_prompt"][q] == sum(a > b for a, b in zip(golds(policy), golds(base))) / 2
+    for figure in ("ppo_gold_reward", "gold_win_rate"):  # samples of another run than the row's
+        with pytest.raises(ValueError, match="is not the run's"):
+            runner.prompt_stats(tmp_path, {**run, figure: run[figure] + 0.01})
 
 
-def _ppo_row(variant, seed, gain_by_prompt=None, fell=False):
+def _ppo_row(variant, seed, by_prompt=None, fell=False):
     row = {"setting": "synthetic-ppo", "variant": variant, "seed": seed, "status": "ppo", "n_eval": 4,
            "rm_accuracy": 0.6, "sft_gold_reward": 0.5, "ppo_gold_reward": 0.4 if fell else 0.5 + 0.1 * (seed + 1),
            "gold_win_rate": 0.55, "full_rm_win_rate": 0.6, "kl_to_sft": 3.0, "step_kl_median": 2.5,
            "ppo_config": variant.partition("@")[2]}
-    if gain_by_prompt is not None:
-        row["gold_gain_by_prompt"] = gain_by_prompt
+    if by_prompt is not None:
+        row["gold_gain_by_prompt"], row["gold_win_by_prompt"] = by_prompt
     return row
 
 
-def test_ppo_report_counts_seeds_and_prompts_where_rows_have_per_prompt_gains():
+def test_ppo_report_counts_seeds_and_prompts_where_rows_have_per_prompt_figures():
     from ser.stats import crossed
 
-    table = [[0.1, 0.3], [0.2, 0.2], [0.5, 0.1]]
-    rows = [_ppo_row("ppo:seed@new", s, {"a": table[s][0], "b": table[s][1]}) for s in range(3)]
+    gains, wins = [[0.1, 0.3], [0.2, 0.2], [0.5, 0.1]], [[0.5, 0.75], [0.25, 0.5], [1.0, 0.5]]
+    rows = [_ppo_row("ppo:seed@new", s, ({"a": gains[s][0], "b": gains[s][1]}, {"a": wins[s][0], "b": wins[s][1]}))
+            for s in range(3)]
     rows += [_ppo_row("ppo:full@new", s) for s in range(3)]
     lines, summary = report.ppo_report("synthetic-ppo", rows, random.Random(0))
-    lo, hi = crossed(table)["ci"]
     seed_line = next(line for line in lines if line.startswith("| seed@new "))
+    lo, hi = crossed(gains)["ci"]
     assert f"[{lo:+.3f}, {hi:+.3f}]" in seed_line and "*seeds*" not in seed_line
-    assert "*seeds*" in next(line for line in lines if line.startswith("| full@new "))
-    assert summary["ppo:seed@new"]["gold_gain_ci"] == "seeds x prompts"
-    assert summary["ppo:full@new"]["gold_gain_ci"] == "seeds"
+    assert report.fmt_ci(crossed(wins)["ci"]) in seed_line
+    assert next(line for line in lines if line.startswith("| full@new ")).count("*seeds*") == 2
+    assert summary["ppo:seed@new"]["gold_gain_ci"] == summary["ppo:seed@new"]["gold_win_rate_ci"] == "seeds x prompts"
+    assert summary["ppo:full@new"]["gold_gain_ci"] == summary["ppo:full@new"]["gold_win_rate_ci"] == "seeds"
     # rows with different prompts cannot be crossed: seeds only
     rows[0]["gold_gain_by_prompt"] = {"a": 0.1, "c": 0.3}
-    assert report.gain_table(rows[:3]) is None
+    assert report.prompt_table(rows[:3]) is None
+    assert report.prompt_table(rows[:3], "gold_win_by_prompt") is not None
 
 
 def test_ppo_choice_reads_each_candidates_kl_target_from_the_grid():
@@ -127,18 +132,19 @@ def test_backfill_fills_rows_from_the_folder_that_reproduces_them(tmp_path):
     rows = []
     for folder, (base, policy) in samples.items():
         (work / folder).mkdir(parents=True)
-        summary = _ppo_samples(work / folder, base, policy)
         variant = "ppo:" + folder.removeprefix("ppo-").replace("@new", "@target6")  # a target6 row that ran as new
-        rows.append({**_ppo_row(variant, 0), "sft_gold_reward": summary["base"]["gold_reward"],
-                     "ppo_gold_reward": summary["policy"]["gold_reward"]})
+        rows.append({**_ppo_row(variant, 0), **_ppo_samples(work / folder, base, policy)})
     rows.append(_ppo_row("ppo:ser-paper@old", 0))  # its run folder is gone
     rows.append({**_ppo_row("ppo:full@old", 1), "sft_gold_reward": 9.0})  # seed1 has no folder either
     rows.append(_ppo_row("ppo:seed@new", 0))  # its folder holds the target6 run, whose gold rewards differ
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"rows": rows}))
-    runner.backfill_prompt_gains(path, tmp_path / "runs")
+    runner.backfill_prompt_stats(path, tmp_path / "runs")
     filled = json.loads(path.read_text())["rows"]
     assert [r["variant"] for r in filled] == [r["variant"] for r in rows]  # in place, order kept
     assert [("gold_gain_by_prompt" in r) for r in filled] == [True, True, False, False, False]
+    assert [("gold_win_by_prompt" in r) for r in filled] == [True, True, False, False, False]
     assert filled[0]["gold_gain_by_prompt"] == pytest.approx({KITCHEN: filled[0]["ppo_gold_reward"]
                                                               - filled[0]["sft_gold_reward"]})
+    gain = filled[0]["ppo_gold_reward"] - filled[0]["sft_gold_reward"]  # each side's two samples are alike
+    assert gain != 0 and filled[0]["gold_win_by_prompt"] == {KITCHEN: float(gain > 0)}
