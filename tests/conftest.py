@@ -76,6 +76,13 @@ def sft_model(tiny_model, synthetic, tmp_path_factory):
 
 ENV = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "WANDB_MODE": "disabled",
        "TOKENIZERS_PARALLELISM": "false"}  # a subprocess stage or driver: this venv's tools first
+
+
+def launch(cmd, env=ENV):
+    """Run a launcher command (accelerate, deepspeed, torchrun) from the repository root; it must succeed."""
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
 RM_ARGS = "--use_lora False --per_device_train_batch_size 16 --per_device_eval_batch_size 64 " \
           "--learning_rate 2e-3 " + " ".join(CPU)
 

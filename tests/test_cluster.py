@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ENV, ROOT, free_port
+from conftest import ENV, ROOT, free_port, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.two_process]
 
@@ -23,11 +23,6 @@ RECIPE = ["accelerate", "launch", "--config_file", "scripts/cluster/zero3.yaml",
 BF16 = ["--bf16", "True", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True"]
 ROWS = 576  # embedding rows: the tokenizer's 512 padded to a multiple of 64, as many checkpoints are
 
-
-def launch(cmd, env=ENV):
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
 
 
 def tensors(folder, name="model.safetensors"):

@@ -11,7 +11,7 @@ import torch
 
 import rm_loop_filter_by_self as F
 import rm_training
-from conftest import CPU
+from conftest import CPU, launch
 from ser import features
 from ser.cli import parse
 from ser.data import load_records, read_records
@@ -385,17 +385,10 @@ def test_two_processes_featurise_and_fit_a_frozen_rm_as_one_process_does(sft_mod
                                                                         shared_prefix):
     """torchrun with 2 processes (gloo): each featurises its share of the sequences (whole shared-prefix groups),
     the main process fits the head; the cache and the RM are the one-process fixture's, up to float rounding."""
-    import subprocess
-
-    from conftest import ENV, ROOT
-
     out, cache = tmp_path / "rm", tmp_path / "cache"
-    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "rm_training.py",
-                           "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir", str(out),
-                           "--trunk", "frozen", "--feature_cache", str(cache), "--max_length", "96", "--dtype",
-                           "float32", "--feature_layer", "1", "--shared_prefix", shared_prefix, *CPU],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    launch(["torchrun", "--standalone", "--nproc_per_node", "2", "rm_training.py", "--model_name", str(sft_model),
+            "--dataset_name", str(synthetic), "--output_dir", str(out), "--trunk", "frozen", "--feature_cache", str(cache),
+            "--max_length", "96", "--dtype", "float32", "--feature_layer", "1", "--shared_prefix", shared_prefix, *CPU])
     one_rm, one_cache = frozen
     two, one = (json.loads((d / "eval_results.json").read_text()) for d in (out, one_rm))
     # the main process featurised its share only (the fixture's one process featurised every distinct sequence)

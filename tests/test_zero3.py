@@ -1,14 +1,13 @@
 """ZeRO-3 in the stages that train or score, with 2 CPU processes under DeepSpeed: what is saved
 reloads to what was trained, and what is scored equals one process's scores."""
 
-import subprocess
 
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import ENV, ROOT, filter_flags, free_port, rm0  # noqa: F401 (rm0: a fixture)
+from conftest import ENV, ROOT, filter_flags, free_port, launch, rm0  # noqa: F401 (rm0: a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.two_process]
 
@@ -16,11 +15,6 @@ ACCELERATE_ZERO3 = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "
                     "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
                     "--zero3_save_16bit_model", "true"]
 
-
-def launch(cmd):
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
 
 
 def test_sft_with_lora_under_zero3_saves_the_merge_of_what_it_trained(tiny_model, synthetic, tmp_path):
