@@ -153,12 +153,18 @@ def readme_runs(args: Args, data: Path, tmp: Path, frozen_head: list[str]) -> di
             "frozen_bf16": driver(args, data, tmp / "frozen_bf16", [*frozen_head, *bf16_cache], bf16_cache, bf16=True)}
 
 
-def update_report(out: Path, key: str, value: dict, summary: dict) -> None:
-    """One part of frozen.json replaced (the others kept), and its figures merged into summary.json."""
+def config(args: Args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "out"}
+
+
+def update_report(out: Path, parts: dict, summary: dict) -> dict:
+    """frozen.json's parts replaced (the others kept: each `--only` run writes its own), and the figures merged
+    into summary.json. Returns the report."""
     report = json.loads((out / "frozen.json").read_text()) if (out / "frozen.json").is_file() else {}
-    report[key] = value
+    report.update(parts)
     (out / "frozen.json").write_text(json.dumps(report, indent=1) + "\n")
     merge_into_summary(out, summary)
+    return report
 
 
 def main(args: Args):
@@ -175,15 +181,14 @@ def main(args: Args):
             runs = readme_runs(args, data, tmp, frozen_head)
             ratio = runs["lora_bf16"]["seconds"] / runs["frozen_bf16"]["seconds"]
             epochs = f"epochs_{args.seed_epochs}_{args.loop_epochs}"
-            update_report(out, f"first_run_{epochs}", {"config": {k: v for k, v in vars(args).items() if k != "out"},
-                                                       **runs, "speedup": ratio},
+            update_report(out, {f"first_run_{epochs}": {"config": config(args), **runs, "speedup": ratio}},
                           {f"frozen_ser_run_speedup_first_bf16_{epochs}": round(ratio, 1)})
             print(json.dumps(runs, indent=1), f"\nfrozen first run over LoRA: {ratio:.1f}x")
             return
         feat = featurising(args, data, tmp)
         speedups = {f"featurising_shared_prefix_speedup_{n}": round(r["speedup"], 2) for n, r in feat.items()}
         if args.only == "featurising":
-            update_report(out, "featurising", {"config": {"featurise_lengths": args.featurise_lengths}, **feat}, speedups)
+            update_report(out, {"featurising": {"config": {"featurise_lengths": args.featurise_lengths}, **feat}}, speedups)
             return
         frozen_flags = ["--feature_cache", str(cache), "--dtype", "float32"]
         frozen_rm = [*frozen_head, *frozen_flags]
@@ -204,13 +209,10 @@ def main(args: Args):
               "frozen_ser_run_speedup_first_shared_prefix": lora / results["frozen_shared_prefix"]["seconds"],
               "frozen_ser_run_speedup_first_bf16": results["lora_bf16"]["seconds"] / results["frozen_bf16"]["seconds"],
               "lora_bf16_over_fp32": lora / results["lora_bf16"]["seconds"]}
-    report = json.loads((out / "frozen.json").read_text()) if (out / "frozen.json").is_file() else {}
-    report = {**{k: v for k, v in report.items() if k.startswith("first_run_")},  # kept: `--only first_run`'s
-              "config": {k: v for k, v in vars(args).items() if k != "out"}, "model": "SmolLM2-135M-Instruct",
-              "cpu_threads": os.cpu_count(), **results, **ratios,
-              "featurising": {"config": {"featurise_lengths": args.featurise_lengths}, **feat}}
-    (out / "frozen.json").write_text(json.dumps(report, indent=1) + "\n")
-    merge_into_summary(out, {**{k: round(v, 1) for k, v in ratios.items()}, **speedups})
+    report = update_report(out, {"config": config(args), "model": "SmolLM2-135M-Instruct", "cpu_threads": os.cpu_count(),
+                                 **results, **ratios,
+                                 "featurising": {"config": {"featurise_lengths": args.featurise_lengths}, **feat}},
+                           {**{k: round(v, 1) for k, v in ratios.items()}, **speedups})
     print(json.dumps(report, indent=1))
 
 

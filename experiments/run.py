@@ -343,8 +343,9 @@ def prompt_stats(out: Path, row: dict) -> dict:
     by_prompt = {}
     for q, a, b, w in zip(questions, gold["policy"], gold["base"], wins):
         by_prompt.setdefault(q, []).append((a - b, w))
-    return {"gold_gain_by_prompt": {q: sum(d for d, _ in v) / len(v) for q, v in sorted(by_prompt.items())},
-            "gold_win_by_prompt": {q: sum(w for _, w in v) / len(v) for q, v in sorted(by_prompt.items())}}
+    prompts = sorted(by_prompt.items())
+    return {"gold_gain_by_prompt": {q: sum(d for d, _ in v) / len(v) for q, v in prompts},
+            "gold_win_by_prompt": {q: sum(w for _, w in v) / len(v) for q, v in prompts}}
 
 
 def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_rms: dict):
