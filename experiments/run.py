@@ -41,8 +41,9 @@ SHARED = ROOT.parent / "shared"
 
 @dataclass
 class Args:
-    grid: str = field(metadata={"help": "synthetic, synthetic-ppo, synthetic-ppo-tune, hh-rlhf-smollm2 or quick",
-                                "choices": ["synthetic", "synthetic-ppo", "synthetic-ppo-tune", "hh-rlhf-smollm2", "quick"]})
+    grid: str = field(metadata={"help": "one of GRIDS: synthetic, synthetic-ppo, synthetic-ppo-tune(2), hh-rlhf-smollm2, quick",
+                                "choices": ["synthetic", "synthetic-ppo", "synthetic-ppo-tune", "synthetic-ppo-tune2",
+                                            "hh-rlhf-smollm2", "quick"]})
     seeds: list[int] = field(default_factory=list, metadata={"help": "data/model seeds; default: the grid's"})
     variants: list[str] = field(default_factory=list, metadata={"help": "run only these variants; default: all"})
     results: str = field(default="experiments/results", metadata={"help": "folder of results.json, REPORT.md, plots"})
@@ -126,7 +127,8 @@ HH = dict(
 PPO_CONFIGS = {"old": ["--normalize_reward", "none", "--kl_horizon", "10000"], "target6": ["--kl_target", "6"],
                "new": [], "ensemble": ["--reward_ensemble", "mean_minus_std"], "kl3": ["--kl_target", "3"],
                "early": ["--early_stopping", "True", "--kl_target", "6"],
-               "budget": ["--kl_budget", "12", "--save_freq", "10", "--kl_target", "6"]}
+               "budget": ["--kl_budget", "12", "--save_freq", "10", "--kl_target", "6"],
+               "kl3-early": ["--early_stopping", "True", "--kl_target", "3"]}
 PPO_KINDS = ("seed", "ser-paper", "full")
 SYNTHETIC_PPO = {**SYNTHETIC, "setting": "synthetic-ppo", "seeds": [0, 1, 2, 3, 4],
                  "variants": {**{f"ppo:{k}@{c}": SYNTHETIC_VARIANTS[k] for k in PPO_KINDS for c in ("old", "target6", "new")},
@@ -139,9 +141,12 @@ SYNTHETIC_PPO = {**SYNTHETIC, "setting": "synthetic-ppo", "seeds": [0, 1, 2, 3, 
 SYNTHETIC_PPO_TUNE = {**SYNTHETIC_PPO, "seeds": [5, 6, 7, 8, 9],
                       "variants": {f"ppo:{k}@{c}": SYNTHETIC_VARIANTS[k] for k in PPO_KINDS
                                    for c in ("target6", "kl3", "early", "budget")}}
+# the second round's tuning set (PREREGISTRATION-ppo-round2.md; run with --results experiments/results-ppo-tune2)
+SYNTHETIC_PPO_TUNE2 = {**SYNTHETIC_PPO, "seeds": [10, 11, 12, 13, 14],
+                       "variants": {f"ppo:{k}@{c}": SYNTHETIC_VARIANTS[k] for k in PPO_KINDS for c in ("kl3", "kl3-early")}}
 
-GRIDS = {"synthetic": SYNTHETIC, "synthetic-ppo": SYNTHETIC_PPO, "synthetic-ppo-tune": SYNTHETIC_PPO_TUNE, "quick": QUICK,
-         "hh-rlhf-smollm2": HH}
+GRIDS = {"synthetic": SYNTHETIC, "synthetic-ppo": SYNTHETIC_PPO, "synthetic-ppo-tune": SYNTHETIC_PPO_TUNE,
+         "synthetic-ppo-tune2": SYNTHETIC_PPO_TUNE2, "quick": QUICK, "hh-rlhf-smollm2": HH}
 CPU = ["--use_cpu", "True", "--bf16", "False", "--gradient_checkpointing", "False", "--report_to", "none",
        "--disable_tqdm", "True", "--save_strategy", "no"]
 
