@@ -253,7 +253,7 @@ def ppo_report(setting, rows, rng):
     summary = {}
     for v in variants:
         rs = [r for r in rows if r["variant"] == v]
-        gain = [r["ppo_gold_reward"] - r["sft_gold_reward"] for r in rs]
+        gain = [gold_gain(r) for r in rs]
         win = [r["gold_win_rate"] for r in rs]
         g, gsd = mean_std(gain)
         w, wsd = mean_std(win)
@@ -273,11 +273,19 @@ def ppo_report(setting, rows, rng):
                      f"{win_ci} | {fmt(mean_std([r['full_rm_win_rate'] for r in rs])[0])} | "
                      f"{mean_std([r['kl_to_sft'] for r in rs])[0]:.1f} | "
                      f"{'–' if not step_kl else f'{statistics.median(step_kl):.1f}'} |")
-    return lines + [""] + ppo_choice(rows), summary
+    return lines + [""] + ppo_choice(rows) + ppo_confirmation(rows), summary
 
 
-# PREREGISTRATION-ppo-defaults.md: the candidates, in the order that breaks ties (the simpler change first)
-PPO_CANDIDATES = ("target6", "kl3", "early", "budget")
+# The pre-registered rounds of the KL choice: each names its candidates in the order that breaks the last tie (the
+# simpler change first) and what breaks the first tie. A round is reported where two or more of its candidates
+# have rows.
+PPO_ROUNDS = (
+    {"file": "PREREGISTRATION-ppo-defaults.md", "note": " (its `new` is `target6` here)",
+     "candidates": ("target6", "kl3", "early", "budget"), "tie": "mean gold gain"},
+    {"file": "PREREGISTRATION-ppo-round2.md", "note": "",
+     "candidates": ("kl3", "kl3-early"), "tie": "weakest RM kind's mean gold gain"},
+)
+PPO_CANDIDATES = PPO_ROUNDS[0]["candidates"]
 
 
 def kl_target(config: str) -> float:
@@ -288,27 +296,65 @@ def kl_target(config: str) -> float:
     return float(flags[flags.index("--kl_target") + 1])
 
 
+def rm_kind(row) -> str:
+    return row["variant"].removeprefix("ppo:").partition("@")[0]
+
+
+def gold_gain(row) -> float:
+    return row["ppo_gold_reward"] - row["sft_gold_reward"]
+
+
 def ppo_choice(rows) -> list[str]:
-    """The pre-registered choice among the KL candidates (where their rows are here): the most (RM kind, seed)
+    """Each pre-registered choice among the KL candidates (where their rows are here): the most (RM kind, seed)
     cells in which gold rose over SFT among those whose median step KL is within 2x of their target; ties to the
-    higher mean gold gain, then to the simpler change."""
-    by = {c: [r for r in rows if r.get("ppo_config") == c] for c in PPO_CANDIDATES}
-    if sum(bool(rs) for rs in by.values()) < 2:
-        return []
-    lines = ["The choice of PREREGISTRATION-ppo-defaults.md (its `new` is `target6` here):", "",
-             "| candidate | cells | gold rose | mean gold gain | median step KL | within 2x of its target |",
-             "|---|---|---|---|---|---|"]
-    score = {}
-    for c, rs in by.items():
-        if not rs:
+    round's tie-breaker (the mean gold gain, or the lowest of the RM kinds' mean gold gains), then to the simpler
+    change."""
+    lines = []
+    for round_ in PPO_ROUNDS:
+        candidates = round_["candidates"]
+        by = {c: [r for r in rows if r.get("ppo_config") == c] for c in candidates}
+        if sum(bool(rs) for rs in by.values()) < 2:
             continue
-        gains = [r["ppo_gold_reward"] - r["sft_gold_reward"] for r in rs]
-        kl = statistics.median(r["step_kl_median"] for r in rs)
-        eligible = kl <= 2 * kl_target(c)
-        score[c] = (eligible, sum(g > 0 for g in gains), statistics.mean(gains), -PPO_CANDIDATES.index(c))
-        lines.append(f"| {c} | {len(rs)} | {score[c][1]} | {score[c][2]:+.3f} | {kl:.2f} | {'yes' if eligible else 'no'} |")
-    best = max((c for c in score if score[c][0]), key=lambda c: score[c][1:], default=None)
-    return lines + ["", f"Chosen: `{best}`." if best else "No candidate is eligible.", ""]
+        lines += [f"The choice of {round_['file']}{round_['note']}:", "",
+                  f"| candidate | cells | gold rose | {round_['tie']} | median step KL | within 2x of its target |",
+                  "|---|---|---|---|---|---|"]
+        score = {}
+        for c, rs in by.items():
+            if not rs:
+                continue
+            gains = [gold_gain(r) for r in rs]
+            if round_["tie"] == "mean gold gain":
+                tie = statistics.mean(gains)
+            else:
+                tie = min(statistics.mean(gold_gain(r) for r in rs if rm_kind(r) == k) for k in dict.fromkeys(map(rm_kind, rs)))
+            kl = statistics.median(r["step_kl_median"] for r in rs)
+            eligible = kl <= 2 * kl_target(c)
+            score[c] = (eligible, sum(g > 0 for g in gains), tie, -candidates.index(c))
+            lines.append(f"| {c} | {len(rs)} | {score[c][1]} | {tie:+.3f} | {kl:.2f} | {'yes' if eligible else 'no'} |")
+        best = max((c for c in score if score[c][0]), key=lambda c: score[c][1:], default=None)
+        lines += ["", f"Chosen: `{best}`." if best else "No candidate is eligible.", ""]
+    return lines
+
+
+def ppo_confirmation(rows, config="new", target=3.0) -> list[str]:
+    """Issue 32's criterion as PREREGISTRATION-ppo-round2.md judges it: today's defaults on the confirmation seeds
+    0-4 and 15-19 together, gold rising over SFT in at least 80 % of the seeds for each RM kind, and the median over
+    the cells of the per-step median KL within 2x of the target. Shown once rows of seeds 15-19 exist."""
+    rs = [r for r in rows if r["variant"].endswith(f"@{config}") and (r["seed"] < 5 or 15 <= r["seed"] < 20)]
+    if not any(r["seed"] >= 15 for r in rs):
+        return []
+    lines = [f"Issue 32's criterion on the confirmation seeds (PREREGISTRATION-ppo-round2.md), today's defaults (`{config}`):",
+             "", "| RM kind | seeds | gold rose, all | seeds 0–4 | seeds 15–19 | at least 80 % |", "|---|---|---|---|---|---|"]
+    for kind in dict.fromkeys(map(rm_kind, rs)):
+        mine = [r for r in rs if rm_kind(r) == kind]
+        early, late = [r for r in mine if r["seed"] < 5], [r for r in mine if r["seed"] >= 15]
+        rose = sum(gold_gain(r) > 0 for r in mine)
+        lines.append(f"| {kind} | {len(mine)} | {rose} of {len(mine)} | {sum(gold_gain(r) > 0 for r in early)} of "
+                     f"{len(early)} | {sum(gold_gain(r) > 0 for r in late)} of {len(late)} | "
+                     f"{'yes' if rose >= 0.8 * len(mine) else 'no'} |")
+    kl = statistics.median(r["step_kl_median"] for r in rs)
+    return lines + ["", f"Median over the {len(rs)} cells of the per-step median KL: {kl:.2f} (target {target:g}; "
+                    f"{'within' if kl <= 2 * target else 'beyond'} 2x).", ""]
 
 
 def _ci3(ci):

@@ -125,6 +125,32 @@ def test_ppo_choice_reads_each_candidates_kl_target_from_the_grid():
     assert "Chosen: `kl3`." in lines
 
 
+def test_second_round_breaks_a_tie_on_the_weakest_rm_kind():
+    # both candidates raise gold in every cell; kl3-early has the higher mean gain (its full-RM cells are large)
+    # and the lower weakest kind, so the round-2 rule picks kl3 where a mean would pick kl3-early
+    gains = {"kl3": {"seed": 0.2, "full": 0.3}, "kl3-early": {"seed": 0.1, "full": 0.9}}
+    rows = [{**_ppo_row(f"ppo:{k}@{c}", s), "ppo_gold_reward": 0.5 + g} for c, by_kind in gains.items()
+            for k, g in by_kind.items() for s in range(2)]
+    lines = report.ppo_choice(rows)
+    assert lines[0].startswith("The choice of PREREGISTRATION-ppo-round2.md")
+    assert "| kl3 | 4 | 4 | +0.200 | 2.50 | yes |" in lines and "| kl3-early | 4 | 4 | +0.100 | 2.50 | yes |" in lines
+    assert "Chosen: `kl3`." in lines
+    assert not any("PREREGISTRATION-ppo-defaults" in line for line in lines)  # one candidate of round 1 only
+
+
+def test_confirmation_pools_seeds_0_to_4_with_15_to_19():
+    rows = [_ppo_row("ppo:seed@new", s, fell=s in (3, 4)) for s in (0, 1, 2, 3, 4)]
+    rows += [_ppo_row("ppo:full@new", s) for s in (0, 1, 2, 3, 4)] + [_ppo_row("ppo:seed@old", 15, fell=True)]
+    assert report.ppo_confirmation(rows) == []  # no confirmation seed of round 2 yet
+    rows += [_ppo_row(f"ppo:{k}@new", s) for k in ("seed", "full") for s in (15, 16, 17, 18, 19)]
+    lines = report.ppo_confirmation(rows)
+    assert "| seed | 10 | 8 of 10 | 3 of 5 | 5 of 5 | yes |" in lines  # the @old row of seed 15 is not counted
+    assert "| full | 10 | 10 of 10 | 5 of 5 | 5 of 5 | yes |" in lines
+    rows[-6]["ppo_gold_reward"] = 0.0  # one more fall against the seed RM: 7 of 10
+    assert "| seed | 10 | 7 of 10 | 3 of 5 | 4 of 5 | no |" in report.ppo_confirmation(rows)
+    assert "2.50 (target 3; within 2x)" in report.ppo_confirmation(rows)[-2]
+
+
 def test_backfill_fills_rows_from_the_folder_that_reproduces_them(tmp_path):
     work = tmp_path / "runs" / "synthetic-ppo" / "seed0"
     samples = {"ppo-seed@new": ([(KITCHEN, "Bring lamp.")] * 2, [(KITCHEN, "Bring lamp, rope.")] * 2),
