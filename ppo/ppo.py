@@ -41,6 +41,7 @@ from accelerate.utils import gather, set_seed
 from transformers import get_scheduler
 from trl.trainer.utils import disable_dropout_in_model, entropy_from_logits
 
+from ser import features
 from ser.cli import check_accelerator, get_logger, parse, resolved_args, setup_wandb
 from ser.data import check_writable, load_records, write_json
 from ser.flags import DataArguments, default_of
@@ -111,6 +112,9 @@ class ScriptArguments(DataArguments):
         "help": "several RMs: mean, min (the most pessimistic member) or mean_minus_std (mean - coef * std; Coste et "
                 "al. 2024) of their scores", "choices": ["mean", "min", "mean_minus_std"]})
     ensemble_std_coef: float = field(default=1.0, metadata={"help": "--reward_ensemble mean_minus_std: the coef"})
+    bootstrap_heads: bool = field(default=False, metadata={
+        "help": "each RM joins the ensemble as the K heads it was saved with (rm_training.py --trunk frozen "
+                "--bootstrap_heads K), all scored in one pass of its trunk; not under ZeRO-3"})
     eval_reward_model: str | None = field(default=None, metadata={
         "help": "an independent RM (e.g. the all-label RM) whose score of every rollout is logged beside the proxy's "
                 "(eval/reward_mean); the summary names the checkpoint where it was highest"})
@@ -202,6 +206,9 @@ def build_models(args, model_args, tokenizer, deepspeed_plugin=None):
     whole: the policy and critic are trained as one DeepSpeed engine, the reference and the RM become
     inference engines in `main`. A LoRA RM then scores unmerged (merging needs its whole weights)."""
     deepspeed, zero3 = deepspeed_plugin is not None, zero_stage(deepspeed_plugin) == 3
+    if args.bootstrap_heads and zero3:
+        raise ValueError("--bootstrap_heads: not under ZeRO-3 (the heads would replace a partitioned score head); "
+                         "launch with ZeRO-2 or without DeepSpeed, or leave --bootstrap_heads out")
 
     def loading():
         return partitioned_at_load(deepspeed_plugin) if zero3 else contextlib.nullcontext()
@@ -217,7 +224,8 @@ def build_models(args, model_args, tokenizer, deepspeed_plugin=None):
             reference = load_causal_lm(args.model_name, tokenizer, model_args.dtype).eval().requires_grad_(False)
         disable_dropout_in_model(policy)  # the LoRA dropout too
         policy = fp32_master_weights(policy, args.bf16, deepspeed)
-        rms = [load_scoring_rm(path, tokenizer, args.rm_dtype, zero3) for path in args.reward_model_name]
+        rms = [load_scoring_rm(path, tokenizer, args.rm_dtype, zero3, args.bootstrap_heads)
+               for path in args.reward_model_name]
         rm = rms[0]  # the first RM initialises the critic
     if args.critic == "separate":
         # Value-model initialised from the RM (its backbone and score head), trained alongside the policy.
@@ -237,23 +245,31 @@ def build_models(args, model_args, tokenizer, deepspeed_plugin=None):
         if args.value_init == "rm":
             # The RM's head on the SFT backbone is a fair first guess of the return (the detail "initialise
             # the value head from the RM"); a zero head predicts nothing.
-            with whole_parameters(score_head(rm).weight) as head:
+            with whole_parameters(score_head(rm).weight) as heads:
+                head = heads.float().mean(0, keepdim=True)  # the mean of an RM's bootstrap heads (--bootstrap_heads)
                 if head.shape != value_head.weight.shape:
                     raise ValueError(f"--value_init rm: the RM's score head has shape {tuple(head.shape)}, the "
                                      f"policy's value head needs {tuple(value_head.weight.shape)} (hidden size {hidden}): "
                                      "the RM was not trained on this policy's backbone. Use --value_init zero or "
                                      "--critic separate.")
-                value_head.weight.copy_(head.float())
+                value_head.weight.copy_(head)
         else:
             value_head.weight.zero_()
     return one_dtype_with_partitions(PolicyAndValue(policy, value_head=value_head)), reference, rms
 
 
-def load_scoring_rm(path, tokenizer, dtype, zero3):
-    """An RM for scoring only: no gradients; a LoRA RM merged, except under ZeRO-3 (merging needs whole weights)."""
+def load_scoring_rm(path, tokenizer, dtype, zero3, bootstrap_heads=False):
+    """An RM for scoring only: no gradients; a LoRA RM merged, except under ZeRO-3 (merging needs whole weights).
+    With `bootstrap_heads`, its score head is replaced by its K bootstrap heads: one score per head."""
     rm = load_reward_model(path, tokenizer, dtype)
     if hasattr(rm, "merge_and_unload") and not zero3:
         rm = rm.merge_and_unload()
+    if bootstrap_heads:
+        heads = features.load_bootstrap_heads(path)
+        rm.score = nn.Linear(heads.shape[1], len(heads), bias=False, dtype=rm.score.weight.dtype,
+                             device=rm.score.weight.device)
+        with torch.no_grad():
+            rm.score.weight.copy_(heads)
     return rm.eval().requires_grad_(False)
 
 
@@ -487,6 +503,9 @@ def check_args(args) -> int:
         args.log_with = None
     if args.reward_norm:  # the old flag
         args.normalize_reward = "running"
+    if args.bootstrap_heads:
+        for path in args.reward_model_name:
+            features.load_bootstrap_heads(path)  # refuses an RM saved without them, naming it
     if args.keep == "best" and args.gold == "none" and not args.eval_reward_model:
         raise ValueError("--keep best: needs an independent score to choose by (--gold or --eval_reward_model)")
     args.max_length = resolve_max_length(args)
@@ -860,8 +879,9 @@ def samplers(run, tokenizer, accelerator, args):
 
     def rm_scores(rollout, n):
         inputs = reward_inputs(tokenizer, rollout, args.max_length)
-        members = [score_ids(m, tokenizer, inputs, n, THIS_PROCESS_ONLY,
-                             in_step_with=accelerator.state if run.zero3 else None)[0] for m in run.rms]
+        members = [list(head) for m in run.rms for head in zip(*score_ids(  # one member per head of each RM
+            m, tokenizer, inputs, n, THIS_PROCESS_ONLY, in_step_with=accelerator.state if run.zero3 else None,
+            heads=True)[0])]
         combined = ensemble_scores(members, args.reward_ensemble, args.ensemble_std_coef).to(accelerator.device)
         if args.reward_transform == "sigmoid":
             combined = torch.sigmoid(combined)

@@ -453,12 +453,21 @@ def save_bootstrap_heads(out, heads: torch.Tensor) -> None:
     write_json(Path(out) / FROZEN, {**info, "bootstrap_heads": len(heads)})
 
 
-def bootstrap_rewards(cache, ids_j, ids_k, rm_path) -> list[tuple[list, list]]:
-    """Each bootstrap head's rewards (r_j, r_k) of the pairs, from the cache."""
+def load_bootstrap_heads(rm_path) -> torch.Tensor:
+    """[k, hidden]: the bootstrap heads saved beside a frozen-trunk RM; refused, naming it, if it has none."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(rm_path) / BOOTSTRAP), "pt") as f:
-        heads = f.get_tensor("heads")
+    path = Path(rm_path) / BOOTSTRAP
+    if not path.is_file():
+        raise FileNotFoundError(f"{rm_path}: no {BOOTSTRAP}: train it with rm_training.py --trunk frozen "
+                                "--bootstrap_heads K")
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor("heads")
+
+
+def bootstrap_rewards(cache, ids_j, ids_k, rm_path) -> list[tuple[list, list]]:
+    """Each bootstrap head's rewards (r_j, r_k) of the pairs, from the cache."""
+    heads = load_bootstrap_heads(rm_path)
     layer = frozen_info(rm_path)["layer"]
     f_j, f_k = load_features(cache, ids_j, layer), load_features(cache, ids_k, layer)
     return [((f_j @ w).tolist(), (f_k @ w).tolist()) for w in heads]

@@ -92,8 +92,9 @@ def score(model, tokenizer, questions, responses, max_length: int, batch_size: i
 @torch.no_grad()
 def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialState | None = None,
               progress: str | None = None, forward_cost: float = FORWARD_COST,
-              in_step_with: PartialState | None = None) -> tuple[list[float], dict]:
-    """Reward of each token sequence (already `encode`d), in input order, on every process.
+              in_step_with: PartialState | None = None, heads: bool = False) -> tuple[list, dict]:
+    """Reward of each token sequence (already `encode`d), in input order, on every process; with `heads`, the
+    list of every score head's reward (an RM scoring with several heads) instead of the first head's.
 
     Sequences go in batches of similar length (`length_batches`: file order wastes about half of the
     compute on padding on real data). With several processes, rank r scores every world_size-th sequence
@@ -118,7 +119,7 @@ def score_ids(model, tokenizer, sequences, batch_size: int = 32, state: PartialS
         seqs = [sequences[i] for i in idx] or [[tokenizer.eos_token_id]]
         input_ids, attention_mask = _right_padded(seqs, tokenizer.pad_token_id)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
-        for i, value in zip(idx, logits[:, 0].float().cpu().tolist()):
+        for i, value in zip(idx, (logits if heads else logits[:, 0]).float().cpu().tolist()):
             rewards[i] = value
         real_tokens += sum(len(sequences[i]) for i in idx)
         padded_tokens += input_ids.numel() if idx else 0

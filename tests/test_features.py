@@ -362,6 +362,40 @@ def test_ask_humans_rules_on_a_frozen_rm_s_features(sft_model, synthetic, tmp_pa
         assert json.loads((out / "ask.json").read_text())["rule_name"] == rule
 
 
+@pytest.mark.slow
+def test_ppo_scores_a_frozen_rm_s_bootstrap_heads_as_ensemble_members(sft_model, synthetic, frozen, tmp_path):
+    """PPO's --bootstrap_heads: the K heads score in one pass what K copies of the RM, one head each, score; PPO
+    runs on their ensemble, and refuses an RM saved without heads before any work."""
+    from ppo import ppo
+    from ser.data import encode
+    from ser.scoring import score_ids
+
+    rm = tmp_path / "rm"
+    frozen_rm(sft_model, synthetic, rm, tmp_path / "cache", "--feature_layer", "1", "--bootstrap_heads", "3")
+    tok = load_tokenizer(str(rm))
+    pairs = load_records(str(synthetic), "data/evaluation")[:10]
+    ids = [encode(tok, p["question"], p["response_j"], 96)["input_ids"] for p in pairs]
+    together = score_ids(ppo.load_scoring_rm(rm, tok, "float32", False, bootstrap_heads=True), tok, ids, heads=True)[0]
+    heads = features.load_bootstrap_heads(rm)
+    assert len(together[0]) == 3 and heads.shape[0] == 3
+    for k, head in enumerate(heads):
+        one = load_reward_model(str(rm), tok, "float32")
+        with torch.no_grad():
+            one.score.weight.copy_(head.view(1, -1))
+        assert [t[k] for t in together] == pytest.approx(score_ids(one, tok, ids)[0], abs=1e-5)
+    assert len({tuple(round(x, 4) for x in col) for col in zip(*together)}) == 3  # three different members
+
+    args = ["--model_name", str(sft_model), "--dataset_name", str(synthetic), "--batch_size", "8", "--mini_batch_size",
+            "4", "--gradient_accumulation_steps", "1", "--ppo_epochs", "1", "--output_max_length", "8", "--steps", "2",
+            "--bootstrap_heads", "True", "--reward_ensemble", "min", "--normalize_samples", "8"]
+    ppo.main(*parse(ppo.ARGUMENTS, [*args, "--reward_model_name", str(rm), "--output_dir", str(tmp_path / "ppo")]))
+    log = [json.loads(line) for line in (tmp_path / "ppo" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["env/ensemble_spread"] > 0 for r in log)
+    with pytest.raises(FileNotFoundError, match="bootstrap_heads.safetensors"):
+        ppo.main(*parse(ppo.ARGUMENTS, [*args, "--reward_model_name", str(frozen[0]), "--output_dir", str(tmp_path / "x")]))
+    assert not (tmp_path / "x").exists()
+
+
 def test_shared_prefix_features_equal_plain_features(sft_model, synthetic, tmp_path):
     """Each pair's question runs once for both answers (and for every answer to the same question): the cache's
     features are those of the plain pass, at the trunk's last layer (after its final norm) and at a cut one."""
