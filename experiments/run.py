@@ -117,21 +117,25 @@ HH = dict(
 
 # Downstream: PPO of the SFT policy against the seed, ser-paper and all-label RMs of the synthetic grid
 # (the demo's PPO settings), judged by the hidden gold reward against SFT. Each RM under PPO's old defaults
-# (raw rewards, Ziegler et al.'s KL horizon of 10000 samples), under `target6` (rewards normalised on SFT samples,
-# a horizon of a tenth of the run, KL target 6: the defaults before the choice below), under today's defaults
-# (`new`: the same with KL target 3), and for SER the ensemble of its loops' RMs (mean - std of their scores).
-# The rows named ppo:seed, ppo:ser-paper and ppo:full (3 seeds) were run before the configurations existed,
-# with the old defaults. Today's KL target was chosen among `target6`, `kl3`, `early` and `budget` on seeds 5-9
-# (the grid synthetic-ppo-tune, results in experiments/results-ppo-tune), by the rule committed beforehand in
-# experiments/results/PREREGISTRATION-ppo-defaults.md, where `target6` is called `new`.
-PPO_CONFIGS = {"old": ["--normalize_reward", "none", "--kl_horizon", "10000"], "target6": ["--kl_target", "6"],
-               "new": [], "ensemble": ["--reward_ensemble", "mean_minus_std"], "kl3": ["--kl_target", "3"],
+# (raw rewards, Ziegler et al.'s KL horizon of 10000 samples, KL target 6), under `target6` (rewards normalised on
+# SFT samples, a horizon of a tenth of the run, KL target 6), under `kl3` (the same with KL target 3), under
+# today's defaults (`new`: `kl3` with a step's PPO epochs stopped early on KL), and for SER the ensemble of its
+# loops' RMs (mean - std of their scores, at `kl3`). The rows named ppo:seed, ppo:ser-paper and ppo:full (3 seeds)
+# were run before the configurations existed, with the old defaults. Two pre-registered rounds chose today's
+# defaults: KL target 3 among `target6`, `kl3`, `early` and `budget` on seeds 5-9 (grid synthetic-ppo-tune,
+# experiments/results/PREREGISTRATION-ppo-defaults.md, where `target6` is called `new`), then early stopping
+# (`kl3-early` against `kl3`) on seeds 10-14 (grid synthetic-ppo-tune2, PREREGISTRATION-ppo-round2.md, confirmed
+# on seeds 0-4 and 15-19). Each configuration names the flags it ran with, so it reruns as it ran.
+OFF = ["--early_stopping", "False"]  # early stopping became a default after these configurations ran
+PPO_CONFIGS = {"old": ["--normalize_reward", "none", "--kl_horizon", "10000", "--kl_target", "6", *OFF],
+               "target6": ["--kl_target", "6", *OFF], "kl3": ["--kl_target", "3", *OFF], "new": [],
+               "ensemble": ["--reward_ensemble", "mean_minus_std", "--kl_target", "3", *OFF],
                "early": ["--early_stopping", "True", "--kl_target", "6"],
-               "budget": ["--kl_budget", "12", "--save_freq", "10", "--kl_target", "6"],
+               "budget": ["--kl_budget", "12", "--save_freq", "10", "--kl_target", "6", *OFF],
                "kl3-early": ["--early_stopping", "True", "--kl_target", "3"]}
 PPO_KINDS = ("seed", "ser-paper", "full")
 SYNTHETIC_PPO = {**SYNTHETIC, "setting": "synthetic-ppo", "seeds": [0, 1, 2, 3, 4],
-                 "variants": {**{f"ppo:{k}@{c}": SYNTHETIC_VARIANTS[k] for k in PPO_KINDS for c in ("old", "target6", "new")},
+                 "variants": {**{f"ppo:{k}@{c}": SYNTHETIC_VARIANTS[k] for k in PPO_KINDS for c in ("old", "target6", "kl3", "new")},
                               "ppo:ser-paper@ensemble": SYNTHETIC_VARIANTS["ser-paper"]},
                  "ppo": ["--steps", "80", "--batch_size", "32", "--mini_batch_size", "8", "--gradient_accumulation_steps",
                          "1", "--ppo_epochs", "4", "--learning_rate", "3e-3", "--init_kl_coef", "0.1",

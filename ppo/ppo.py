@@ -138,7 +138,9 @@ class ScriptArguments(DataArguments):
         "help": "a hard KL budget (nats per sequence): a step past it ends the run, and the policy saved is the last "
                 "checkpoint within it"})
     target_kl: float = field(default=0.1, metadata={"help": "with --early_stopping: stop the epochs when KL > 1.5x this"})
-    early_stopping: bool = field(default=False, metadata={"help": "stop a step's PPO epochs early on KL"})
+    early_stopping: bool = field(default=True, metadata={
+        "help": "stop a step's PPO epochs once their approximate KL passes 1.5x --target_kl; on by default, chosen on "
+                "held-out seeds (experiments/results/PREREGISTRATION-ppo-round2.md)"})
     gamma: float = field(default=1.0, metadata={"help": "discount"})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
     cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
