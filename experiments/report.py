@@ -242,11 +242,13 @@ def ppo_report(setting, rows, rng):
              "per-prompt figures (their run folders were reused) have intervals over seeds alone, marked *seeds*.", "",
              "Configurations (experiments/run.py's PPO_CONFIGS): `old` = PPO's former defaults (raw RM scores, KL "
              "horizon 10000 samples, KL target 6 nats); `target6` = scores normalised by the RM's mean and std on SFT "
-             "samples, horizon a tenth of the run, target 6; `new` = today's defaults, the same with target 3 (chosen on "
-             "seeds 5–9 by the rule of PREREGISTRATION-ppo-defaults.md); `ensemble` = today's defaults on the mean − std "
-             "of every SER loop's RM; the candidates `kl3` (target 3), `early` (a step's epochs stop past 1.5 x 0.1 "
-             "approximate KL) and `budget` (a step past 12 nats ends the run, the last checkpoint within it kept), "
-             "both at target 6. Rows without a configuration ran before they existed (the old defaults).", "",
+             "samples, horizon a tenth of the run, target 6; `kl3` = the same with target 3 (chosen on seeds 5–9 by the "
+             "rule of PREREGISTRATION-ppo-defaults.md); `new` = today's defaults: `kl3` with a step's PPO epochs "
+             "stopped once their approximate KL passes 1.5 x 0.1 (chosen on seeds 10–14 by the rule of "
+             "PREREGISTRATION-ppo-round2.md, where it is `kl3-early`); `ensemble` = `kl3` on the mean − std of every "
+             "SER loop's RM; the candidates `early` (early stopping at target 6) and `budget` (a step past 12 nats ends "
+             "the run, the last checkpoint within it kept; target 6). Rows without a configuration ran before they "
+             "existed (the old defaults).", "",
              "| RM behind PPO | seeds | RM accuracy | gold reward, PPO − SFT | 95 % CI | gold fell | gold win rate vs SFT | "
              "95 % CI | all-label RM's win rate | KL to SFT (nats) | median step KL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -276,13 +278,13 @@ def ppo_report(setting, rows, rng):
     return lines + [""] + ppo_choice(rows) + ppo_confirmation(rows), summary
 
 
-# The pre-registered rounds of the KL choice: each names its candidates in the order that breaks the last tie (the
-# simpler change first) and what breaks the first tie. A round is reported where two or more of its candidates
-# have rows.
+# The pre-registered rounds of the KL choice: each names its tuning seeds, its candidates in the order that breaks
+# the last tie (the simpler change first) and what breaks the first tie. A round is reported where two or more of
+# its candidates have rows of its seeds.
 PPO_ROUNDS = (
-    {"file": "PREREGISTRATION-ppo-defaults.md", "note": " (its `new` is `target6` here)",
+    {"file": "PREREGISTRATION-ppo-defaults.md", "note": " (its `new` is `target6` here)", "seeds": range(5, 10),
      "candidates": ("target6", "kl3", "early", "budget"), "tie": "mean gold gain"},
-    {"file": "PREREGISTRATION-ppo-round2.md", "note": "",
+    {"file": "PREREGISTRATION-ppo-round2.md", "note": "", "seeds": range(10, 15),
      "candidates": ("kl3", "kl3-early"), "tie": "weakest RM kind's mean gold gain"},
 )
 PPO_CANDIDATES = PPO_ROUNDS[0]["candidates"]
@@ -305,14 +307,14 @@ def gold_gain(row) -> float:
 
 
 def ppo_choice(rows) -> list[str]:
-    """Each pre-registered choice among the KL candidates (where their rows are here): the most (RM kind, seed)
+    """Each pre-registered choice among the KL candidates (where their rows of its seeds are here): the most (RM kind, seed)
     cells in which gold rose over SFT among those whose median step KL is within 2x of their target; ties to the
     round's tie-breaker (the mean gold gain, or the lowest of the RM kinds' mean gold gains), then to the simpler
     change."""
     lines = []
     for round_ in PPO_ROUNDS:
         candidates = round_["candidates"]
-        by = {c: [r for r in rows if r.get("ppo_config") == c] for c in candidates}
+        by = {c: [r for r in rows if r.get("ppo_config") == c and r["seed"] in round_["seeds"]] for c in candidates}
         if sum(bool(rs) for rs in by.values()) < 2:
             continue
         lines += [f"The choice of {round_['file']}{round_['note']}:", "",

@@ -120,6 +120,8 @@ def test_ppo_choice_reads_each_candidates_kl_target_from_the_grid():
                                                                        "budget": 6.0}
     rows = [{**_ppo_row(f"ppo:seed@{c}", s), "step_kl_median": kl} for c, kl in (("kl3", 2.0), ("target6", 13.0))
             for s in range(2)]
+    assert report.ppo_choice(rows) == []  # seeds 0 and 1 are no round's tuning seeds
+    rows = [{**r, "seed": r["seed"] + 5} for r in rows]
     lines = report.ppo_choice(rows)
     assert "| target6 | 2 | 2 | +0.150 | 13.00 | no |" in lines  # 13 > 2 x 6: not eligible
     assert "Chosen: `kl3`." in lines
@@ -130,7 +132,7 @@ def test_second_round_breaks_a_tie_on_the_weakest_rm_kind():
     # and the lower weakest kind, so the round-2 rule picks kl3 where a mean would pick kl3-early
     gains = {"kl3": {"seed": 0.2, "full": 0.3}, "kl3-early": {"seed": 0.1, "full": 0.9}}
     rows = [{**_ppo_row(f"ppo:{k}@{c}", s), "ppo_gold_reward": 0.5 + g} for c, by_kind in gains.items()
-            for k, g in by_kind.items() for s in range(2)]
+            for k, g in by_kind.items() for s in (10, 11)]
     lines = report.ppo_choice(rows)
     assert lines[0].startswith("The choice of PREREGISTRATION-ppo-round2.md")
     assert "| kl3 | 4 | 4 | +0.200 | 2.50 | yes |" in lines and "| kl3-early | 4 | 4 | +0.100 | 2.50 | yes |" in lines
