@@ -161,7 +161,8 @@ def test_logged_reward_is_the_raw_rm_reward_under_reward_norm(sft_model, rm, syn
 def test_update_statistics_are_averaged_over_processes(sft_model, rm, synthetic, tmp_path, monkeypatch):
     """With a second process whose every figure is this one's + 1, each logged PPO statistic is the
     mean of the two (+0.5), not this process's own."""
-    flags = ["--steps", "1", "--seed", "7", "--normalize_reward", "none"]  # (the SFT statistics are gathered too)
+    # (the SFT statistics are gathered too; early stopping would read the paired run's gathered KL and stop sooner)
+    flags = ["--steps", "1", "--seed", "7", "--normalize_reward", "none", "--early_stopping", "False"]
     alone = ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "a", *flags))
     monkeypatch.setattr(ppo, "gather", lambda t: torch.cat([t.reshape(-1), t.reshape(-1) + 1]))
     paired = ppo.main(*ppo_args(sft_model, rm, synthetic, tmp_path / "b", *flags))
