@@ -120,23 +120,25 @@ HH = dict(
 # (raw rewards, Ziegler et al.'s KL horizon of 10000 samples, KL target 6), under `target6` (rewards normalised on
 # SFT samples, a horizon of a tenth of the run, KL target 6), under `kl3` (the same with KL target 3), under
 # today's defaults (`new`: `kl3` with a step's PPO epochs stopped early on KL), and for SER the ensemble of its
-# loops' RMs (mean - std of their scores, at `kl3`). The rows named ppo:seed, ppo:ser-paper and ppo:full (3 seeds)
-# were run before the configurations existed, with the old defaults. Two pre-registered rounds chose today's
-# defaults: KL target 3 among `target6`, `kl3`, `early` and `budget` on seeds 5-9 (grid synthetic-ppo-tune,
-# experiments/results/PREREGISTRATION-ppo-defaults.md, where `target6` is called `new`), then early stopping
-# (`kl3-early` against `kl3`) on seeds 10-14 (grid synthetic-ppo-tune2, PREREGISTRATION-ppo-round2.md, confirmed
-# on seeds 0-4 and 15-19). Each configuration names the flags it ran with, so it reruns as it ran.
+# loops' RMs (mean - std of their scores) at `kl3` and at today's defaults (`ensemble-new`). The rows named
+# ppo:seed, ppo:ser-paper and ppo:full (3 seeds) were run before the configurations existed, with the old
+# defaults. Two pre-registered rounds chose today's defaults: KL target 3 among `target6`, `kl3`, `early` and
+# `budget` on seeds 5-9 (grid synthetic-ppo-tune, experiments/results/PREREGISTRATION-ppo-defaults.md, where
+# `target6` is called `new`), then early stopping (`kl3-early` against `kl3`) on seeds 10-14 (grid
+# synthetic-ppo-tune2, PREREGISTRATION-ppo-round2.md, confirmed on seeds 0-4 and 15-19). Each configuration
+# names the flags it ran with, so it reruns as it ran.
 OFF = ["--early_stopping", "False"]  # early stopping became a default after these configurations ran
 PPO_CONFIGS = {"old": ["--normalize_reward", "none", "--kl_horizon", "10000", "--kl_target", "6", *OFF],
                "target6": ["--kl_target", "6", *OFF], "kl3": ["--kl_target", "3", *OFF], "new": [],
                "ensemble": ["--reward_ensemble", "mean_minus_std", "--kl_target", "3", *OFF],
+               "ensemble-new": ["--reward_ensemble", "mean_minus_std"],
                "early": ["--early_stopping", "True", "--kl_target", "6"],
                "budget": ["--kl_budget", "12", "--save_freq", "10", "--kl_target", "6", *OFF],
                "kl3-early": ["--early_stopping", "True", "--kl_target", "3"]}
 PPO_KINDS = ("seed", "ser-paper", "full")
 SYNTHETIC_PPO = {**SYNTHETIC, "setting": "synthetic-ppo", "seeds": [0, 1, 2, 3, 4],
                  "variants": {**{f"ppo:{k}@{c}": SYNTHETIC_VARIANTS[k] for k in PPO_KINDS for c in ("old", "target6", "kl3", "new")},
-                              "ppo:ser-paper@ensemble": SYNTHETIC_VARIANTS["ser-paper"]},
+                              **{f"ppo:ser-paper@{c}": SYNTHETIC_VARIANTS["ser-paper"] for c in ("ensemble", "ensemble-new")}},
                  "ppo": ["--steps", "80", "--batch_size", "32", "--mini_batch_size", "8", "--gradient_accumulation_steps",
                          "1", "--ppo_epochs", "4", "--learning_rate", "3e-3", "--init_kl_coef", "0.1",
                          "--output_max_length", "24", "--save_freq", "0"]}
@@ -371,7 +373,7 @@ def run_ppo(grid, name, spec, seed, work: Path, data: Path, sft_dir: Path, seed_
     else:
         rm_dir = work / "ppo-rms" / rm_variant / f"loop_{final['loop']}" / "rm"
     members = [rm_dir]
-    if config == "ensemble":  # every loop's RM, Loop 0's included
+    if config.startswith("ensemble"):  # every loop's RM, Loop 0's included
         members = [work / "ppo-rms" / rm_variant / f"loop_{t}" / "rm" for t in range(final["loop"] + 1)]
     out = work / name.replace(":", "-")
     shutil.rmtree(out, ignore_errors=True)
