@@ -247,9 +247,8 @@ def ppo_report(setting, rows, rng):
              "stopped once their approximate KL passes 1.5 x 0.1 (chosen on seeds 10–14 by the rule of "
              "PREREGISTRATION-ppo-round2.md, where it is `kl3-early`); `ensemble` = `kl3` on the mean − std of every "
              "SER loop's RM, `ensemble-new` the same under today's defaults; the candidates `early` (early stopping at "
-             "target 6) and `budget` (a step past 12 nats ends "
-             "the run, the last checkpoint within it kept; target 6). Rows without a configuration ran before they "
-             "existed (the old defaults).", "",
+             "target 6) and `budget` (a step past 12 nats ends the run, the last checkpoint within it kept; target 6). "
+             "Rows without a configuration ran before they existed (the old defaults).", "",
              "| RM behind PPO | seeds | RM accuracy | gold reward, PPO − SFT | 95 % CI | gold fell | gold win rate vs SFT | "
              "95 % CI | all-label RM's win rate | KL to SFT (nats) | median step KL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
