@@ -114,7 +114,7 @@ class ScriptArguments(DataArguments):
     ensemble_std_coef: float = field(default=1.0, metadata={"help": "--reward_ensemble mean_minus_std: the coef"})
     bootstrap_heads: bool = field(default=False, metadata={
         "help": "each RM joins the ensemble as the K heads it was saved with (rm_training.py --trunk frozen "
-                "--bootstrap_heads K), all scored in one pass of its trunk; not under ZeRO-3"})
+                "--bootstrap_heads K), all scored in one pass of its trunk"})
     eval_reward_model: str | None = field(default=None, metadata={
         "help": "an independent RM (e.g. the all-label RM) whose score of every rollout is logged beside the proxy's "
                 "(eval/reward_mean); the summary names the checkpoint where it was highest"})
@@ -208,9 +208,6 @@ def build_models(args, model_args, tokenizer, deepspeed_plugin=None):
     whole: the policy and critic are trained as one DeepSpeed engine, the reference and the RM become
     inference engines in `main`. A LoRA RM then scores unmerged (merging needs its whole weights)."""
     deepspeed, zero3 = deepspeed_plugin is not None, zero_stage(deepspeed_plugin) == 3
-    if args.bootstrap_heads and zero3:
-        raise ValueError("--bootstrap_heads: not under ZeRO-3 (the heads would replace a partitioned score head); "
-                         "launch with ZeRO-2 or without DeepSpeed, or leave --bootstrap_heads out")
 
     def loading():
         return partitioned_at_load(deepspeed_plugin) if zero3 else contextlib.nullcontext()
@@ -262,7 +259,8 @@ def build_models(args, model_args, tokenizer, deepspeed_plugin=None):
 
 def load_scoring_rm(path, tokenizer, dtype, zero3, bootstrap_heads=False):
     """An RM for scoring only: no gradients; a LoRA RM merged, except under ZeRO-3 (merging needs whole weights).
-    With `bootstrap_heads`, its score head is replaced by its K bootstrap heads: one score per head."""
+    With `bootstrap_heads`, its score head is replaced by its K bootstrap heads: one score per head (under ZeRO-3
+    the new layer is made whole in every process, and the RM's inference engine partitions it with the rest)."""
     rm = load_reward_model(path, tokenizer, dtype)
     if hasattr(rm, "merge_and_unload") and not zero3:
         rm = rm.merge_and_unload()

@@ -117,3 +117,62 @@ def test_pool_scoring_with_a_zero3_sharded_rm_equals_one_process(synthetic, rm0,
     assert [x["reward_j"] for x in a] == pytest.approx([y["reward_j"] for y in b], abs=1e-5)
     assert [x["reward_k"] for x in a] == pytest.approx([y["reward_k"] for y in b], abs=1e-5)
     assert [r["id"] for r in read_records(one / "selected.jsonl")] == [r["id"] for r in read_records(sharded / "selected.jsonl")]
+
+
+SCORE_HEADS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from ppo.ppo import load_scoring_rm
+from ser.modeling import end_processes, inference_engine, load_tokenizer, partitioned_at_load, process_state
+from ser.modeling import zero3_accelerator
+from ser.scoring import score_ids
+
+rm_path, ids, out = sys.argv[2], json.loads(open(sys.argv[3]).read()), sys.argv[4]
+process_state()  # the process group (gloo on CPUs), as the filter starts it
+accelerator = zero3_accelerator()
+tokenizer = load_tokenizer(rm_path)
+with partitioned_at_load(accelerator.state.deepspeed_plugin):
+    rm = load_scoring_rm(rm_path, tokenizer, "float32", True, bootstrap_heads=True)
+rm = inference_engine(rm, accelerator)
+managed = hasattr(rm.module.score.weight, "ds_id")  # the K-head layer is a ZeRO-3 parameter of the engine
+scores = score_ids(rm, tokenizer, ids, 4, in_step_with=accelerator.state, heads=True)[0]
+if accelerator.is_main_process:
+    open(out, "w").write(json.dumps({"scores": scores, "head_managed": managed}))
+end_processes()
+"""
+
+
+def test_ppo_s_bootstrap_heads_of_a_zero3_sharded_rm_score_what_one_process_scores(sft_model, synthetic, tmp_path):
+    """PPO's --bootstrap_heads under ZeRO-3: the K-head score layer becomes a ZeRO-3 parameter of the RM's inference
+    engine, and the 2 processes' scores of every head equal one process's."""
+    import json
+
+    from ppo.ppo import load_scoring_rm
+    from ser.data import encode, load_records
+    from ser.modeling import load_tokenizer
+    from ser.scoring import score_ids
+
+    rm = tmp_path / "rm"
+    launch(["python", "rm_training.py", "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir",
+            str(rm), "--trunk", "frozen", "--feature_cache", str(tmp_path / "cache"), "--max_length", "96", "--dtype",
+            "float32", "--bootstrap_heads", "3", "--use_cpu", "True", "--bf16", "False", "--report_to", "none",
+            "--save_strategy", "no", "--disable_tqdm", "True"])
+    tokenizer = load_tokenizer(str(rm))
+    ids = [encode(tokenizer, p["question"], p["response_j"], 96)["input_ids"]
+           for p in load_records(str(synthetic), "data/evaluation")[:10]]
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    (tmp_path / "score_heads.py").write_text(SCORE_HEADS)
+    launch([*ACCELERATE_ZERO3, str(tmp_path / "score_heads.py"), str(ROOT), str(rm), str(tmp_path / "ids.json"),
+            str(tmp_path / "sharded.json")])
+    sharded = json.loads((tmp_path / "sharded.json").read_text())
+    one = score_ids(load_scoring_rm(rm, tokenizer, "float32", False, bootstrap_heads=True), tokenizer, ids, heads=True)[0]
+    assert sharded["head_managed"] and len(one[0]) == 3
+    assert [s for row in sharded["scores"] for s in row] == pytest.approx([s for row in one for s in row], abs=1e-5)
+    # and PPO runs on their ensemble under ZeRO-3 (the value head starts from the gathered heads' mean)
+    launch([*ACCELERATE_ZERO3, "--gradient_accumulation_steps", "1", "ppo/ppo.py", "--model_name", str(sft_model),
+            "--reward_model_name", str(rm), "--bootstrap_heads", "True", "--reward_ensemble", "min", "--dataset_name",
+            str(synthetic), "--output_dir", str(tmp_path / "ppo"), "--steps", "2", "--batch_size", "4",
+            "--mini_batch_size", "2", "--gradient_accumulation_steps", "1", "--ppo_epochs", "1", "--output_max_length",
+            "8", "--normalize_samples", "8"])
+    log = [json.loads(line) for line in (tmp_path / "ppo" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["env/ensemble_spread"] > 0 for r in log)
