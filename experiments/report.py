@@ -287,7 +287,6 @@ PPO_ROUNDS = (
     {"file": "PREREGISTRATION-ppo-round2.md", "note": "", "seeds": range(10, 15),
      "candidates": ("kl3", "kl3-early"), "tie": "weakest RM kind's mean gold gain"},
 )
-PPO_CANDIDATES = PPO_ROUNDS[0]["candidates"]
 
 
 def kl_target(config: str) -> float:

@@ -116,8 +116,9 @@ def test_ppo_report_counts_seeds_and_prompts_where_rows_have_per_prompt_figures(
 
 
 def test_ppo_choice_reads_each_candidates_kl_target_from_the_grid():
-    assert {c: report.kl_target(c) for c in report.PPO_CANDIDATES} == {"target6": 6.0, "kl3": 3.0, "early": 6.0,
-                                                                       "budget": 6.0}
+    candidates = {c for round_ in report.PPO_ROUNDS for c in round_["candidates"]}
+    assert {c: report.kl_target(c) for c in candidates} == {"target6": 6.0, "kl3": 3.0, "early": 6.0, "budget": 6.0,
+                                                            "kl3-early": 3.0}
     rows = [{**_ppo_row(f"ppo:seed@{c}", s), "step_kl_median": kl} for c, kl in (("kl3", 2.0), ("target6", 13.0))
             for s in range(2)]
     assert report.ppo_choice(rows) == []  # seeds 0 and 1 are no round's tuning seeds

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import ENV, ROOT, filter_flags, free_port, launch, rm0  # noqa: F401 (rm0: a fixture)
+from conftest import CPU, ENV, ROOT, filter_flags, free_port, launch, rm0  # noqa: F401 (rm0: a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.two_process]
 
@@ -155,8 +155,7 @@ def test_ppo_s_bootstrap_heads_of_a_zero3_sharded_rm_score_what_one_process_scor
     rm = tmp_path / "rm"
     launch(["python", "rm_training.py", "--model_name", str(sft_model), "--dataset_name", str(synthetic), "--output_dir",
             str(rm), "--trunk", "frozen", "--feature_cache", str(tmp_path / "cache"), "--max_length", "96", "--dtype",
-            "float32", "--bootstrap_heads", "3", "--use_cpu", "True", "--bf16", "False", "--report_to", "none",
-            "--save_strategy", "no", "--disable_tqdm", "True"])
+            "float32", "--bootstrap_heads", "3", *CPU])
     tokenizer = load_tokenizer(str(rm))
     ids = [encode(tokenizer, p["question"], p["response_j"], 96)["input_ids"]
            for p in load_records(str(synthetic), "data/evaluation")[:10]]
