@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ENV, ROOT, free_port, launch
+from conftest import CPU, ENV, ROOT, free_port, launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.two_process]
 
@@ -197,6 +197,26 @@ def test_ppo_under_the_zero3_recipe_in_bf16_writes_the_policy_it_trained(request
         with torch.no_grad():
             want, got = adapted(ids).logits, merged(ids).logits
         assert torch.allclose(got, want, atol=5e-2), (got - want).abs().max()  # the merge is saved in bf16
+
+
+def test_ppo_on_a_frozen_rm_s_bootstrap_heads_under_the_zero3_recipe_in_bf16(recipe_sft, synthetic, tmp_path):
+    """--bootstrap_heads as README launches PPO: the frozen RM's K-head layer is partitioned with the rest of the RM
+    (no process holds it whole), the value head starts from the gathered heads' mean, and the ensemble's members
+    disagree."""
+    rm = tmp_path / "rm"
+    launch(["python", "rm_training.py", "--model_name", str(recipe_sft[0]), "--dataset_name", str(synthetic),
+            "--output_dir", str(rm), "--trunk", "frozen", "--feature_cache", str(tmp_path / "cache"), "--max_length",
+            "96", "--bootstrap_heads", "3", *CPU])
+    proc = launch([*RECIPE, "--gradient_accumulation_steps", "1", "ppo/ppo.py", "--model_name", str(recipe_sft[0]),
+                   "--reward_model_name", str(rm), "--bootstrap_heads", "True", "--reward_ensemble", "min",
+                   "--dataset_name", str(synthetic), "--output_dir", str(tmp_path / "ppo"), "--steps", "2",
+                   "--batch_size", "4", "--mini_batch_size", "2", "--gradient_accumulation_steps", "1", "--ppo_epochs",
+                   "1", "--output_max_length", "8", "--normalize_samples", "8"])
+    assert "bf16 precision" in proc.stdout, proc.stdout[-2000:]
+    held = re.findall(r"ppo: process \d holds ([\d,]+) of the ([\d,]+) weights of the reward model", proc.stdout)
+    assert len(held) == 2 and all(int(a.replace(",", "")) < int(b.replace(",", "")) for a, b in held), held
+    log = [json.loads(line) for line in (tmp_path / "ppo" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["env/ensemble_spread"] > 0 for r in log)
 
 
 def test_a_launcher_accumulation_other_than_ppo_s_own_is_refused(recipe_sft, recipe_rm, synthetic, tmp_path):
